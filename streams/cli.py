@@ -1,0 +1,79 @@
+"""The command line: `python -m streams COMMAND` (or `streams COMMAND`).
+
+Lives here: argument parsing and the exit codes; each command calls into its module. Settings come from
+`config.Settings`: a flag beats its environment variable, which beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import config
+
+REPLAY_EXAMPLES = """examples:
+  python -m streams replay --input streams/samples/seed.jsonl --output - --dead-letter dead.jsonl
+  python -m streams replay --input day1.jsonl --output out1.jsonl --dead-letter dead1.jsonl --state-dir state/
+  cat raw.jsonl | python -m streams replay --input - --output - --dead-letter /dev/null --default-platform web
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streams",
+        description="Identity enrichment for client analytics events (Sensors Data IDM 3.0, Adobe customer IDs).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    replay = commands.add_parser(
+        "replay",
+        help="enrich a JSONL file offline, no broker",
+        description="Read raw records (JSON lines) in order; write enriched records and dead letters.",
+        epilog=REPLAY_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_argument("--input", required=True, metavar="PATH", help="raw records, JSONL ('-' = stdin)")
+    replay.add_argument("--output", required=True, metavar="PATH", help="enriched records, JSONL ('-' = stdout)")
+    replay.add_argument("--dead-letter", required=True, metavar="PATH", help="dead letters, JSONL")
+    replay.add_argument("--state-dir", metavar="DIR",
+                        help="keep device state in RocksDB here; a later run continues from it (default: memory)")
+    replay.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
+    config.add_arguments(replay, "replay")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = config.Settings.from_env().with_args(args)
+    if args.command == "replay":
+        return run_replay(args, settings)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:
+    from .replay import replay
+
+    try:
+        replay(
+            args.input,
+            args.output,
+            args.dead_letter,
+            settings.enrich_settings(),
+            state_dir=args.state_dir,
+            progress=None if args.quiet else sys.stderr,
+            cache_devices=settings.cache_devices,
+        )
+    except OSError as e:
+        print(f"streams replay: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("streams replay: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Bytes in and out: raw records, enriched records, dead letters and stored device states.
+
+Lives here: the one place that turns bytes into Python values and back (orjson), and the byte-level
+reasons for refusing a record (not UTF-8, not JSON, not an object, too large, too deep). It knows nothing
+of what an action means: field rules are `identity`'s.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+from .identity import CustomerId, DeviceState, Reason, Rejected
+
+DEFAULT_MAX_RECORD_BYTES = 1 << 20
+STATE_FORMAT = 1
+
+
+def decode(raw: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> dict[str, Any]:
+    """A raw record's bytes as a JSON object, or `Rejected`."""
+    if len(raw) > max_bytes:
+        raise Rejected(Reason.TOO_LARGE, "", f"{len(raw)} bytes; the limit is {max_bytes}")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise _why_not_json(raw, e) from None
+    if not isinstance(value, dict):
+        raise Rejected(Reason.NOT_OBJECT, "", f"a record is a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _why_not_json(raw: bytes, error: orjson.JSONDecodeError) -> Rejected:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Rejected(Reason.NOT_UTF8, "", f"invalid UTF-8 at byte {e.start}")
+    message = str(error)
+    # orjson stops at 1024 levels of nesting (it reports it as an allocation failure)
+    if "recursion" in message or "allocate" in message:
+        return Rejected(Reason.TOO_DEEP, "", "nested deeper than 1024 levels")
+    return Rejected(Reason.NOT_JSON, "", message[:200])
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def encode(record: Mapping[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(record)
+    except TypeError as e:  # a lone surrogate in a string: valid JSON escapes, but not UTF-8
+        raise Rejected(Reason.UNENCODABLE, "", f"cannot be written as UTF-8 JSON: {e}") from None
+
+
+def encode_all(records: Iterable[Mapping[str, Any]]) -> list[bytes]:
+    return [encode(r) for r in records]
+
+
+def dead_letter(
+    rejected: Rejected, raw: bytes, source: Mapping[str, Any], device_id: str | None = None
+) -> bytes:
+    """The dead-letter record: why, where it came from, and the input exactly as it arrived."""
+    letter: dict[str, Any] = {"reason": rejected.reason.value, "field": rejected.field, "detail": rejected.detail}
+    try:
+        letter["raw"] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        letter["raw"] = base64.b64encode(raw).decode("ascii")
+        letter["raw_encoding"] = "base64"
+    letter["source"] = dict(source)
+    if device_id is not None:
+        letter["device_id"] = device_id
+    return orjson.dumps(letter)
+
+
+# -- stored state: RocksDB values and changelog records (the same bytes) ---------------------------------
+
+
+def encode_state(state: DeviceState) -> bytes:
+    return orjson.dumps(
+        [
+            STATE_FORMAT,
+            state.anonymous_id,
+            state.default_id,
+            state.login_key,
+            state.login_value,
+            [list(pair) for pair in state.bound],
+            [[t, c.id, c.auth_state, c.hash_type] for t, c in state.customer_ids],
+            state.generated,
+        ]
+    )
+
+
+def decode_state(data: bytes) -> DeviceState:
+    fmt, anonymous_id, default_id, login_key, login_value, bound, customer_ids, generated = orjson.loads(data)
+    if fmt != STATE_FORMAT:
+        raise ValueError(f"stored state format {fmt} is not {STATE_FORMAT}")
+    return DeviceState(
+        anonymous_id=anonymous_id,
+        default_id=default_id,
+        login_key=login_key,
+        login_value=login_value,
+        bound=tuple((k, v) for k, v in bound),
+        customer_ids=tuple((t, CustomerId(i, a, h)) for t, i, a, h in customer_ids),
+        generated=generated,
+    )
+
+
+def state_as_json(state: DeviceState) -> dict[str, Any]:
+    """A device's state as people read it (the `state` command, the web lookup)."""
+    out: dict[str, Any] = {
+        "anonymous_id": state.anonymous_id,
+        "default_id": state.default_id,
+        "distinct_id": state.distinct_id,
+        "logged_in": state.logged_in,
+    }
+    if state.logged_in:
+        out["login_key"] = state.login_key
+        out["login_value"] = state.login_value
+        out["login_id"] = state.login_id
+    out["bound"] = dict(state.bound)
+    out["customer_ids"] = {t: {"id": c.id, "authState": c.auth_state} | ({"hashType": c.hash_type} if c.hash_type else {})
+                           for t, c in state.customer_ids}
+    out["generated_ids"] = state.generated
+    return out

@@ -1,0 +1,117 @@
+"""The one settings object: every setting has an environment variable and a command-line flag.
+
+Lives here: `Settings` (frozen), where each field names its variable, its flag and its help, and the code
+that reads them (flag beats variable beats default). The topic names live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+from .codec import DEFAULT_MAX_RECORD_BYTES
+from .enrich import EnrichSettings
+from .identity import PLATFORMS
+from .identity import Settings as IdentitySettings
+
+ENV_PREFIX = "STREAMS_"
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, choices: Sequence[str] | None = None,
+            groups: tuple[str, ...] = ("worker",)) -> Any:
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "groups": groups})
+
+
+@dataclass(frozen=True)
+class Settings:
+    brokers: str = setting("localhost:9092", "Kafka bootstrap servers, comma-separated",
+                           groups=("worker", "kafka"))
+    raw_topic: str = setting("events.raw", "topic the raw records are read from", groups=("worker", "kafka"))
+    enriched_topic: str = setting("events.enriched", "topic the enriched records go to",
+                                  groups=("worker", "kafka"))
+    dead_letter_topic: str = setting("events.dead-letter", "topic the dead letters go to",
+                                     groups=("worker", "kafka"))
+    group: str = setting("streams-enricher", "consumer group, and the Faust app id (prefixes the changelog)",
+                         groups=("worker", "kafka"))
+    state_dir: str = setting("data/state", "where the worker keeps RocksDB state")
+    partitions: int = setting(4, "partitions of the topics the project creates (make run, tests)",
+                              groups=("worker", "kafka"))
+    web_port: int = setting(6066, "the worker's HTTP port (metrics, device lookup)", groups=("worker", "kafka"))
+    default_platform: str | None = setting(None, "platform of records that carry none",
+                                           choices=sorted(PLATFORMS), groups=("worker", "replay"))
+    login_customer_id_type: str = setting("userid", "customer-ID type that logs in and out ('' = none)",
+                                          groups=("worker", "replay"))
+    max_record_bytes: int = setting(DEFAULT_MAX_RECORD_BYTES, "larger raw records are dead letters",
+                                    groups=("worker", "replay"))
+    cache_devices: int = setting(100_000, "device states kept in memory in front of RocksDB")
+    rocksdb_cache_mb: int = setting(64, "RocksDB block cache per partition, MiB (Faust's default: 2048)")
+    log_level: str = setting("warning", "log level", choices=["debug", "info", "warning", "error"],
+                             groups=("worker", "replay", "kafka"))
+
+    def enrich_settings(self) -> EnrichSettings:
+        return EnrichSettings(
+            identity=IdentitySettings(login_customer_id_type=self.login_customer_id_type),
+            default_platform=self.default_platform,
+            max_record_bytes=self.max_record_bytes,
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = env_name(f.name)
+            if name in environ:
+                values[f.name] = _convert(f, environ[name])
+        return cls(**values)
+
+    def with_args(self, args: argparse.Namespace) -> Settings:
+        given = {f.name: getattr(args, f.name) for f in fields(self) if getattr(args, f.name, None) is not None}
+        return replace(self, **given)
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _convert(f: Any, text: str) -> Any:
+    default = f.default if f.default is not MISSING else None
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(text)
+    if f.name == "default_platform" and text == "":
+        return None
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser, group: str) -> None:
+    """One flag per setting of `group`; the help names its variable and default."""
+    for f in fields(Settings):
+        if group not in f.metadata["groups"]:
+            continue
+        kind = int if isinstance(f.default, int) and not isinstance(f.default, bool) else str
+        parser.add_argument(
+            f.metadata["flag"] or flag_name(f.name),
+            dest=f.name,
+            type=kind,
+            default=None,
+            choices=f.metadata["choices"],
+            metavar=f.name.upper() if not f.metadata["choices"] else None,
+            help=f"{f.metadata['help']} (env {env_name(f.name)}; default: {f.default!r})",
+        )
+
+
+def table_markdown() -> str:
+    """The README's settings table, from the one source of truth."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for f in fields(Settings):
+        rows.append(f"| `{env_name(f.name)}` | `{flag_name(f.name)}` | `{f.default!r}` | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,76 @@
+"""The engine: one raw record and a device's state in, the new state and the records to emit out.
+
+Lives here: the envelope every record shares (device_id, platform, action, event, properties, time),
+checked before any action runs, and `apply`, the one entry point. Pure: no I/O, no clock, no randomness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .actions import ACTIONS, Context, Record, Settings, Step
+from .errors import Reason, Rejected
+from .platforms import PLATFORMS, Platform
+from .state import DeviceState
+from .values import is_number, type_name
+
+MAX_DEVICE_ID_LENGTH = 255
+
+
+def device_id_of(raw: Mapping[str, Any]) -> str:
+    """The device a raw record belongs to: the key its state lives under."""
+    device_id = raw.get("device_id")
+    if device_id is None:
+        raise Rejected(Reason.MISSING_FIELD, "device_id", "every record needs `device_id`")
+    if not isinstance(device_id, str):
+        raise Rejected(Reason.WRONG_TYPE, "device_id", f"must be a string, got {type_name(device_id)}")
+    if device_id == "":
+        raise Rejected(Reason.EMPTY_VALUE, "device_id", "must not be empty")
+    if len(device_id) > MAX_DEVICE_ID_LENGTH:
+        raise Rejected(Reason.TOO_LONG, "device_id", f"longer than {MAX_DEVICE_ID_LENGTH} characters")
+    return device_id
+
+
+def platform_of(raw: Mapping[str, Any], default: str | None) -> Platform:
+    name = raw.get("platform", default)
+    if name is None:
+        raise Rejected(Reason.MISSING_FIELD, "platform", "needs `platform` (or a configured default platform)")
+    platform = PLATFORMS.get(name) if isinstance(name, str) else None
+    if platform is None:
+        raise Rejected(Reason.UNKNOWN_PLATFORM, "platform", f"unknown platform {str(name)[:64]!r}")
+    return platform
+
+
+def check_envelope(raw: Mapping[str, Any]) -> None:
+    if "properties" in raw and not isinstance(raw["properties"], dict):
+        raise Rejected(Reason.WRONG_TYPE, "properties",
+                       f"must be an object, got {type_name(raw['properties'])}")
+    if "time" in raw and not (is_number(raw["time"]) and isinstance(raw["time"], int)):
+        raise Rejected(Reason.WRONG_TYPE, "time", f"must be an integer (ms), got {type_name(raw['time'])}")
+
+
+def apply(
+    state: DeviceState | None,
+    raw: Mapping[str, Any],
+    settings: Settings,
+    default_platform: str | None = None,
+    device_id: str | None = None,
+) -> Step:
+    """Apply one raw record (a decoded JSON object) to its device's state (None: a device not seen yet).
+    Returns the new state (the same object when nothing changed) and the records to emit, or raises
+    `Rejected`, in which case nothing changed."""
+    if device_id is None:
+        device_id = device_id_of(raw)
+    platform = platform_of(raw, default_platform)
+    action_name = raw.get("action", "track")
+    action = ACTIONS.get(action_name) if isinstance(action_name, str) else None
+    if action is None:
+        raise Rejected(Reason.UNKNOWN_ACTION, "action", f"unknown action {str(action_name)[:64]!r}")
+    check_envelope(raw)
+    if state is None:
+        state = DeviceState.new(device_id)
+    return action(Context(state, raw, platform, device_id, settings))
+
+
+__all__ = ["Record", "Settings", "apply", "device_id_of"]

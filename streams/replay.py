@@ -1,0 +1,143 @@
+"""Offline replay: the product without a broker. JSONL raw records in, enriched JSONL and dead letters out.
+
+Lives here: the file shell around `Enricher.step`: reading lines in order, writing outputs in order, the
+state (in memory, or in RocksDB with `--state-dir` so that a later run continues where this one stopped),
+and the progress report. Same step as the worker, so the same input gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, TextIO
+
+from .enrich import Enricher, EnrichSettings, MemoryStore, StateStore
+from .statestore import CachedStore, RocksBackend
+
+FLUSH_EVERY = 50_000
+
+
+@dataclass
+class Counts:
+    lines: int = 0
+    records: int = 0
+    enriched: int = 0
+    dead_letters: int = 0
+
+
+class Progress:
+    """A live line on a terminal (rate and ETA); elsewhere a line every few seconds for long inputs."""
+
+    def __init__(self, stream: TextIO, total_bytes: int | None, interval: float | None = None) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.total = total_bytes
+        self.interval = interval if interval is not None else (0.2 if self.tty else 5.0)
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def update(self, counts: Counts, position: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = counts.records / elapsed if elapsed else 0.0
+        line = f"replay: {counts.records:,} records, {counts.dead_letters:,} dead letters, {rate:,.0f}/s"
+        if self.total and position:
+            done = min(position / self.total, 1.0)
+            eta = elapsed * (1 - done) / done if done else 0.0
+            bar = "#" * int(done * 20)
+            line = f"replay [{bar:<20}] {done:4.0%}  " + line.removeprefix("replay: ") + f"  ETA {eta:,.0f}s"
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self, counts: Counts) -> None:
+        elapsed = time.monotonic() - self.start
+        rate = counts.records / elapsed if elapsed else 0.0
+        if self.tty and self.shown:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(
+            f"replay: {counts.records:,} records in, {counts.enriched:,} enriched out, "
+            f"{counts.dead_letters:,} dead letters, {elapsed:.1f}s ({rate:,.0f} records/s)\n"
+        )
+
+
+@contextlib.contextmanager
+def _open_out(path: str) -> Iterator[BinaryIO]:
+    if path == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+    else:
+        with open(path, "wb", buffering=1 << 20) as f:
+            yield f
+
+
+@contextlib.contextmanager
+def _open_in(path: str) -> Iterator[tuple[BinaryIO, int | None]]:
+    if path == "-":
+        yield sys.stdin.buffer, None
+    else:
+        with open(path, "rb", buffering=1 << 20) as f:
+            size = os.fstat(f.fileno()).st_size
+            yield f, size or None
+
+
+def replay(
+    input_path: str,
+    output_path: str,
+    dead_letter_path: str,
+    settings: EnrichSettings,
+    state_dir: str | None = None,
+    progress: TextIO | None = None,
+    cache_devices: int = 100_000,
+) -> Counts:
+    enricher = Enricher(settings)
+    backend = RocksBackend(state_dir) if state_dir else None
+    store: StateStore = CachedStore(backend, cache_devices) if backend else MemoryStore()
+    counts = Counts()
+    try:
+        with _open_in(input_path) as (src, size), _open_out(output_path) as out, \
+                _open_out(dead_letter_path) as dead:
+            report = Progress(progress, size) if progress is not None else None
+            step = enricher.step
+            for n, line in enumerate(src, 1):
+                counts.lines = n
+                raw = line[:-1] if line.endswith(b"\n") else line
+                if not raw.strip():
+                    continue  # a blank line holds no record
+                counts.records += 1
+                outcome = step(raw, {"line": n}, store)
+                if outcome.dead_letter is not None:
+                    counts.dead_letters += 1
+                    dead.write(outcome.dead_letter + b"\n")
+                elif outcome.records:
+                    counts.enriched += len(outcome.records)
+                    out.write(b"\n".join(outcome.records) + b"\n")
+                if n % FLUSH_EVERY == 0:
+                    if isinstance(store, CachedStore):
+                        out.flush()
+                        dead.flush()
+                        store.flush()
+                    if report is not None:
+                        report.update(counts, src.tell() if size else 0)
+                elif report is not None and n % 1024 == 0:
+                    report.update(counts, src.tell() if size else 0)
+            if isinstance(store, CachedStore):
+                out.flush()
+                dead.flush()
+                store.flush()
+            if report is not None:
+                report.finish(counts)
+    finally:
+        if backend is not None:
+            backend.close()
+    return counts
