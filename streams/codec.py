@@ -38,8 +38,8 @@ def _why_not_json(raw: bytes, error: orjson.JSONDecodeError) -> Rejected:
     except UnicodeDecodeError as e:
         return Rejected(Reason.NOT_UTF8, "", f"invalid UTF-8 at byte {e.start}")
     message = str(error)
-    # orjson stops at 1024 levels of nesting (it reports it as an allocation failure)
-    if "recursion" in message or "allocate" in message:
+    # orjson stops at 1024 levels of nesting
+    if "depth limit" in message or "recursion" in message:
         return Rejected(Reason.TOO_DEEP, "", "nested deeper than 1024 levels")
     return Rejected(Reason.NOT_JSON, "", message[:200])
 
@@ -125,7 +125,7 @@ def state_as_json(state: DeviceState) -> dict[str, Any]:
         out["login_value"] = state.login_value
         out["login_id"] = state.login_id
     out["bound"] = dict(state.bound)
-    out["customer_ids"] = {t: {"id": c.id, "authState": c.auth_state} | ({"hashType": c.hash_type} if c.hash_type else {})
-                           for t, c in state.customer_ids}
+    # entries without id too: they are part of the state, though no record carries them
+    out["customer_ids"] = {t: c.visible() for t, c in state.customer_ids}
     out["generated_ids"] = state.generated
     return out

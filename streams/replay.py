@@ -99,6 +99,7 @@ def replay(
     state_dir: str | None = None,
     progress: TextIO | None = None,
     cache_devices: int = 100_000,
+    progress_interval: float | None = None,
 ) -> Counts:
     enricher = Enricher(settings)
     backend = RocksBackend(state_dir) if state_dir else None
@@ -107,7 +108,7 @@ def replay(
     try:
         with _open_in(input_path) as (src, size), _open_out(output_path) as out, \
                 _open_out(dead_letter_path) as dead:
-            report = Progress(progress, size) if progress is not None else None
+            report = Progress(progress, size, progress_interval) if progress is not None else None
             step = enricher.step
             for n, line in enumerate(src, 1):
                 counts.lines = n

@@ -73,7 +73,10 @@ def _auth_state(entry: Mapping[str, object], field: str) -> int:
 def _hashed(id_: CustomerIdValue | None, auth: int, hash_type: str | None) -> CustomerId:
     if id_ is None or hash_type is None:
         return CustomerId(id_, auth)
-    text = "true" if id_ is True else js_number(id_) if is_number(id_) else str(id_)
+    if isinstance(id_, str):
+        text = id_
+    else:
+        text = "true" if id_ is True else js_number(id_)
     # ECID hashes Latin-1 bytes and gives up above U+00FF; we hash UTF-8 (identity.md §4, deliberate)
     digest = hashlib.sha256(js_trim(text).lower().encode("utf-8", "surrogatepass")).hexdigest()
     return CustomerId(digest, auth, hash_type)

@@ -17,7 +17,6 @@ class Reason(StrEnum):
     NOT_OBJECT = "not_object"
     TOO_LARGE = "too_large"
     TOO_DEEP = "too_deep"
-    NUMBER_OUT_OF_RANGE = "number_out_of_range"
     # a field's form
     MISSING_FIELD = "missing_field"
     WRONG_TYPE = "wrong_type"

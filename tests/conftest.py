@@ -1,0 +1,47 @@
+"""Test-wide checks: every record any test makes the product write is validated against `schemas/`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+
+from streams import codec
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+SCHEMAS = {
+    name: jsonschema.Draft202012Validator(json.loads((ROOT / "schemas" / f"{name}.schema.json").read_text()))
+    for name in ("raw", "enriched", "dead-letter")
+}
+
+
+def validate(kind: str, record: Any) -> None:
+    if isinstance(record, bytes | str):
+        record = orjson.loads(record)
+    errors = sorted(SCHEMAS[kind].iter_errors(record), key=str)
+    assert not errors, f"{kind} record breaks schemas/{kind}.schema.json: {errors[0].message}\n{record}"
+
+
+@pytest.fixture(autouse=True)
+def _outputs_follow_the_schemas(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    encode, dead_letter = codec.encode, codec.dead_letter
+
+    def checked_encode(record: Any) -> bytes:
+        data = encode(record)
+        validate("enriched", data)
+        return data
+
+    def checked_dead_letter(*args: Any, **kwargs: Any) -> bytes:
+        data = dead_letter(*args, **kwargs)
+        validate("dead-letter", data)
+        return data
+
+    monkeypatch.setattr(codec, "encode", checked_encode)
+    monkeypatch.setattr(codec, "dead_letter", checked_dead_letter)
+    yield

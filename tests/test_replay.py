@@ -1,0 +1,133 @@
+"""`python -m streams replay`, as a user runs it: files, stdin/stdout, state in RocksDB, exit codes."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from streams.enrich import EnrichSettings
+from streams.replay import replay as run_replay
+
+from .conftest import ROOT, validate
+
+SAMPLE = ROOT / "streams" / "samples" / "seed.jsonl"
+
+
+def replay(*args: str | Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "streams", "replay", *map(str, args)],
+                          input=stdin, capture_output=True, timeout=120, cwd=ROOT)
+
+
+def lines(path: Path) -> list[bytes]:
+    return [line for line in path.read_bytes().splitlines() if line]
+
+
+def test_sample_goes_in_raw_and_comes_out_enriched(tmp_path: Path) -> None:
+    run = replay("--input", SAMPLE, "--output", tmp_path / "out.jsonl", "--dead-letter", tmp_path / "dead.jsonl")
+    assert run.returncode == 0, run.stderr
+    out, dead = lines(tmp_path / "out.jsonl"), lines(tmp_path / "dead.jsonl")
+    for record in out:
+        validate("enriched", record)
+    for letter in dead:
+        validate("dead-letter", letter)
+    raw_lines = [line for line in SAMPLE.read_bytes().splitlines() if line.strip()]
+    assert len(dead) == 7
+    kept = [orjson.loads(d)["raw"].encode() for d in dead]
+    assert kept == raw_lines[-7:]  # the bad records, byte for byte
+    assert [orjson.loads(d)["source"]["line"] for d in dead] == list(range(len(raw_lines) - 6, len(raw_lines) + 1))
+    events = [orjson.loads(r).get("event") for r in out]
+    assert events.count("$SignUp") == 5  # four logins and one AUTHENTICATED userid
+    assert b"41 records in, 23 enriched out, 7 dead letters" in run.stderr
+
+
+def test_stdin_to_stdout_is_the_same_as_files(tmp_path: Path) -> None:
+    files = replay("--input", SAMPLE, "--output", tmp_path / "a.jsonl", "--dead-letter", tmp_path / "d1", "--quiet")
+    piped = replay("--input", "-", "--output", "-", "--dead-letter", tmp_path / "d2", "--quiet",
+                   stdin=SAMPLE.read_bytes())
+    assert files.returncode == piped.returncode == 0
+    assert piped.stdout == (tmp_path / "a.jsonl").read_bytes()
+    assert piped.stderr == b""
+
+
+def test_same_input_same_bytes(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        assert replay("--input", SAMPLE, "--output", tmp_path / name, "--dead-letter", tmp_path / f"{name}.d",
+                      "--quiet").returncode == 0
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+    assert (tmp_path / "a.d").read_bytes() == (tmp_path / "b.d").read_bytes()
+
+
+@pytest.mark.parametrize("cut", [5, 13, 20, 33])
+def test_a_backfill_in_pieces_equals_one_run(tmp_path: Path, cut: int) -> None:
+    raw = SAMPLE.read_bytes().splitlines(keepends=True)
+    (tmp_path / "1.jsonl").write_bytes(b"".join(raw[:cut]))
+    (tmp_path / "2.jsonl").write_bytes(b"".join(raw[cut:]))
+    state = tmp_path / "state"
+    for piece in ("1", "2"):
+        run = replay("--input", tmp_path / f"{piece}.jsonl", "--output", tmp_path / f"{piece}.out",
+                     "--dead-letter", tmp_path / f"{piece}.dead", "--state-dir", state, "--quiet")
+        assert run.returncode == 0, run.stderr
+    whole = replay("--input", SAMPLE, "--output", tmp_path / "whole.out", "--dead-letter", tmp_path / "w.dead",
+                   "--quiet")
+    assert whole.returncode == 0
+    assert (tmp_path / "1.out").read_bytes() + (tmp_path / "2.out").read_bytes() == \
+        (tmp_path / "whole.out").read_bytes()
+
+
+def test_default_platform_and_login_type_flags(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"device_id": "d", "action": "set_customer_ids", "customer_ids": {"crm": {"id": "c1", '
+                    b'"authState": 1}}}\n{"device_id": "d", "event": "e"}\n')
+    run = replay("--input", src, "--output", "-", "--dead-letter", tmp_path / "dead", "--quiet",
+                 "--default-platform", "mp-feishu", "--login-customer-id-type", "crm")
+    assert run.returncode == 0, run.stderr
+    signup, track = (orjson.loads(line) for line in run.stdout.splitlines())
+    assert signup["event"] == "$SignUp"
+    assert track["platform"] == "mp-feishu"
+    assert track["login_id"] == "c1"
+    assert track["identities"]["$identity_feishu_mp_id"] == "d"
+
+
+def test_settings_come_from_the_environment_too(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"device_id": "d", "event": "e"}\n')
+    run = subprocess.run([sys.executable, "-m", "streams", "replay", "--input", str(src), "--output", "-",
+                          "--dead-letter", str(tmp_path / "dead"), "--quiet"], capture_output=True, cwd=ROOT,
+                         env={"STREAMS_DEFAULT_PLATFORM": "mp-taobao", "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert orjson.loads(run.stdout)["identities"] == {"$identity_taobao_uuid": "d", "$identity_anonymous_id": "d"}
+
+
+def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
+    run = replay("--input", tmp_path / "nope.jsonl", "--output", tmp_path / "o", "--dead-letter", tmp_path / "d")
+    assert run.returncode == 1
+    assert b"No such file or directory" in run.stderr
+    assert b"Traceback" not in run.stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    run = replay("--input", SAMPLE)
+    assert run.returncode == 2
+    assert b"--output" in run.stderr
+    bad = replay("--input", SAMPLE, "--output", "-", "--dead-letter", "/dev/null", "--default-platform", "ios")
+    assert bad.returncode == 2
+    assert b"invalid choice" in bad.stderr
+
+
+def test_progress_lines_for_long_inputs(tmp_path: Path) -> None:
+    src = tmp_path / "long.jsonl"
+    record = b'{"device_id": "d%d", "platform": "web", "event": "e"}\n'
+    src.write_bytes(b"".join(record % (i % 1000) for i in range(60_000)))
+    report = io.StringIO()
+    counts = run_replay(str(src), os.devnull, os.devnull, EnrichSettings(), progress=report, progress_interval=0)
+    assert counts.records == counts.enriched == 60_000
+    progress = report.getvalue().splitlines()
+    assert len(progress) > 10
+    assert "ETA" in progress[0]
+    assert "records/s" in progress[-1]
