@@ -40,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep device state in RocksDB here; a later run continues from it (default: memory)")
     replay.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     config.add_arguments(replay, "replay")
+
+    worker = commands.add_parser(
+        "worker",
+        help="enrich the raw topic continuously (Faust, RocksDB state)",
+        description="Consume the raw topic, enrich, produce to the enriched and dead-letter topics. Device state "
+        "lives in a RocksDB-backed Faust table with a changelog topic; stop with Ctrl-C or SIGTERM.",
+        epilog="examples:\n  python -m streams worker\n"
+        "  python -m streams worker --brokers kafka1:9092,kafka2:9092 --group enricher --state-dir /var/lib/streams\n"
+        "  STREAMS_RAW_TOPIC=app.events python -m streams worker --web-port 6067",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    config.add_arguments(worker, "worker")
     return parser
 
 
@@ -49,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = config.Settings.from_env().with_args(args)
     if args.command == "replay":
         return run_replay(args, settings)
+    if args.command == "worker":
+        from .app import run_worker
+
+        return run_worker(settings)
     parser.error(f"unknown command {args.command}")
     return 2
 

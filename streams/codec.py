@@ -82,7 +82,9 @@ def dead_letter(
 # -- stored state: RocksDB values and changelog records (the same bytes) ---------------------------------
 
 
-def encode_state(state: DeviceState) -> bytes:
+def encode_state(state: DeviceState, applied: Mapping[int, int] | None = None) -> bytes:
+    """A device's state as stored in RocksDB and its changelog. `applied`: per source partition, the offset of
+    the last raw record whose effect the state holds (the worker skips records up to it after a crash)."""
     return orjson.dumps(
         [
             STATE_FORMAT,
@@ -93,15 +95,22 @@ def encode_state(state: DeviceState) -> bytes:
             [list(pair) for pair in state.bound],
             [[t, c.id, c.auth_state, c.hash_type] for t, c in state.customer_ids],
             state.generated,
+            [[p, o] for p, o in applied.items()] if applied else [],
         ]
     )
 
 
 def decode_state(data: bytes) -> DeviceState:
-    fmt, anonymous_id, default_id, login_key, login_value, bound, customer_ids, generated = orjson.loads(data)
+    return decode_stored(data)[0]
+
+
+def decode_stored(data: bytes) -> tuple[DeviceState, dict[int, int]]:
+    fmt, anonymous_id, default_id, login_key, login_value, bound, customer_ids, generated, applied = orjson.loads(
+        data
+    )
     if fmt != STATE_FORMAT:
         raise ValueError(f"stored state format {fmt} is not {STATE_FORMAT}")
-    return DeviceState(
+    state = DeviceState(
         anonymous_id=anonymous_id,
         default_id=default_id,
         login_key=login_key,
@@ -110,6 +119,7 @@ def decode_state(data: bytes) -> DeviceState:
         customer_ids=tuple((t, CustomerId(i, a, h)) for t, i, a, h in customer_ids),
         generated=generated,
     )
+    return state, {p: o for p, o in applied}
 
 
 def state_as_json(state: DeviceState) -> dict[str, Any]:

@@ -40,6 +40,9 @@ class Settings:
     partitions: int = setting(4, "partitions of the topics the project creates (make run, tests)",
                               groups=("worker", "kafka"))
     web_port: int = setting(6066, "the worker's HTTP port (metrics, device lookup)", groups=("worker", "kafka"))
+    web_bind: str = setting("127.0.0.1", "the address the worker's HTTP server listens on",
+                            groups=("worker", "kafka"))
+    batch_records: int = setting(10_000, "most records the worker fetches and applies as one batch")
     default_platform: str | None = setting(None, "platform of records that carry none",
                                            choices=sorted(PLATFORMS), groups=("worker", "replay"))
     login_customer_id_type: str = setting("userid", "customer-ID type that logs in and out ('' = none)",

@@ -50,18 +50,25 @@ class Outcome:
     device_id: str | None
     records: list[bytes]
     dead_letter: bytes | None = None
+    # what was emitted (record types) or why not (the dead letter's reason): for counting, without decoding
+    types: list[str] = field(default_factory=list)
+    reason: str | None = None
 
 
 class Enricher:
     def __init__(self, settings: EnrichSettings | None = None) -> None:
         self.settings = settings or EnrichSettings()
 
-    def step(self, raw: bytes, source: Mapping[str, Any], store: StateStore) -> Outcome:
-        """Enrich one raw record. Never raises: bad input, and any defect, come back as a dead letter."""
+    def step(
+        self, raw: bytes, source: Mapping[str, Any], store: StateStore, record: dict[str, Any] | None = None
+    ) -> Outcome:
+        """Enrich one raw record (`record`: its bytes already decoded, when the caller had to look inside).
+        Never raises: bad input, and any defect, come back as a dead letter."""
         s = self.settings
         device_id = None
         try:
-            record = codec.decode(raw, s.max_record_bytes)
+            if record is None:
+                record = codec.decode(raw, s.max_record_bytes)
             device_id = device_id_of(record)
             state = store.get(device_id)
             if state is None:
@@ -69,12 +76,13 @@ class Enricher:
             new, emitted = apply(state, record, s.identity, s.default_platform, device_id)
             encoded = codec.encode_all(emitted)
         except Rejected as e:
-            return Outcome(device_id, [], codec.dead_letter(e, raw, source, device_id))
+            return Outcome(device_id, [], codec.dead_letter(e, raw, source, device_id), reason=e.reason.value)
         except Exception as e:  # a defect of ours must not stop the stream: keep the record and say so
             # the message may hold identity values, so only the type goes to the log
             log.error("internal error on a record (%s); kept as a dead letter", type(e).__name__)
             rejected = Rejected(Reason.INTERNAL_ERROR, "", type(e).__name__)
-            return Outcome(device_id, [], codec.dead_letter(rejected, raw, source, device_id))
+            return Outcome(device_id, [], codec.dead_letter(rejected, raw, source, device_id),
+                           reason=rejected.reason.value)
         if new is not state:
             store.put(device_id, new)
-        return Outcome(device_id, encoded)
+        return Outcome(device_id, encoded, types=[r["type"] for r in emitted])

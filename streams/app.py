@@ -1,0 +1,308 @@
+"""The Faust worker: the raw topic in, enriched records and dead letters out, device state in a RocksDB table.
+
+Read top to bottom: the app, its topics, the device table, then the consumer that feeds whole fetched
+batches to `streams.pipeline` instead of handing Faust one event at a time. Faust keeps what it is good at:
+the consumer group and its partition assignment, the table's RocksDB stores, its changelog and recovery,
+the web server. What it is slow at (an Event, a task and an await per record; a RocksDB write and a
+changelog record per table assignment) is what the batch step replaces.
+
+`python -m streams worker` runs it; `faust -A streams.app worker` works too (settings from STREAMS_*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
+
+import faust
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import IllegalStateError, TopicAlreadyExistsError
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from mode.utils.objects import cached_property
+from rocksdict import WriteBatch
+
+from .config import Settings
+from .enrich import Enricher
+from .pipeline import Pipeline, Topics
+
+log = logging.getLogger(__name__)
+
+TABLE = "devices"
+EX_CONFIG = 78  # sysexits.h: a configuration error; restarting will not help
+
+
+class ConfigurationError(Exception):
+    pass
+
+
+def topic_names(settings: Settings, partitions: int) -> Topics:
+    return Topics(
+        raw=settings.raw_topic,
+        repartition=f"{settings.group}-{settings.raw_topic}-repartition",
+        enriched=settings.enriched_topic,
+        dead_letter=settings.dead_letter_topic,
+        changelog=f"{settings.group}-{TABLE}-changelog",
+        partitions=partitions,
+    )
+
+
+class BatchConsumer(AIOKafkaConsumer):
+    """Faust's aiokafka consumer, draining the raw and repartition topics a fetched batch at a time.
+
+    Records of other topics (the table's changelog, during recovery and for standbys) take Faust's own path.
+    A batch holds `batch_lock` from processing to commit, and a rebalance takes the lock before Faust
+    revokes anything, so no batch straddles a rebalance."""
+
+    pipeline: Pipeline
+
+    @cached_property
+    def batch_lock(self) -> asyncio.Lock:
+        return asyncio.Lock()
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised against the broker
+        app = self.app
+        callback = self.callback
+        mine = {self.pipeline.topics.raw, self.pipeline.topics.repartition}
+        while not (self.should_stop or fetcher.should_stop):
+            generation = app.consumer_generation_id
+            records, active = await self._wait_next_records(timeout=1.0)
+            if not records or self.should_stop:
+                continue
+            batch: dict[Any, Sequence[Any]] = {}
+            rewind: dict[Any, int] = {}
+            for tp, recs in records.items():
+                if not recs:
+                    continue
+                if tp.topic in mine:
+                    if active is None or tp in active:
+                        batch[tp] = recs
+                    else:
+                        # fetched just before its partition was paused or revoked: fetch it again later
+                        rewind[tp] = recs[0].offset
+                else:
+                    for rec in recs:
+                        await callback(self._to_message(tp, rec))
+            if batch:
+                async with self.batch_lock:
+                    if generation != app.consumer_generation_id:
+                        rewind.update({tp: recs[0].offset for tp, recs in batch.items()})
+                    else:
+                        try:
+                            offsets = await self.pipeline.process(batch)
+                        except asyncio.CancelledError:
+                            raise
+                        except Exception as e:
+                            # a send or a write failed: nothing of this batch was committed; do it again
+                            log.error("batch failed (%s: %s); it will be processed again", type(e).__name__, e)
+                            self.pipeline.forget_partitions(tp.partition for tp in batch)
+                            rewind.update({tp: recs[0].offset for tp, recs in batch.items()})
+                            await asyncio.sleep(1.0)
+                        else:
+                            await self._commit_offsets(offsets)
+            if rewind:
+                await self._rewind(rewind)
+
+    async def _rewind(self, offsets: Mapping[Any, int]) -> None:
+        assigned = self.assignment()
+        for tp, offset in offsets.items():
+            if tp in assigned:
+                # revoked meanwhile: its next owner reads it
+                with contextlib.suppress(IllegalStateError, AssertionError):
+                    await self.seek_wait({tp: offset})
+
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        async with self.batch_lock:
+            self.pipeline.forget_partitions(tp.partition for tp in revoked)
+            await super().on_partitions_revoked(revoked)
+
+
+class StreamsApp(faust.App):
+    streams_pipeline: Pipeline
+    streams_settings: Settings
+    streams_table: Any
+
+    async def _stop_consumer(self) -> None:
+        # let the batch in flight finish (or not start) before Faust revokes the tables on shutdown
+        consumer = self._consumer
+        if isinstance(consumer, BatchConsumer):
+            async with consumer.batch_lock:
+                await super()._stop_consumer()
+        else:
+            await super()._stop_consumer()
+
+
+def create_app(settings: Settings, partitions: int) -> faust.App:
+    topics = topic_names(settings, partitions)
+    app = StreamsApp(
+        settings.group,
+        broker=[f"kafka://{b.strip()}" for b in settings.brokers.split(",")],
+        store="rocksdb://",
+        datadir=settings.state_dir,
+        topic_partitions=partitions,
+        key_serializer="raw",
+        value_serializer="raw",
+        web_port=settings.web_port,
+        web_bind=settings.web_bind,
+        web_host=settings.web_bind,
+        web_enabled=True,
+        web_tables_enabled=False,
+        consumer_auto_offset_reset="earliest",
+        broker_max_poll_records=settings.batch_records,
+        consumer_max_fetch_size=8 << 20,
+        producer_linger_ms=5,
+        producer_max_batch_size=1 << 20,
+        producer_acks=-1,
+        stream_wait_empty=False,
+        table_standby_replicas=0,
+        processing_guarantee="at_least_once",
+        logging_config=None,
+    )
+    cast(Any, app.transport).Consumer = BatchConsumer
+
+    raw = app.topic(topics.raw, key_type=bytes, value_type=bytes)
+    repartition = app.topic(topics.repartition, partitions=partitions, internal=True, key_type=bytes,
+                            value_type=bytes)
+    table = app.Table(
+        TABLE,
+        partitions=partitions,
+        key_type=bytes,
+        value_type=bytes,
+        options={
+            "block_cache_size": settings.rocksdb_cache_mb << 20,
+            "block_cache_compressed_size": 0,
+            "write_buffer_size": 16 << 20,
+            "max_write_buffer_number": 2,
+        },
+    )
+    # subscribe to both inputs without an agent: BatchConsumer reads them
+    app.topics.add(raw)
+    app.topics.add(repartition)
+
+    def make_batch(items: Iterable[tuple[bytes, bytes]]) -> WriteBatch:
+        batch = WriteBatch(raw_mode=True)
+        for key, value in items:
+            batch.put(key, value)
+        return batch
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def wire_pipeline() -> None:
+        producer = cast(Any, app.producer)._ensure_producer()
+
+        async def send(topic: str, key: bytes | None, value: bytes | None, partition: int | None,
+                       headers: list[tuple[str, bytes]] | None) -> Any:
+            return await producer.send(topic, value=value, key=key, partition=partition, headers=headers)
+
+        pipeline.send = send
+
+    enricher = Enricher(settings.enrich_settings())
+
+    async def unwired(*args: Any) -> Any:
+        raise RuntimeError("the producer is not started yet")
+
+    pipeline = Pipeline(
+        enricher,
+        topics,
+        unwired,
+        db_for_partition=lambda p: cast(Any, table.data)._db_for_partition(p),
+        write_batch=make_batch,
+        changelog_offset_key=b"__faust\0offset__",
+        cache_size=settings.cache_devices,
+    )
+    BatchConsumer.pipeline = pipeline
+    app.streams_pipeline = pipeline
+    app.streams_settings = settings
+    app.streams_table = table
+    return app
+
+
+# -- start-up checks ---------------------------------------------------------------------------------------
+
+
+async def prepare_topics(settings: Settings) -> int:
+    """The raw topic's real partition count; the other topics made to match it, or a clear refusal."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.brokers, **kafka_auth(settings))
+    await admin.start()
+    try:
+        counts = await _partition_counts(admin)
+        partitions = counts.get(settings.raw_topic)
+        if partitions is None:
+            partitions = settings.partitions
+            log.warning("raw topic %s does not exist: creating it with %d partitions", settings.raw_topic,
+                        partitions)
+            await _create(admin, settings.raw_topic, partitions)
+        topics = topic_names(settings, partitions)
+        for name in (topics.changelog, topics.repartition):
+            existing = counts.get(name)
+            if existing is not None and existing != partitions:
+                raise ConfigurationError(
+                    f"{name} has {existing} partitions but {settings.raw_topic} has {partitions}: the device "
+                    f"table must be partitioned like its input. Either give {settings.raw_topic} {existing} "
+                    f"partitions again, or rebuild the state under a new consumer group (STREAMS_GROUP / "
+                    f"--group), or delete {name} and the state directory {settings.state_dir} to start the "
+                    f"table afresh (device states are then rebuilt only from the records still in the topic)."
+                )
+        for name in (topics.enriched, topics.dead_letter):
+            if name not in counts:
+                await _create(admin, name, partitions)
+        return partitions
+    finally:
+        await admin.close()
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int]:
+    metadata = await admin.describe_topics()
+    return {t["topic"]: len(t["partitions"]) for t in metadata if not t.get("error_code")}
+
+
+async def _create(admin: AIOKafkaAdminClient, name: str, partitions: int) -> None:
+    with contextlib.suppress(TopicAlreadyExistsError):
+        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+
+
+def kafka_auth(settings: Settings) -> dict[str, Any]:
+    return {}
+
+
+# -- running it --------------------------------------------------------------------------------------------
+
+
+def quiet_loggers(level: str) -> None:
+    """Faust leaves its loggers at DEBUG and filters in the handler: building the records costs CPU."""
+    numeric = getattr(logging, level.upper(), logging.WARNING)
+    for name in ("", "faust", "mode", "aiokafka", "kafka", "rocksdict", "streams"):
+        logging.getLogger(name).setLevel(numeric)
+
+
+def run_worker(settings: Settings) -> int:
+    quiet_loggers(settings.log_level)
+    try:
+        partitions = asyncio.run(prepare_topics(settings))
+    except ConfigurationError as e:
+        print(f"streams worker: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except Exception as e:
+        print(f"streams worker: cannot reach Kafka at {settings.brokers}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    app = create_app(settings, partitions)
+    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
+    quiet_loggers(settings.log_level)
+    worker.execute_from_commandline()
+    return 0
+
+
+_app: faust.App | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """`faust -A streams.app worker`: the app, built on first use from the environment's settings."""
+    global _app
+    if name != "app":
+        raise AttributeError(name)
+    if _app is None:
+        settings = Settings.from_env()
+        _app = create_app(settings, asyncio.run(prepare_topics(settings)))
+    return _app

@@ -1,0 +1,281 @@
+"""The worker's batch step: a fetched batch of Kafka records through the enrich step, with the device table
+written once per device per batch and nothing acknowledged before what it depends on is durable.
+
+Lives here: `Pipeline.process(batch)`, the routing of records that sit in the wrong partition, the
+per-partition state transaction over the Faust table's RocksDB databases, and the order of side effects:
+
+1. decode and route: a record keyed by its device ID in the partition that ID hashes to is applied here;
+   any other record is forwarded, unchanged, to the repartition topic, keyed by device ID;
+2. enrich each applied record (reads see the batch's own writes), skipping those whose effect the device's
+   stored state already holds (they were applied, and their outputs delivered, before a crash);
+3. produce outputs, dead letters and forwards, and wait for all acks;
+4. produce each changed device's state to the changelog once, and wait for the acks;
+5. write the same states, and the changelog offset, to RocksDB in one write batch;
+6. commit the input offsets.
+A crash anywhere replays the batch from the last commit: outputs repeat byte for byte (the engine is
+deterministic and reads the state as it was), and records the stored state already holds are skipped.
+
+Knows Kafka records and the producer; knows nothing of Faust's App (`streams.app` wires it in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka.partitioner import murmur2
+
+from . import codec
+from .enrich import Enricher
+from .identity import DeviceState, Rejected, device_id_of
+
+log = logging.getLogger(__name__)
+
+# where a forwarded record came from: kept in a header, so that its dead letter, its position and its
+# record identity are those of the original
+SOURCE_HEADER = "streams-source"
+
+
+class KafkaRecord(Protocol):
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+class PartitionDB(Protocol):
+    """What the pipeline needs of one partition's RocksDB database (rocksdict.Rdict)."""
+
+    def get(self, key: bytes) -> Any: ...
+
+    def write(self, batch: Any) -> None: ...
+
+
+SendFn = Callable[[str, bytes | None, bytes | None, int | None, list[tuple[str, bytes]] | None],
+                  Awaitable["asyncio.Future[Any]"]]
+
+
+@dataclass
+class Counters:
+    records_in: int = 0
+    enriched_out: dict[str, int] = field(default_factory=dict)
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    forwarded: int = 0
+    skipped: int = 0
+    batches: int = 0
+    state_writes: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    latency_sum: float = 0.0
+
+
+class PartitionState:
+    """One table partition's device states during a batch: a `StateStore` for the enrich step that also
+    remembers, per device, up to which raw offset (per source partition) its state holds."""
+
+    def __init__(self, partition: int, db: PartitionDB, cache: OrderedDict[tuple[int, str], Any],
+                 cache_size: int, counters: Counters) -> None:
+        self.partition = partition
+        self.db = db
+        self.cache = cache
+        self.cache_size = cache_size
+        self.counters = counters
+        self.dirty: dict[str, tuple[DeviceState, dict[int, int]]] = {}
+        self.position: tuple[int, int] = (0, -1)  # (source partition, offset) of the record being applied
+
+    def load(self, device_id: str) -> tuple[DeviceState, dict[int, int]] | None:
+        entry = self.dirty.get(device_id)
+        if entry is not None:
+            return entry
+        key = (self.partition, device_id)
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.counters.cache_hits += 1
+            self.cache.move_to_end(key)
+            return cached  # type: ignore[no-any-return]
+        self.counters.cache_misses += 1
+        data = self.db.get(device_id.encode())
+        if not isinstance(data, bytes):
+            return None
+        entry = codec.decode_stored(data)
+        self._remember(device_id, entry)
+        return entry
+
+    def holds(self, device_id: str, source_partition: int, offset: int) -> bool:
+        entry = self.load(device_id)
+        return entry is not None and entry[1].get(source_partition, -1) >= offset
+
+    def get(self, device_id: str) -> DeviceState | None:
+        entry = self.load(device_id)
+        return None if entry is None else entry[0]
+
+    def put(self, device_id: str, state: DeviceState) -> None:
+        entry = self.load(device_id)
+        applied = dict(entry[1]) if entry is not None else {}
+        source_partition, offset = self.position
+        applied[source_partition] = offset
+        self.dirty[device_id] = (state, applied)
+
+    def encoded(self) -> list[tuple[bytes, bytes]]:
+        return [(d.encode(), codec.encode_state(s, a)) for d, (s, a) in self.dirty.items()]
+
+    def committed(self) -> None:
+        for device_id, entry in self.dirty.items():
+            self._remember(device_id, entry)
+        self.dirty.clear()
+
+    def _remember(self, device_id: str, entry: tuple[DeviceState, dict[int, int]]) -> None:
+        key = (self.partition, device_id)
+        self.cache[key] = entry
+        self.cache.move_to_end(key)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Topics:
+    raw: str
+    repartition: str
+    enriched: str
+    dead_letter: str
+    changelog: str
+    partitions: int
+
+
+class Pipeline:
+    def __init__(
+        self,
+        enricher: Enricher,
+        topics: Topics,
+        send: SendFn,
+        db_for_partition: Callable[[int], PartitionDB],
+        write_batch: Callable[[Iterable[tuple[bytes, bytes]]], Any],
+        changelog_offset_key: bytes,
+        cache_size: int = 100_000,
+    ) -> None:
+        self.enricher = enricher
+        self.topics = topics
+        self.send = send
+        self.db_for_partition = db_for_partition
+        self.write_batch = write_batch
+        self.offset_key = changelog_offset_key
+        self.cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
+        self.cache_size = cache_size
+        self.counters = Counters()
+        self._partition_of: dict[str, int] = {}
+
+    def partition_for(self, device_id: str) -> int:
+        """The partition Kafka's default partitioner puts this key in (murmur2, as the Java client)."""
+        p = self._partition_of.get(device_id)
+        if p is None:
+            p = (murmur2(device_id.encode()) & 0x7FFFFFFF) % self.topics.partitions
+            if len(self._partition_of) > 200_000:
+                self._partition_of.clear()
+            self._partition_of[device_id] = p
+        return p
+
+    def forget_partitions(self, partitions: Iterable[int]) -> None:
+        """A partition left this worker: its cached states may go stale under its next owner."""
+        gone = set(partitions)
+        for key in [k for k in self.cache if k[0] in gone]:
+            del self.cache[key]
+
+    async def process(self, batch: Mapping[Any, Sequence[KafkaRecord]]) -> dict[Any, int]:
+        """Apply one fetched batch; returns the offsets to commit (tp -> next offset). Raises when a send
+        fails: nothing of the batch is then written or committed, and the caller seeks back."""
+        started = time.monotonic()
+        t = self.topics
+        enricher_step = self.enricher.step
+        pending: list[asyncio.Future[Any]] = []
+        states: dict[int, PartitionState] = {}
+        commit: dict[Any, int] = {}
+        counters = self.counters
+        send = self.send
+        max_bytes = self.enricher.settings.max_record_bytes
+
+        # Steps 1 and 2: route, skip what the state holds, enrich
+        for tp, records in batch.items():
+            p = tp.partition
+            state = states.get(p)
+            if state is None:
+                state = states[p] = PartitionState(p, self.db_for_partition(p), self.cache, self.cache_size,
+                                                   counters)
+            from_raw = tp.topic == t.raw
+            for rec in records:
+                counters.records_in += 1
+                raw = rec.value if rec.value is not None else b""
+                if from_raw:
+                    source_partition, offset = p, rec.offset
+                    source = {"topic": t.raw, "partition": p, "offset": rec.offset}
+                else:
+                    source_partition, offset, source = _original_source(rec, t.raw)
+                try:
+                    record = codec.decode(raw, max_bytes)
+                    device_id = device_id_of(record)
+                except Rejected as e:
+                    letter = codec.dead_letter(e, raw, source)
+                    pending.append(await send(t.dead_letter, None, letter, None, None))
+                    counters.dead_letters[e.reason.value] = counters.dead_letters.get(e.reason.value, 0) + 1
+                    continue
+                key = device_id.encode()
+                if from_raw and (rec.key != key or self.partition_for(device_id) != p):
+                    header = f"{t.raw}/{p}/{rec.offset}".encode()
+                    pending.append(await send(t.repartition, key, raw, self.partition_for(device_id),
+                                              [(SOURCE_HEADER, header)]))
+                    counters.forwarded += 1
+                    continue
+                if state.holds(device_id, source_partition, offset):
+                    counters.skipped += 1
+                    continue
+                state.position = (source_partition, offset)
+                outcome = enricher_step(raw, source, state, record)
+                if outcome.dead_letter is not None:
+                    pending.append(await send(t.dead_letter, key, outcome.dead_letter, None, None))
+                    reason = outcome.reason or "internal_error"
+                    counters.dead_letters[reason] = counters.dead_letters.get(reason, 0) + 1
+                for out in outcome.records:
+                    pending.append(await send(t.enriched, key, out, None, None))
+                for kind in outcome.types:
+                    counters.enriched_out[kind] = counters.enriched_out.get(kind, 0) + 1
+            if records:
+                commit[tp] = records[-1].offset + 1
+
+        # Step 3: every output acknowledged before any state that depends on it is made durable
+        if pending:
+            await asyncio.gather(*pending)
+
+        # Steps 4 and 5: the changelog, then RocksDB with the changelog offset, per partition
+        changed = {p: s for p, s in states.items() if s.dirty}
+        if changed:
+            logged: dict[int, tuple[list[tuple[bytes, bytes]], list[asyncio.Future[Any]]]] = {}
+            for p, s in changed.items():
+                items = s.encoded()
+                futures = [await send(t.changelog, k, v, p, None) for k, v in items]
+                logged[p] = (items, futures)
+            await asyncio.gather(*(f for _, fs in logged.values() for f in fs))
+            for p, (items, futures) in logged.items():
+                last_offset = max(f.result().offset for f in futures)
+                db = states[p].db
+                db.write(self.write_batch([*items, (self.offset_key, str(last_offset).encode())]))
+                states[p].committed()
+                counters.state_writes += len(items)
+        counters.batches += 1
+        counters.latency_sum += time.monotonic() - started
+        return commit
+
+
+def _original_source(rec: KafkaRecord, raw_topic: str) -> tuple[int, int, dict[str, Any]]:
+    for name, value in rec.headers or ():
+        if name == SOURCE_HEADER:
+            topic, partition, offset = value.decode().rsplit("/", 2)
+            return int(partition), int(offset), {"topic": topic, "partition": int(partition), "offset": int(offset)}
+    # not forwarded by us: take it as its own source (its position is then the repartition topic's)
+    source = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
+    return -1 - rec.partition, rec.offset, source
