@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     config.add_arguments(worker, "worker")
+
+    from . import topics
+
+    topics.add_commands(commands)
     return parser
 
 
@@ -61,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = config.Settings.from_env().with_args(args)
     if args.command == "replay":
         return run_replay(args, settings)
+    if args.command in ("produce", "tail"):
+        from . import topics
+
+        return topics.run(args, settings)
     if args.command == "worker":
         from .app import run_worker
 

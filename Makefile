@@ -1,0 +1,51 @@
+# The two commands a newcomer needs:  make run  (the main job, end to end)  and  make test  (every test).
+# Everything they need is installed by the targets below: a virtualenv in .venv, Kafka's jars in .cache.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+## the main job: a broker (started when none answers), the worker, the sample in, what comes out
+run: install
+	bash scripts/run.sh
+
+## every test: lint, types, unit and engine tests, conformance, and the integration tests on a real broker
+test: install lint
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check streams tests
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest -q -m "not kafka"
+
+integration: install
+	$(BIN)/pytest -q -m kafka
+
+conformance: install
+	$(BIN)/python ../shared/conformance/check.py $(BIN)/python
+	$(BIN)/python ../shared/conformance/check_customer_ids.py $(BIN)/python
+
+kafka:
+	bash scripts/kafka.sh start
+
+kafka-stop:
+	bash scripts/kafka.sh stop
+
+kafka-reset:
+	bash scripts/kafka.sh reset
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis data
