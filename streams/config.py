@@ -37,7 +37,7 @@ class Settings:
     group: str = setting("streams-enricher", "consumer group, and the Faust app id (prefixes the changelog)",
                          groups=("worker", "kafka"))
     state_dir: str = setting("data/state", "where the worker keeps RocksDB state")
-    partitions: int = setting(4, "partitions of the topics the project creates (make run, tests)",
+    partitions: int = setting(4, "partitions of the raw topic when the worker or produce has to create it",
                               groups=("worker", "kafka"))
     web_port: int = setting(6066, "the worker's HTTP port (metrics, device lookup)", groups=("worker", "kafka"))
     web_bind: str = setting("127.0.0.1", "the address the worker's HTTP server listens on",
