@@ -45,19 +45,49 @@ class EnrichSettings:
     max_record_bytes: int = codec.DEFAULT_MAX_RECORD_BYTES
 
 
-@dataclass(slots=True)
 class Outcome:
-    device_id: str | None
-    records: list[bytes]
-    dead_letter: bytes | None = None
-    # what was emitted (record types) or why not (the dead letter's reason): for counting, without decoding
-    types: list[str] = field(default_factory=list)
-    reason: str | None = None
+    """What one raw record became: enriched records' bytes, or one dead letter. A plain slotted class: one
+    is built per record."""
+
+    __slots__ = ("dead_letter", "device_id", "emitted", "reason", "records")
+
+    def __init__(
+        self,
+        device_id: str | None,
+        records: list[bytes],
+        dead_letter: bytes | None = None,
+        emitted: list[dict[str, Any]] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.records = records
+        self.dead_letter = dead_letter
+        self.emitted = emitted
+        self.reason = reason  # the dead letter's reason code
+
+    @property
+    def types(self) -> list[str]:
+        return [r["type"] for r in self.emitted] if self.emitted else []
+
+
+FRESH_STATES = 100_000
 
 
 class Enricher:
     def __init__(self, settings: EnrichSettings | None = None) -> None:
         self.settings = settings or EnrichSettings()
+        # states of devices with nothing stored: immutable and the same for every store, so one object per
+        # device serves its records (and its cached identity stamp) until the device changes
+        self._fresh: dict[str, DeviceState] = {}
+
+    def fresh_state(self, device_id: str) -> DeviceState:
+        fresh = self._fresh
+        state = fresh.get(device_id)
+        if state is None:
+            if len(fresh) >= FRESH_STATES:
+                del fresh[next(iter(fresh))]  # the oldest: a FIFO bound is enough for a cache of defaults
+            state = fresh[device_id] = DeviceState.new(device_id)
+        return state
 
     def step(
         self, raw: bytes, source: Mapping[str, Any], store: StateStore, record: dict[str, Any] | None = None
@@ -66,15 +96,16 @@ class Enricher:
         Never raises: bad input, and any defect, come back as a dead letter."""
         s = self.settings
         device_id = None
+        encode = codec.encode
         try:
             if record is None:
                 record = codec.decode(raw, s.max_record_bytes)
             device_id = device_id_of(record)
             state = store.get(device_id)
             if state is None:
-                state = DeviceState.new(device_id)
+                state = self.fresh_state(device_id)
             new, emitted = apply(state, record, s.identity, s.default_platform, device_id)
-            encoded = codec.encode_all(emitted)
+            encoded = [encode(r) for r in emitted]
         except Rejected as e:
             return Outcome(device_id, [], codec.dead_letter(e, raw, source, device_id), reason=e.reason.value)
         except Exception as e:  # a defect of ours must not stop the stream: keep the record and say so
@@ -85,4 +116,4 @@ class Enricher:
                            reason=rejected.reason.value)
         if new is not state:
             store.put(device_id, new)
-        return Outcome(device_id, encoded, types=[r["type"] for r in emitted])
+        return Outcome(device_id, encoded, None, emitted)

@@ -110,6 +110,7 @@ def replay(
                 _open_out(dead_letter_path) as dead:
             report = Progress(progress, size, progress_interval) if progress is not None else None
             step = enricher.step
+            write = out.write
             for n, line in enumerate(src, 1):
                 counts.lines = n
                 raw = line[:-1] if line.endswith(b"\n") else line
@@ -119,10 +120,13 @@ def replay(
                 outcome = step(raw, {"line": n}, store)
                 if outcome.dead_letter is not None:
                     counts.dead_letters += 1
-                    dead.write(outcome.dead_letter + b"\n")
-                elif outcome.records:
-                    counts.enriched += len(outcome.records)
-                    out.write(b"\n".join(outcome.records) + b"\n")
+                    dead.write(outcome.dead_letter)
+                    dead.write(b"\n")
+                else:
+                    for record in outcome.records:
+                        counts.enriched += 1
+                        write(record)
+                        write(b"\n")
                 if n % FLUSH_EVERY == 0:
                     if isinstance(store, CachedStore):
                         out.flush()

@@ -471,7 +471,8 @@ async def _run_produce(args: argparse.Namespace, settings: Settings) -> int:
     started = time.monotonic()
     n = await produce_file(settings, args.file, keyed=not args.no_key, topic=topic)
     source = "the built-in sample" if args.file is None else ("stdin" if args.file == "-" else args.file)
-    print(f"streams produce: {n:,} record{'' if n == 1 else 's'} from {source} to {topic} in {time.monotonic() - started:.1f}s",
+    took = time.monotonic() - started
+    print(f"streams produce: {n:,} record{'' if n == 1 else 's'} from {source} to {topic} in {took:.1f}s",
           file=sys.stderr)
     return 0
 

@@ -36,34 +36,44 @@ class Settings:
     login_customer_id_type: str = "userid"
 
 
-@dataclass(frozen=True, slots=True)
 class Context:
-    state: DeviceState
-    raw: Mapping[str, Any]
-    platform: Platform
-    device_id: str
-    settings: Settings
+    """What an action sees. A plain slotted class: one is built per record, and a frozen dataclass's
+    __init__ costs several times more."""
+
+    __slots__ = ("device_id", "platform", "raw", "settings", "state")
+
+    def __init__(
+        self, state: DeviceState, raw: Mapping[str, Any], platform: Platform, device_id: str, settings: Settings
+    ) -> None:
+        self.state = state
+        self.raw = raw
+        self.platform = platform
+        self.device_id = device_id
+        self.settings = settings
 
 
 def emit(
     state: DeviceState, ctx: Context, type_: str, event: str | None, **overrides: Any
 ) -> Record:
     """A record stamped with `state`'s identity, plus what the raw record carries through."""
-    out = dict(state.stamp(ctx.platform))
+    out = state.stamp(ctx.platform).copy()
     out["type"] = type_
     if event is not None:
         out["event"] = event
     raw = ctx.raw
-    if "properties" in raw:
-        out["properties"] = raw["properties"]
-    if "time" in raw:
-        out["time"] = raw["time"]
+    properties = raw.get("properties")
+    if properties is not None:
+        out["properties"] = properties
+    time = raw.get("time")
+    if time is not None:
+        out["time"] = time
     out["device_id"] = ctx.device_id
-    for name, value in overrides.items():
-        if value is None:
-            out.pop(name, None)
-        else:
-            out[name] = value
+    if overrides:
+        for name, value in overrides.items():
+            if value is None:
+                out.pop(name, None)
+            else:
+                out[name] = value
     return out
 
 

@@ -25,7 +25,7 @@ Update = tuple[str, CustomerId | None]
 def parse(customer_ids: object, hash_type: object) -> list[Update]:
     if not isinstance(customer_ids, dict):
         raise Rejected(Reason.WRONG_TYPE, "customer_ids", f"must be an object, got {type_name(customer_ids)}")
-    if hash_type is not None and hash_type not in HASH_TYPES:
+    if hash_type is not None and not (isinstance(hash_type, str) and hash_type in HASH_TYPES):
         raise Rejected(Reason.INVALID_HASH, "hash", f"must be one of {', '.join(sorted(HASH_TYPES))}")
     hashing = hash_type if isinstance(hash_type, str) else None
     return [(t, _entry(v, f"customer_ids.{t}", hashing)) for t, v in customer_ids.items()]

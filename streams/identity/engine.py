@@ -13,9 +13,10 @@ from .actions import ACTIONS, Context, Record, Settings, Step
 from .errors import Reason, Rejected
 from .platforms import PLATFORMS, Platform
 from .state import DeviceState
-from .values import is_number, type_name
+from .values import type_name
 
 MAX_DEVICE_ID_LENGTH = 255
+EMPTY: dict[str, Any] = {}
 
 
 def device_id_of(raw: Mapping[str, Any]) -> str:
@@ -36,18 +37,20 @@ def platform_of(raw: Mapping[str, Any], default: str | None) -> Platform:
     name = raw.get("platform", default)
     if name is None:
         raise Rejected(Reason.MISSING_FIELD, "platform", "needs `platform` (or a configured default platform)")
-    platform = PLATFORMS.get(name) if isinstance(name, str) else None
+    platform = PLATFORMS.get(name) if type(name) is str else None
     if platform is None:
         raise Rejected(Reason.UNKNOWN_PLATFORM, "platform", f"unknown platform {str(name)[:64]!r}")
     return platform
 
 
 def check_envelope(raw: Mapping[str, Any]) -> None:
-    if "properties" in raw and not isinstance(raw["properties"], dict):
-        raise Rejected(Reason.WRONG_TYPE, "properties",
-                       f"must be an object, got {type_name(raw['properties'])}")
-    if "time" in raw and not (is_number(raw["time"]) and isinstance(raw["time"], int)):
-        raise Rejected(Reason.WRONG_TYPE, "time", f"must be an integer (ms), got {type_name(raw['time'])}")
+    # `type(x) is` rather than isinstance: JSON gives exact types, and bool must not pass for int
+    properties = raw.get("properties", EMPTY)
+    if type(properties) is not dict:
+        raise Rejected(Reason.WRONG_TYPE, "properties", f"must be an object, got {type_name(properties)}")
+    time = raw.get("time", 0)
+    if type(time) is not int:
+        raise Rejected(Reason.WRONG_TYPE, "time", f"must be an integer (ms), got {type_name(time)}")
 
 
 def apply(
@@ -64,7 +67,7 @@ def apply(
         device_id = device_id_of(raw)
     platform = platform_of(raw, default_platform)
     action_name = raw.get("action", "track")
-    action = ACTIONS.get(action_name) if isinstance(action_name, str) else None
+    action = ACTIONS.get(action_name) if type(action_name) is str else None
     if action is None:
         raise Rejected(Reason.UNKNOWN_ACTION, "action", f"unknown action {str(action_name)[:64]!r}")
     check_envelope(raw)

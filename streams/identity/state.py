@@ -87,15 +87,21 @@ class DeviceState:
         cached = self._stamp
         if cached is not None and cached["platform"] == platform.name:
             return cached
-        out: dict[str, Any] = {"distinct_id": self.distinct_id, "anonymous_id": self.anonymous_id}
         login_id = self.login_id
-        if login_id is not None:
-            out["login_id"] = login_id
-        if platform.associates:
-            out["identities"] = self.identities(platform)
-        customer_ids = self.visible_customer_ids()
-        if customer_ids:
-            out["customer_ids"] = customer_ids
+        if login_id is None:
+            out: dict[str, Any] = {"distinct_id": self.anonymous_id, "anonymous_id": self.anonymous_id}
+        else:
+            out = {"distinct_id": login_id, "anonymous_id": self.anonymous_id, "login_id": login_id}
+        default_key = platform.default_key
+        if default_key is not None:
+            if login_id is None and not self.bound:  # the common case, built directly
+                out["identities"] = {default_key: self.default_id, ANONYMOUS_KEY: self.anonymous_id}
+            else:
+                out["identities"] = self.identities(platform)
+        if self.customer_ids:
+            customer_ids = self.visible_customer_ids()
+            if customer_ids:
+                out["customer_ids"] = customer_ids
         out["platform"] = platform.name
         object.__setattr__(self, "_stamp", out)
         return out

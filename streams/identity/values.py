@@ -97,8 +97,12 @@ def identity_id(x: object, field: str, *, web: bool) -> str:
         return _web_string(x, field) if web else _checked_length(x, field)
     if is_number(x):
         assert isinstance(x, int | float)
-        s = js_number(x)
-        if web or DIGITS.fullmatch(s):
+        if web:
+            return js_number(x)
+        # the exact decimal of an integer: beyond 2^53 JavaScript would round it, and the ID would not be
+        # the one the producer sent
+        s = str(x) if isinstance(x, int) else js_number(x)
+        if DIGITS.fullmatch(s):
             return s
         raise Rejected(Reason.INVALID_NUMBER, field, f"a number ID must be a non-negative integer, got {s}")
     raise Rejected(Reason.WRONG_TYPE, field, f"must be a string or a number, got {type_name(x)}")
