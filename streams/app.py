@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import faust
@@ -135,7 +135,7 @@ class StreamsApp(faust.App):
             await super()._stop_consumer()
 
 
-def create_app(settings: Settings, partitions: int) -> faust.App:
+def create_app(settings: Settings, partitions: int) -> StreamsApp:
     topics = topic_names(settings, partitions)
     app = StreamsApp(
         settings.group,
@@ -277,7 +277,8 @@ def quiet_loggers(level: str) -> None:
         logging.getLogger(name).setLevel(numeric)
 
 
-def run_worker(settings: Settings) -> int:
+def run_worker(settings: Settings, extend: Callable[[StreamsApp], None] | None = None) -> int:
+    """Run the worker until it is stopped; `extend` adds to the app first (the CLI adds the web views)."""
     quiet_loggers(settings.log_level)
     try:
         partitions = asyncio.run(prepare_topics(settings))
@@ -288,6 +289,8 @@ def run_worker(settings: Settings) -> int:
         print(f"streams worker: cannot reach Kafka at {settings.brokers}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     app = create_app(settings, partitions)
+    if extend is not None:
+        extend(app)
     worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
     quiet_loggers(settings.log_level)
     worker.execute_from_commandline()

@@ -53,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(worker, "worker")
 
+    state = commands.add_parser(
+        "state",
+        help="print a device's identity state, asked of a running worker",
+        description="Ask a running worker (any worker of the group: the request is routed to the one that owns "
+        "the device's partition) for a device's current identity state, and print it as JSON.",
+        epilog="examples:\n  python -m streams state 1712042794795-4430041-097b46dd83f7da8-29832842\n"
+        "  python -m streams state web-visitor-7f3c --url http://10.0.0.5:6066",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    state.add_argument("device_id", help="the device ID (the raw records' device_id)")
+    state.add_argument("--url", help="a worker's web address (default: http://WEB_BIND:WEB_PORT from the settings)")
+    config.add_arguments(state, "state")
+
     from . import topics
 
     topics.add_commands(commands)
@@ -65,14 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = config.Settings.from_env().with_args(args)
     if args.command == "replay":
         return run_replay(args, settings)
+    if args.command == "state":
+        return run_state(args, settings)
     if args.command in ("produce", "tail"):
         from . import topics
 
         return topics.run(args, settings)
     if args.command == "worker":
+        from . import web
         from .app import run_worker
 
-        return run_worker(settings)
+        return run_worker(settings, web.install)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -96,6 +112,30 @@ def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:
     except KeyboardInterrupt:
         print("streams replay: interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def run_state(args: argparse.Namespace, settings: config.Settings) -> int:
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    base = args.url or f"http://{settings.web_bind}:{settings.web_port}"
+    url = f"{base.rstrip('/')}/devices/{urllib.parse.quote(args.device_id, safe='')}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            print(f"streams state: {args.device_id}: no identity state stored", file=sys.stderr)
+            return 1
+        print(f"streams state: {url}: HTTP {e.code} {e.reason}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"streams state: no worker answers at {base} ({getattr(e, 'reason', e)})", file=sys.stderr)
+        return 1
+    print(json.dumps(body, indent=2, ensure_ascii=False))
     return 0
 
 

@@ -39,9 +39,9 @@ class Settings:
     state_dir: str = setting("data/state", "where the worker keeps RocksDB state")
     partitions: int = setting(4, "partitions of the raw topic when the worker or produce has to create it",
                               groups=("worker", "kafka"))
-    web_port: int = setting(6066, "the worker's HTTP port (metrics, device lookup)", groups=("worker", "kafka"))
+    web_port: int = setting(6066, "the worker's HTTP port (metrics, device lookup)", groups=("worker", "state"))
     web_bind: str = setting("127.0.0.1", "the address the worker's HTTP server listens on",
-                            groups=("worker", "kafka"))
+                            groups=("worker", "state"))
     batch_records: int = setting(10_000, "most records the worker fetches and applies as one batch")
     default_platform: str | None = setting(None, "platform of records that carry none",
                                            choices=sorted(PLATFORMS), groups=("worker", "replay"))

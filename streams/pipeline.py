@@ -74,6 +74,7 @@ class Counters:
     cache_hits: int = 0
     cache_misses: int = 0
     latency_sum: float = 0.0
+    last_record_age: float = 0.0
 
 
 class PartitionState:
@@ -169,6 +170,8 @@ class Pipeline:
         self.cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
         self.cache_size = cache_size
         self.counters = Counters()
+        # (topic, partition) -> the next offset to process: what the lag metric measures against
+        self.positions: dict[tuple[str, int], int] = {}
         self._partition_of: dict[str, int] = {}
 
     def partition_for(self, device_id: str) -> int:
@@ -246,6 +249,10 @@ class Pipeline:
                     counters.enriched_out[kind] = counters.enriched_out.get(kind, 0) + 1
             if records:
                 commit[tp] = records[-1].offset + 1
+                self.positions[(tp.topic, p)] = records[-1].offset + 1
+                timestamp = getattr(records[0], "timestamp", None)
+                if timestamp:
+                    counters.last_record_age = max(0.0, time.time() - timestamp / 1000)
 
         # Step 3: every output acknowledged before any state that depends on it is made durable
         if pending:

@@ -95,6 +95,18 @@ async def _create(admin: Any, topic: str, partitions: int) -> bool:
     return True
 
 
+async def _create_and_wait(admin: Any, topic: str, partitions: int, wait: float = 15.0) -> int:
+    """Create the topic (unless it exists); its partition count once the broker's metadata shows it (a
+    topic the controller has created reaches the metadata a moment later)."""
+    await _create(admin, topic, partitions)
+    deadline = time.monotonic() + wait
+    while (count := await _partition_count(admin, topic)) is None:
+        if time.monotonic() >= deadline:
+            raise KafkaError(f"topic {topic!r} was created but does not show in the metadata after {wait:.0f}s")
+        await asyncio.sleep(0.1)
+    return count
+
+
 async def ensure_topics(settings: Settings, partitions: int | None = None) -> int:
     """Create the raw topic if missing (with `partitions`, default `settings.partitions`), then the
     enriched and dead-letter topics if missing, with the raw topic's partition count. Returns that count.
@@ -102,13 +114,10 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> in
     async with _admin(settings) as admin:
         count = await _partition_count(admin, settings.raw_topic)
         if count is None:
-            await _create(admin, settings.raw_topic, partitions or settings.partitions)
-            count = await _partition_count(admin, settings.raw_topic)
-            if count is None:
-                raise KafkaError(f"topic {settings.raw_topic!r} was created but does not show in the metadata")
+            count = await _create_and_wait(admin, settings.raw_topic, partitions or settings.partitions)
         for topic in (settings.enriched_topic, settings.dead_letter_topic):
             if await _partition_count(admin, topic) is None:
-                await _create(admin, topic, count)
+                await _create_and_wait(admin, topic, count)
         return count
 
 
@@ -339,13 +348,14 @@ async def tail(
     from_beginning: bool = True,
     max_records: int | None = None,
     idle_timeout: float | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     raw: bool = False,
 ) -> int:
     """Print a topic's records ('enriched', 'dead-letter' or a topic name), every partition, from its
     beginning or from now on: a line each for people, or with `raw` each value as it is. Stops after
     `max_records`, or after `idle_timeout` seconds without a new record; else runs until cancelled.
-    Returns how many records it printed."""
+    Prints to `out` (default: stdout). Returns how many records it printed."""
+    out = sys.stdout if out is None else out
     topic = topic_of(settings, which)
     shown = 0
     if max_records is not None and max_records <= 0:

@@ -1,0 +1,144 @@
+"""The worker's HTTP face: Prometheus metrics and the live device lookup, on Faust's web server.
+
+Lives here: `install(app)`, which adds `GET /metrics` and `GET /devices/{device_id}` (routed to the worker
+that owns the device's partition, as Faust's table views are), and the Prometheus text rendering. Faust's
+raw `/table` dump stays off (`web_tables_enabled=False` in `streams.app`).
+`faust -A streams.web worker` runs the worker with these views (`faust -A streams.app worker` without them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, cast
+
+from faust.web import Request, Response, View
+
+from . import codec
+from .app import StreamsApp, create_app, prepare_topics
+from .config import Settings
+
+STARTED = time.time()
+
+
+def install(app: StreamsApp) -> None:
+    table = app.streams_table
+
+    @app.page("/metrics")
+    class Metrics(View):
+        async def get(self, request: Request) -> Response:
+            return self.text(render_metrics(app), content_type="text/plain; version=0.0.4")
+
+    @app.page("/devices/{device_id}")
+    class Device(View):
+        @app.table_route(table=table, match_info="device_id")  # type: ignore[arg-type]
+        async def get(self, request: Request, device_id: str) -> Response:
+            found = lookup(app, device_id)
+            if found is None:
+                return self.json({"device_id": device_id, "error": "no identity state stored for this device "
+                                  "(never seen, or only records that change nothing)"}, status=404)
+            return self.json(found)
+
+
+def lookup(app: StreamsApp, device_id: str) -> dict[str, Any] | None:
+    """The device's state as this worker holds it (the owner of its partition)."""
+    pipeline = app.streams_pipeline
+    partition = pipeline.partition_for(device_id)
+    entry = pipeline.cache.get((partition, device_id))
+    if entry is None:
+        db = cast(Any, app.streams_table.data)._db_for_partition(partition)
+        data = db.get(device_id.encode())
+        if not isinstance(data, bytes):
+            return None
+        entry = codec.decode_stored(data)
+    state, applied = entry
+    return {"device_id": device_id, "partition": partition, **codec.state_as_json(state),
+            "applied_offsets": {str(p): o for p, o in sorted(applied.items())}}
+
+
+def render_metrics(app: StreamsApp) -> str:
+    pipeline = app.streams_pipeline
+    c = pipeline.counters
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: Iterable[tuple[dict[str, str], float]]) -> None:
+        out.append(f"# HELP streams_{name} {help_}")
+        out.append(f"# TYPE streams_{name} {kind}")
+        for labels, value in samples:
+            text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            out.append(f"streams_{name}{{{text}}} {value}" if text else f"streams_{name} {value}")
+
+    metric("records_in_total", "counter", "raw records read (incl. repartitioned ones)", [({}, c.records_in)])
+    metric("enriched_out_total", "counter", "enriched records produced, by type",
+           [({"type": t}, n) for t, n in sorted(c.enriched_out.items())])
+    metric("dead_letters_total", "counter", "dead letters produced, by reason",
+           [({"reason": r}, n) for r, n in sorted(c.dead_letters.items())])
+    metric("repartitioned_total", "counter", "records forwarded to the repartition topic", [({}, c.forwarded)])
+    metric("already_applied_total", "counter", "records skipped after a restart: the state already held them",
+           [({}, c.skipped)])
+    metric("state_writes_total", "counter", "device states written (RocksDB and changelog)", [({}, c.state_writes)])
+    metric("batches_total", "counter", "batches processed", [({}, c.batches)])
+    metric("batch_seconds_sum", "counter", "time spent processing batches", [({}, round(c.latency_sum, 6))])
+    metric("record_age_seconds_max", "gauge", "age of the oldest record of the last batch when it was processed",
+           [({}, round(c.last_record_age, 3))])
+    metric("cache_hits_total", "counter", "device-state cache hits", [({}, c.cache_hits)])
+    metric("cache_misses_total", "counter", "device-state cache misses (read from RocksDB)", [({}, c.cache_misses)])
+    metric("consumer_lag", "gauge", "records not yet processed, per input partition", _lag(app))
+    metric("state_devices", "gauge", "devices with stored state in this worker's partitions (RocksDB estimate)",
+           [({}, _devices(app))])
+    metric("uptime_seconds", "gauge", "seconds since the worker started", [({}, round(time.time() - STARTED, 1))])
+    return "\n".join(out) + "\n"
+
+
+def _lag(app: StreamsApp) -> list[tuple[dict[str, str], float]]:
+    consumer = app.consumer
+    topics = app.streams_pipeline.topics
+    samples: list[tuple[dict[str, str], float]] = []
+    for tp in sorted(consumer.assignment()):
+        if tp.topic not in (topics.raw, topics.repartition):
+            continue
+        try:
+            high = consumer.highwater(tp)
+        except Exception:
+            continue
+        done = app.streams_pipeline.positions.get((tp.topic, tp.partition))
+        if high is None:
+            continue
+        if done is None:
+            committed = cast(Any, consumer)._committed_offset.get(tp)
+            done = committed if committed is not None else 0
+        samples.append(({"topic": tp.topic, "partition": str(tp.partition)}, max(high - done, 0)))
+    return samples
+
+
+def _devices(app: StreamsApp) -> int:
+    store = cast(Any, app.streams_table.data)
+    total = 0
+    for db in list(getattr(store, "_dbs", {}).values()):
+        try:
+            # less the key where Faust keeps the changelog offset
+            total += max(int(db.property_int_value("rocksdb.estimate-num-keys") or 0) - 1, 0)
+        except Exception:
+            continue
+    return total
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+_app: StreamsApp | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """`faust -A streams.web worker`: the worker with its HTTP views, settings from the environment."""
+    global _app
+    if name != "app":
+        raise AttributeError(name)
+    if _app is None:
+        import asyncio
+
+        settings = Settings.from_env()
+        _app = create_app(settings, asyncio.run(prepare_topics(settings)))
+        install(_app)
+    return _app
