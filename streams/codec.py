@@ -8,6 +8,7 @@ of what an action means: field rules are `identity`'s.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,7 +30,32 @@ def decode(raw: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> dict[str, A
         raise _why_not_json(raw, e) from None
     if not isinstance(value, dict):
         raise Rejected(Reason.NOT_OBJECT, "", f"a record is a JSON object, got {_json_type(value)}")
+    if _may_hold_big_integers(value):
+        # orjson reads integers beyond 64 bits as floats; an ID must stay the integer the producer wrote
+        value = json.loads(raw)
     return value
+
+
+def _may_hold_big_integers(record: dict[str, Any]) -> bool:
+    """A float where the engine reads identifiers: only then is the slower exact parse worth it."""
+    if type(record.get("id")) is float or type(record.get("value")) is float:
+        return True
+    ids = record.get("customer_ids")
+    if type(ids) is dict:
+        for v in ids.values():
+            if type(v) is float or (type(v) is dict and type(v.get("id")) is float):
+                return True
+    return False
+
+
+def dumps(value: Any) -> bytes:
+    """orjson, and the standard library for what orjson cannot write (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError as e:
+        if "64-bit" not in str(e):
+            raise
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def _why_not_json(raw: bytes, error: orjson.JSONDecodeError) -> Rejected:
@@ -54,8 +80,8 @@ def _json_type(value: object) -> str:
 
 def encode(record: Mapping[str, Any]) -> bytes:
     try:
-        return orjson.dumps(record)
-    except TypeError as e:  # a lone surrogate in a string: valid JSON escapes, but not UTF-8
+        return dumps(record)
+    except (TypeError, UnicodeEncodeError) as e:  # a lone surrogate: valid JSON escapes, but not UTF-8
         raise Rejected(Reason.UNENCODABLE, "", f"cannot be written as UTF-8 JSON: {e}") from None
 
 
@@ -85,7 +111,7 @@ def dead_letter(
 def encode_state(state: DeviceState, applied: Mapping[int, int] | None = None) -> bytes:
     """A device's state as stored in RocksDB and its changelog. `applied`: per source partition, the offset of
     the last raw record whose effect the state holds (the worker skips records up to it after a crash)."""
-    return orjson.dumps(
+    return dumps(
         [
             STATE_FORMAT,
             state.anonymous_id,
@@ -105,9 +131,10 @@ def decode_state(data: bytes) -> DeviceState:
 
 
 def decode_stored(data: bytes) -> tuple[DeviceState, dict[int, int]]:
-    fmt, anonymous_id, default_id, login_key, login_value, bound, customer_ids, generated, applied = orjson.loads(
-        data
-    )
+    loaded = orjson.loads(data)
+    if any(type(c[1]) is float for c in loaded[6]):
+        loaded = json.loads(data)  # a customer id beyond 64 bits, kept exact
+    fmt, anonymous_id, default_id, login_key, login_value, bound, customer_ids, generated, applied = loaded
     if fmt != STATE_FORMAT:
         raise ValueError(f"stored state format {fmt} is not {STATE_FORMAT}")
     state = DeviceState(
