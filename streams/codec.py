@@ -32,7 +32,8 @@ def decode(raw: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> dict[str, A
         raise Rejected(Reason.NOT_OBJECT, "", f"a record is a JSON object, got {_json_type(value)}")
     if _may_hold_big_integers(value):
         # orjson reads integers beyond 64 bits as floats; an ID must stay the integer the producer wrote
-        value = json.loads(raw)
+        exact: dict[str, Any] = json.loads(raw)
+        return exact
     return value
 
 
