@@ -76,6 +76,23 @@ class Counters:
     latency_sum: float = 0.0
     last_record_age: float = 0.0
 
+    def add(self, batch: Counters) -> None:
+        self.records_in += batch.records_in
+        _merge(self.enriched_out, batch.enriched_out)
+        _merge(self.dead_letters, batch.dead_letters)
+        self.forwarded += batch.forwarded
+        self.skipped += batch.skipped
+        self.batches += batch.batches
+        self.state_writes += batch.state_writes
+        self.latency_sum += batch.latency_sum
+        if batch.last_record_age:
+            self.last_record_age = batch.last_record_age
+
+
+def _merge(into: dict[str, int], more: dict[str, int]) -> None:
+    for k, n in more.items():
+        into[k] = into.get(k, 0) + n
+
 
 class PartitionState:
     """One table partition's device states during a batch: a `StateStore` for the enrich step that also
@@ -199,7 +216,9 @@ class Pipeline:
         pending: list[asyncio.Future[Any]] = []
         states: dict[int, PartitionState] = {}
         commit: dict[Any, int] = {}
-        counters = self.counters
+        # this batch's counts, added to the worker's only when the batch completed: a batch done again after
+        # a failure or a rebalance is counted once
+        counters = Counters()
         send = self.send
         max_bytes = self.enricher.settings.max_record_bytes
 
@@ -209,7 +228,7 @@ class Pipeline:
             state = states.get(p)
             if state is None:
                 state = states[p] = PartitionState(p, self.db_for_partition(p), self.cache, self.cache_size,
-                                                   counters)
+                                                   self.counters)
             from_raw = tp.topic == t.raw
             for rec in records:
                 counters.records_in += 1
@@ -273,8 +292,9 @@ class Pipeline:
                 db.write(self.write_batch([*items, (self.offset_key, str(last_offset).encode())]))
                 states[p].committed()
                 counters.state_writes += len(items)
-        counters.batches += 1
-        counters.latency_sum += time.monotonic() - started
+        counters.batches = 1
+        counters.latency_sum = time.monotonic() - started
+        self.counters.add(counters)
         return commit
 
 
