@@ -64,6 +64,17 @@ class BatchConsumer(AIOKafkaConsumer):
         return asyncio.Lock()
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised against the broker
+        try:
+            await self._drain_batches(fetcher)
+        except asyncio.CancelledError:
+            if self.should_stop or fetcher.should_stop or self.app.should_stop:
+                # a shutdown: end quietly. Faust's Fetcher takes a cancel that arrives while a rebalance is
+                # under way for a crash to restart from, and has no supervisor to do it: the worker would
+                # exit 1 on a plain SIGTERM
+                return
+            raise
+
+    async def _drain_batches(self, fetcher: Any) -> None:  # pragma: no cover - exercised against the broker
         app = self.app
         callback = self.callback
         mine = {self.pipeline.topics.raw, self.pipeline.topics.repartition}
@@ -157,6 +168,9 @@ def create_app(settings: Settings, partitions: int) -> StreamsApp:
         producer_max_batch_size=1 << 20,
         producer_acks=-1,
         stream_wait_empty=False,
+        # a worker that died gives its partitions up after this long (Faust's default is 60 s)
+        broker_session_timeout=settings.session_timeout,
+        broker_heartbeat_interval=max(1.0, settings.session_timeout / 4),
         table_standby_replicas=0,
         processing_guarantee="at_least_once",
         logging_config=None,
@@ -188,25 +202,26 @@ def create_app(settings: Settings, partitions: int) -> StreamsApp:
             batch.put(key, value)
         return batch
 
-    @app.task  # type: ignore[untyped-decorator]
-    async def wire_pipeline() -> None:
-        producer = cast(Any, app.producer)._ensure_producer()
+    faust_producer = cast(Any, app.producer)
 
-        async def send(topic: str, key: bytes | None, value: bytes | None, partition: int | None,
-                       headers: list[tuple[str, bytes]] | None) -> Any:
-            return await producer.send(topic, value=value, key=key, partition=partition, headers=headers)
-
-        pipeline.send = send
-
-    enricher = Enricher(settings.enrich_settings())
-
-    async def unwired(*args: Any) -> Any:
-        raise RuntimeError("the producer is not started yet")
+    async def send(topic: str, key: bytes | None, value: bytes | None, partition: int | None,
+                   headers: list[tuple[str, bytes]] | None) -> Any:
+        # the aiokafka producer under Faust's: its send only appends to a batch and returns a future
+        producer = faust_producer._producer
+        if producer is None:  # a batch can arrive before Faust has started its producer
+            for _ in range(600):
+                await asyncio.sleep(0.05)
+                producer = faust_producer._producer
+                if producer is not None:
+                    break
+            else:
+                raise RuntimeError("Faust's producer did not start within 30 s")
+        return await producer.send(topic, value=value, key=key, partition=partition, headers=headers)
 
     pipeline = Pipeline(
-        enricher,
+        Enricher(settings.enrich_settings()),
         topics,
-        unwired,
+        send,
         db_for_partition=lambda p: cast(Any, table.data)._db_for_partition(p),
         write_batch=make_batch,
         changelog_offset_key=b"__faust\0offset__",

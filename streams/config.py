@@ -43,6 +43,7 @@ class Settings:
     web_bind: str = setting("127.0.0.1", "the address the worker's HTTP server listens on",
                             groups=("worker", "state"))
     batch_records: int = setting(10_000, "most records the worker fetches and applies as one batch")
+    session_timeout: int = setting(10, "seconds after which a silent worker's partitions go to the others")
     default_platform: str | None = setting(None, "platform of records that carry none",
                                            choices=sorted(PLATFORMS), groups=("worker", "replay"))
     login_customer_id_type: str = setting("userid", "customer-ID type that logs in and out ('' = none)",
