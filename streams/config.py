@@ -48,6 +48,9 @@ class Settings:
                                            choices=sorted(PLATFORMS), groups=("worker", "replay"))
     login_customer_id_type: str = setting("userid", "customer-ID type that logs in and out ('' = none)",
                                           groups=("worker", "replay"))
+    hash_identity_keys: str = setting("", "identity keys whose values are stored and sent only as SHA-256 hex, "
+                                      "comma-separated (e.g. $identity_mobile,$identity_email)",
+                                      groups=("worker", "replay"))
     max_record_bytes: int = setting(DEFAULT_MAX_RECORD_BYTES, "larger raw records are dead letters",
                                     groups=("worker", "replay"))
     cache_devices: int = setting(100_000, "device states kept in memory in front of RocksDB")
@@ -57,7 +60,10 @@ class Settings:
 
     def enrich_settings(self) -> EnrichSettings:
         return EnrichSettings(
-            identity=IdentitySettings(login_customer_id_type=self.login_customer_id_type),
+            identity=IdentitySettings(
+                login_customer_id_type=self.login_customer_id_type,
+                hashed_keys=frozenset(k.strip() for k in self.hash_identity_keys.split(",") if k.strip()),
+            ),
             default_platform=self.default_platform,
             max_record_bytes=self.max_record_bytes,
         )

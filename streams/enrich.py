@@ -105,6 +105,12 @@ class Enricher:
             if state is None:
                 state = self.fresh_state(device_id)
             new, emitted = apply(state, record, s.identity, s.default_platform, device_id)
+            if emitted and "offset" in source:
+                # at-least-once: a record written again after a crash is byte-identical to the first copy,
+                # and its id tells a warehouse it is the same record
+                prefix = f"{source['topic']}:{source['partition']}:{source['offset']}:"
+                for i, r in enumerate(emitted):
+                    r["record_id"] = prefix + str(i)
             encoded = [encode(r) for r in emitted]
         except Rejected as e:
             return Outcome(device_id, [], codec.dead_letter(e, raw, source, device_id), reason=e.reason.value)

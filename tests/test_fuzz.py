@@ -108,7 +108,11 @@ good_envelopes = st.fixed_dictionaries(
 )
 # where a record came from, in either form the dead-letter schema allows
 sources = st.fixed_dictionaries(
-    {"topic": st.text(max_size=10), "partition": st.integers(0, 63), "offset": st.integers(0, 2**40)}
+    {
+        "topic": st.from_regex(r"[a-zA-Z0-9._-]{1,20}", fullmatch=True),  # Kafka's topic name characters
+        "partition": st.integers(0, 63),
+        "offset": st.integers(0, 2**40),
+    }
 ) | st.fixed_dictionaries({"line": st.integers(1, 10**6)})
 
 

@@ -9,6 +9,7 @@ Not here: the envelope (device_id, platform, action, event, properties, time: `e
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -34,6 +35,14 @@ GENERATED_ID_NAMESPACE = uuid.UUID("5b0c1f1e-8f43-4c5e-9d61-6a1f2a3b9c07")
 class Settings:
     # the customer-ID type whose AUTHENTICATED id is a login and whose LOGGED_OUT is a logout; "" = none
     login_customer_id_type: str = "userid"
+    # identity keys whose values are replaced by their SHA-256 (hex) as soon as they are read: the state,
+    # its changelog and every output then hold only the hash (e.g. $identity_mobile, $identity_email)
+    hashed_keys: frozenset[str] = frozenset()
+
+    def protect(self, key: str, value: str) -> str:
+        if key in self.hashed_keys:
+            return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+        return value
 
 
 class Context:
@@ -142,7 +151,7 @@ def login(ctx: Context) -> Step:
             raise Rejected(Reason.UNSUPPORTED_ON_PLATFORM, "key",
                            f"{p.name} has no global user association: log in without a key")
         refuse(key, {ANONYMOUS_KEY, p.default_key or ANONYMOUS_KEY} | p.login_refused, "key", "login")
-    id_ = identity_id(required(ctx, "id"), "id", web=p.web)
+    id_ = ctx.settings.protect(key, identity_id(required(ctx, "id"), "id", web=p.web))
     return log_in(ctx, ctx.state, key, id_)
 
 
@@ -186,7 +195,7 @@ def bind(ctx: Context) -> Step:
     if s.login_key is not None:
         refused.add(s.login_key)
     refuse(key, refused, "key", "bind")
-    value = identity_value(required(ctx, "value"), "value", web=p.web, strings_only=True)
+    value = ctx.settings.protect(key, identity_value(required(ctx, "value"), "value", web=p.web, strings_only=True))
     bound = dict(s.bound)
     bound[key] = value
     new = replace(s, bound=tuple(bound.items()))
@@ -198,7 +207,7 @@ def unbind(ctx: Context) -> Step:
     p, s = ctx.platform, ctx.state
     key = identity_key(required(ctx, "key"), "key", web=p.web)
     refuse(key, {LOGIN_KEY, ANONYMOUS_KEY}, "key", "unbind")
-    value = identity_value(required(ctx, "value"), "value", web=p.web, strings_only=True)
+    value = ctx.settings.protect(key, identity_value(required(ctx, "value"), "value", web=p.web, strings_only=True))
     pair = (key, value)
     new = s
     if pair in s.bound:

@@ -108,3 +108,4 @@ def test_bridge_refuses_an_id_that_is_no_login_id() -> None:
     assert (dead["reason"], dead["field"]) == ("invalid_login_id", "customer_ids.userid.id")
     [probe] = session.send(device_id="v", platform="mp-wechat", event="e")
     assert "customer_ids" not in probe  # validation first: nothing was applied
+

@@ -806,9 +806,12 @@ class IdentityMachine(RuleBasedStateMachine):
 
     def check_enrich_takes(self, data: bytes, records: list[dict[str, Any]]) -> None:
         """The enrich step writes the records `apply` made, byte for byte."""
+        offset = len(self.log)
         outcome = self.enrich(data)
         assert outcome.dead_letter is None, outcome.dead_letter
-        assert outcome.records == [codec.dumps(r) for r in records]
+        # plus the record id the worker derives from the source: topic:partition:offset:n
+        assert outcome.records == [codec.dumps({**r, "record_id": f"raw:0:{offset}:{i}"})
+                                   for i, r in enumerate(records)]
 
     # -- one rule per action ------------------------------------------------------------------------------
 

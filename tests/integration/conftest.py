@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,6 +39,7 @@ from tests.conftest import ROOT, validate
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
 BOOTSTRAP = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '9092')}"  # where scripts/kafka.sh puts it
 PARTITIONS = 4
+RECORD_ID = re.compile(r"[a-zA-Z0-9._-]+:[0-9]+:[0-9]+:[0-9]+")
 OUTPUT_TIMEOUT = 120.0
 READY_TIMEOUT = 90.0
 
@@ -391,9 +393,15 @@ def enriched_by_device(records: Iterable[Any]) -> dict[str, list[dict[str, Any]]
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     partitions: dict[str, set[int]] = defaultdict(set)
     wrong_keys = []
+    first_copy: dict[str, bytes] = {}
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
         value = orjson.loads(r.value)
         device_id = value["device_id"]
+        # the worker's record id names the raw record (topic:partition:offset:n); replay has none to give.
+        # A record written twice (after a crash) must be byte for byte the first copy
+        record_id = value.pop("record_id")
+        assert RECORD_ID.fullmatch(record_id), record_id
+        assert first_copy.setdefault(record_id, r.value) == r.value, f"{record_id}: a repeat that differs"
         if r.key != device_id.encode():
             wrong_keys.append(f"p{r.partition}@{r.offset}: key {r.key!r}, device_id {device_id!r}")
         partitions[device_id].add(r.partition)
