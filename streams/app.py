@@ -151,6 +151,7 @@ def create_app(settings: Settings, partitions: int) -> StreamsApp:
     app = StreamsApp(
         settings.group,
         broker=[f"kafka://{b.strip()}" for b in settings.brokers.split(",")],
+        broker_credentials=credentials(settings),
         store="rocksdb://",
         datadir=settings.state_dir,
         topic_partitions=partitions,
@@ -239,7 +240,7 @@ def create_app(settings: Settings, partitions: int) -> StreamsApp:
 
 async def prepare_topics(settings: Settings) -> int:
     """The raw topic's real partition count; the other topics made to match it, or a clear refusal."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.brokers, **kafka_auth(settings))
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.brokers, **settings.kafka_options())
     await admin.start()
     try:
         counts = await _partition_counts(admin)
@@ -278,8 +279,15 @@ async def _create(admin: AIOKafkaAdminClient, name: str, partitions: int) -> Non
         await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
 
 
-def kafka_auth(settings: Settings) -> dict[str, Any]:
-    return {}
+def credentials(settings: Settings) -> Any:
+    """The same connection settings in Faust's terms (it passes them on to its aiokafka clients)."""
+    context = settings.ssl_context()
+    if settings.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=settings.sasl_username, password=settings.sasl_password,
+                                     mechanism=settings.sasl_mechanism, ssl_context=context)
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
 
 
 # -- running it --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
@@ -55,6 +56,18 @@ class Settings:
                                     groups=("worker", "replay"))
     cache_devices: int = setting(100_000, "device states kept in memory in front of RocksDB")
     rocksdb_cache_mb: int = setting(64, "RocksDB block cache per partition, MiB (Faust's default: 2048)")
+    security_protocol: str = setting("PLAINTEXT", "how the Kafka clients connect",
+                                     choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"],
+                                     groups=("worker", "kafka"))
+    sasl_mechanism: str = setting("PLAIN", "SASL mechanism (with SASL_PLAINTEXT or SASL_SSL)",
+                                  choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], groups=("worker", "kafka"))
+    sasl_username: str = setting("", "SASL user name", groups=("worker", "kafka"))
+    sasl_password: str = setting("", "SASL password (prefer the environment variable to the flag)",
+                                 groups=("worker", "kafka"))
+    ssl_cafile: str = setting("", "CA certificates to verify the brokers with (SSL, SASL_SSL; default: the "
+                              "system's)", groups=("worker", "kafka"))
+    ssl_certfile: str = setting("", "client certificate, for brokers that require one", groups=("worker", "kafka"))
+    ssl_keyfile: str = setting("", "the client certificate's private key", groups=("worker", "kafka"))
     log_level: str = setting("warning", "log level", choices=["debug", "info", "warning", "error"],
                              groups=("worker", "replay", "kafka"))
 
@@ -67,6 +80,25 @@ class Settings:
             default_platform=self.default_platform,
             max_record_bytes=self.max_record_bytes,
         )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if "SSL" not in self.security_protocol:
+            return None
+        context = ssl.create_default_context(cafile=self.ssl_cafile or None)
+        if self.ssl_certfile:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None)
+        return context
+
+    def kafka_options(self) -> dict[str, Any]:
+        """What every aiokafka client of the project is given besides the bootstrap servers."""
+        options: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                           sasl_plain_password=self.sasl_password)
+        context = self.ssl_context()
+        if context is not None:
+            options["ssl_context"] = context
+        return options
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -48,7 +48,8 @@ class TopicMissing(Exception):
 
 @contextlib.asynccontextmanager
 async def _admin(settings: Settings) -> AsyncIterator[Any]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.brokers, request_timeout_ms=30_000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.brokers, request_timeout_ms=30_000,
+                                **settings.kafka_options())
     await admin.start()
     try:
         yield admin
@@ -126,7 +127,8 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> in
 
 def producer(settings: Settings) -> Any:
     """Not started; every message acknowledged by all in-sync replicas, no duplicates on retry."""
-    return AIOKafkaProducer(bootstrap_servers=settings.brokers, acks="all", enable_idempotence=True, linger_ms=5)
+    return AIOKafkaProducer(bootstrap_servers=settings.brokers, acks="all", enable_idempotence=True, linger_ms=5,
+                            **settings.kafka_options())
 
 
 def device_key(value: bytes) -> bytes | None:
@@ -228,6 +230,7 @@ async def _assigned(settings: Settings, topic: str, *, from_beginning: bool = Tr
         raise TopicMissing(topic)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.brokers,
+        **settings.kafka_options(),
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",

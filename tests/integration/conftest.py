@@ -52,8 +52,9 @@ def _kafka_sh(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-async def _admin_call(brokers: str, call: Callable[[Any], Any]) -> Any:
-    admin = AIOKafkaAdminClient(bootstrap_servers=brokers, request_timeout_ms=15_000)
+async def _admin_call(brokers: str, call: Callable[[Any], Any], settings: Settings | None = None) -> Any:
+    options = settings.kafka_options() if settings is not None else {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=brokers, request_timeout_ms=15_000, **options)
     await admin.start()
     try:
         return await call(admin)
@@ -261,7 +262,7 @@ def group_assignment(settings: Settings) -> tuple[str, list[set[int]]]:
         return await admin.describe_consumer_groups([settings.group])
 
     try:
-        responses = asyncio.run(_admin_call(settings.brokers, describe))
+        responses = asyncio.run(_admin_call(settings.brokers, describe, settings))
     except Exception as e:
         return f"unknown ({e!r})", []
     for response in responses:
