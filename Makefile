@@ -38,6 +38,10 @@ conformance: install
 	$(BIN)/python ../shared/conformance/check.py $(BIN)/python
 	$(BIN)/python ../shared/conformance/check_customer_ids.py $(BIN)/python
 
+## the benchmark: ceiling, stock-Faust baseline, worker, latency, replay, correctness (.cache/bench/last.md)
+bench: install
+	$(BIN)/python scripts/bench.py
+
 kafka:
 	bash scripts/kafka.sh start
 

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
@@ -27,6 +28,7 @@ from rocksdict import WriteBatch
 
 from .config import Settings
 from .enrich import Enricher
+from .gcpolicy import tune_gc
 from .pipeline import Pipeline, Topics
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ class ConfigurationError(Exception):
     pass
 
 
-def topic_names(settings: Settings, partitions: int) -> Topics:
+def topic_names(settings: Settings, partitions: int, outputs: Mapping[str, int] | None = None) -> Topics:
+    outputs = outputs or {}
     return Topics(
         raw=settings.raw_topic,
         repartition=f"{settings.group}-{settings.raw_topic}-repartition",
@@ -47,6 +50,8 @@ def topic_names(settings: Settings, partitions: int) -> Topics:
         dead_letter=settings.dead_letter_topic,
         changelog=f"{settings.group}-{TABLE}-changelog",
         partitions=partitions,
+        enriched_partitions=outputs.get(settings.enriched_topic, partitions),
+        dead_letter_partitions=outputs.get(settings.dead_letter_topic, partitions),
     )
 
 
@@ -146,8 +151,9 @@ class StreamsApp(faust.App):
             await super()._stop_consumer()
 
 
-def create_app(settings: Settings, partitions: int) -> StreamsApp:
-    topics = topic_names(settings, partitions)
+def create_app(settings: Settings, layout: Layout) -> StreamsApp:
+    partitions = layout.partitions
+    topics = topic_names(settings, partitions, layout.outputs)
     app = StreamsApp(
         settings.group,
         broker=[f"kafka://{b.strip()}" for b in settings.brokers.split(",")],
@@ -238,7 +244,15 @@ def create_app(settings: Settings, partitions: int) -> StreamsApp:
 # -- start-up checks ---------------------------------------------------------------------------------------
 
 
-async def prepare_topics(settings: Settings) -> int:
+@dataclass(frozen=True)
+class Layout:
+    """The raw topic's partition count, and the output topics' (which existing topics may have their own)."""
+
+    partitions: int
+    outputs: Mapping[str, int]
+
+
+async def prepare_topics(settings: Settings) -> Layout:
     """The raw topic's real partition count; the other topics made to match it, or a clear refusal."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.brokers, **settings.kafka_options())
     await admin.start()
@@ -261,10 +275,12 @@ async def prepare_topics(settings: Settings) -> int:
                     f"--group), or delete {name} and the state directory {settings.state_dir} to start the "
                     f"table afresh (device states are then rebuilt only from the records still in the topic)."
                 )
+        outputs = {}
         for name in (topics.enriched, topics.dead_letter):
             if name not in counts:
                 await _create(admin, name, partitions)
-        return partitions
+            outputs[name] = counts.get(name, partitions)
+        return Layout(partitions, outputs)
     finally:
         await admin.close()
 
@@ -304,18 +320,19 @@ def run_worker(settings: Settings, extend: Callable[[StreamsApp], None] | None =
     """Run the worker until it is stopped; `extend` adds to the app first (the CLI adds the web views)."""
     quiet_loggers(settings.log_level)
     try:
-        partitions = asyncio.run(prepare_topics(settings))
+        layout = asyncio.run(prepare_topics(settings))
     except ConfigurationError as e:
         print(f"streams worker: {e}", file=sys.stderr)
         return EX_CONFIG
     except Exception as e:
         print(f"streams worker: cannot reach Kafka at {settings.brokers}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    app = create_app(settings, partitions)
+    app = create_app(settings, layout)
     if extend is not None:
         extend(app)
     worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
     quiet_loggers(settings.log_level)
+    tune_gc()
     worker.execute_from_commandline()
     return 0
 

@@ -94,8 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:
+    from .gcpolicy import tune_gc
     from .replay import replay
 
+    tune_gc()
     try:
         replay(
             args.input,

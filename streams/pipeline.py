@@ -165,6 +165,9 @@ class Topics:
     dead_letter: str
     changelog: str
     partitions: int
+    # the output topics' partition counts (the worker creates them like the raw topic; existing ones may differ)
+    enriched_partitions: int = 0
+    dead_letter_partitions: int = 0
 
 
 class Pipeline:
@@ -189,17 +192,22 @@ class Pipeline:
         self.counters = Counters()
         # (topic, partition) -> the next offset to process: what the lag metric measures against
         self.positions: dict[tuple[str, int], int] = {}
-        self._partition_of: dict[str, int] = {}
+        self._hash_of: dict[str, int] = {}
+
+    def key_hash(self, device_id: str) -> int:
+        """Kafka's default partitioner's hash of the key (murmur2, as the Java client), cached: aiokafka's
+        murmur2 is pure Python and would otherwise run for every record sent."""
+        h = self._hash_of.get(device_id)
+        if h is None:
+            h = murmur2(device_id.encode()) & 0x7FFFFFFF
+            if len(self._hash_of) > 200_000:
+                self._hash_of.clear()
+            self._hash_of[device_id] = h
+        return h
 
     def partition_for(self, device_id: str) -> int:
-        """The partition Kafka's default partitioner puts this key in (murmur2, as the Java client)."""
-        p = self._partition_of.get(device_id)
-        if p is None:
-            p = (murmur2(device_id.encode()) & 0x7FFFFFFF) % self.topics.partitions
-            if len(self._partition_of) > 200_000:
-                self._partition_of.clear()
-            self._partition_of[device_id] = p
-        return p
+        """The partition of the table (and of the raw topic) this device belongs to."""
+        return self.key_hash(device_id) % self.topics.partitions
 
     def forget_partitions(self, partitions: Iterable[int]) -> None:
         """A partition left this worker: its cached states may go stale under its next owner."""
@@ -221,6 +229,8 @@ class Pipeline:
         counters = Counters()
         send = self.send
         max_bytes = self.enricher.settings.max_record_bytes
+        enriched_partitions = t.enriched_partitions or t.partitions
+        dead_partitions = t.dead_letter_partitions or t.partitions
 
         # Steps 1 and 2: route, skip what the state holds, enrich
         for tp, records in batch.items():
@@ -258,12 +268,13 @@ class Pipeline:
                     continue
                 state.position = (source_partition, offset)
                 outcome = enricher_step(raw, source, state, record)
+                h = self.key_hash(device_id)
                 if outcome.dead_letter is not None:
-                    pending.append(await send(t.dead_letter, key, outcome.dead_letter, None, None))
+                    pending.append(await send(t.dead_letter, key, outcome.dead_letter, h % dead_partitions, None))
                     reason = outcome.reason or "internal_error"
                     counters.dead_letters[reason] = counters.dead_letters.get(reason, 0) + 1
                 for out in outcome.records:
-                    pending.append(await send(t.enriched, key, out, None, None))
+                    pending.append(await send(t.enriched, key, out, h % enriched_partitions, None))
                 for kind in outcome.types:
                     counters.enriched_out[kind] = counters.enriched_out.get(kind, 0) + 1
             if records:

@@ -1,0 +1,1334 @@
+"""make bench: how fast the worker is, measured side by side with what it is compared with, on one input.
+
+One run, one deterministic input (seeded), and every figure next to its reference from the same run, because
+the machine is small and shared: absolute numbers move from run to run, ratios much less.
+
+1. generate a realistic raw stream (JSONL under .cache/bench/, reused when it exists);
+2. load it into a fresh raw topic, keyed by device_id;
+3. measure, each on fresh output topics, consumer group and state directory, one after the other:
+   - the ceiling: a bare aiokafka consume-and-produce passthrough (no logic at all);
+   - the baseline: a stock Faust agent around the same engine (scripts/bench_baseline.py), on a prefix;
+   - the worker end to end (`python -m streams worker`), its CPU per event and peak RSS;
+   - the worker's added latency at a fixed lower input rate;
+   - `python -m streams replay` offline, and its RSS with `--state-dir` at 1x and 10x the devices;
+   - correctness: the worker's output must equal replay's for the same input (fields the schema marks
+     "worker output only" set aside and checked on their own), else FAIL and exit 1;
+4. print a markdown table and write it to .cache/bench/last.md.
+
+Throughput of a consumer = input records / (last - first output record's broker append time): the output
+topics are created with message.timestamp.type=LogAppendTime, so the broker's clock stamps them.
+
+    .venv/bin/python scripts/bench.py [--records N] [--devices D] [--quick] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import importlib.metadata
+import itertools
+import logging
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import murmur2
+
+from streams.config import env_name
+from streams.topics import device_key
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / ".cache" / "bench"
+PYTHON = sys.executable
+PARTITIONS = 4
+# the worker's own fetch size (STREAMS_BATCH_RECORDS' default): the ceiling fetches as much per batch
+BATCH_RECORDS = 10_000
+LOG_APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
+STALL_SECONDS = 180.0  # a consumer that makes no progress this long has failed (startup included)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """A measurement could not be made (a child died, a consumer stalled): the run fails."""
+
+
+# -- sizes and names -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    records: int
+    devices: int
+    baseline_records: int  # the stock Faust agent is slow: it runs on the input's first records only
+    wide_devices: int  # devices of the second input, for replay's RSS against the number of devices
+    latency_rate: int
+    latency_seconds: float
+    seed: int
+    quick: bool
+
+    @property
+    def latency_records(self) -> int:
+        return int(self.latency_rate * self.latency_seconds)
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every topic, group and directory of one run starts with its stamp: cleanup deletes by prefix."""
+
+    stamp: str
+    run_dir: Path
+
+    def topic(self, name: str) -> str:
+        return f"{self.stamp}.{name}"
+
+    def group(self, name: str) -> str:
+        return f"{self.stamp}-{name}"
+
+
+# -- 1. the input ------------------------------------------------------------------------------------------
+
+GENERATOR_VERSION = 1  # bump when the generator changes: cached inputs are named after it
+T0_MS = 1_712_000_000_000
+BAD_RATE = 0.001
+PLATFORM_WEIGHTS = {
+    "mp-wechat": 40, "web": 22, "mp-alipay": 10, "mp-bytedance": 8, "mp-baidu": 4, "mp-jd": 4,
+    "mp-kuaishou": 3, "mp-xiaohongshu": 3, "mp-taobao": 2, "mp-qq": 2, "mp-feishu": 2,
+}  # fmt: skip
+NO_ASSOCIATION = {"mp-jd", "mp-kuaishou", "mp-qq"}  # no bind/unbind, no login under a key there
+# cumulative probabilities of the valid actions; the rest of each draw is `track` (~90% in all)
+ACTIONS = list(itertools.accumulate([0.02, 0.02, 0.015, 0.012, 0.012, 0.008, 0.008]))
+ACTION_NAMES = ["set_customer_ids", "login", "bind", "logout", "identify", "unbind", "profile_set"]
+MP_EVENTS = ["$MPViewScreen"] * 6 + ["$MPClick"] * 3 + ["$MPShow", "$MPLaunch", "$MPHide", "buttonClick",
+                                                        "buttonClick", "addToCart", "payOrder", "search"]
+WEB_EVENTS = ["$pageview"] * 6 + ["$WebClick"] * 3 + ["$WebStay", "buttonClick", "buttonClick", "addToCart",
+                                                      "search"]
+PATHS = ["pages/index/index", "pages/goods/detail", "pages/cart/cart", "pages/order/list", "pages/me/me",
+         "pages/search/result", "pages/activity/spring"]
+REFERRERS = ["直接打开", "pages/index/index", "pages/goods/detail", "扫一扫", "分享卡片"]
+TITLES = ["首页", "商品详情", "购物车", "我的订单", "个人中心", "Home", "Spring sale"]
+BIND_KEYS = ["$identity_mobile", "$identity_email"]
+BAD_KEYS = ["1abc", "mobile-no", "$identity mobile", "邮箱"]
+UNKNOWN_PLATFORMS = ["mp-tiktok", "android", "mp-weibo"]
+
+
+@dataclass(slots=True)
+class Device:
+    device_id: str
+    platform: str
+    user: str  # the login ID of the person on this device
+    login_key: str | None = None  # the generator's view of the login, only to keep the actions plausible
+    bound: dict[str, str] = field(default_factory=dict)
+
+
+def make_device_id(rng: random.Random, platform_name: str) -> str:
+    if platform_name == "web":  # the Web JS SDK's cookie ID
+        return (f"{rng.getrandbits(56):014x}-{rng.getrandbits(64):016x}-{rng.getrandbits(32):08x}-"
+                f"{rng.choice(('1296000', '2073600', '3686400'))}-{rng.getrandbits(56):014x}")
+    # the mini programs' default ID: a time, two random parts and a counter
+    return (f"{T0_MS - rng.randrange(90 * 86_400_000)}-{rng.randrange(10**7):07d}-{rng.getrandbits(60):015x}-"
+            f"{rng.randrange(10**8):08d}")
+
+
+def make_devices(rng: random.Random, count: int) -> list[Device]:
+    names = list(PLATFORM_WEIGHTS)
+    platforms = rng.choices(names, weights=[PLATFORM_WEIGHTS[n] for n in names], k=count)
+    users = max(1, count // 2)  # some people use several devices
+    seen: set[str] = set()
+    devices = []
+    for p in platforms:
+        device_id = make_device_id(rng, p)
+        while device_id in seen:
+            device_id = make_device_id(rng, p)
+        seen.add(device_id)
+        devices.append(Device(device_id, p, str(60_000_000_000_000_000 + rng.randrange(users) * 7919)))
+    return devices
+
+
+def phone(rng: random.Random) -> str:
+    return f"1{rng.choice('3578')}{rng.randrange(10)}****{rng.randrange(10_000):04d}"
+
+
+def track_fields(rng: random.Random, device: Device) -> tuple[str, dict[str, Any] | None]:
+    if device.platform == "web":
+        event = rng.choice(WEB_EVENTS)
+        props: dict[str, Any] = {"$url": f"https://shop.example.com/{rng.choice(PATHS)}",
+                                 "$title": rng.choice(TITLES), "$timezone_offset": -480}
+    else:
+        event = rng.choice(MP_EVENTS)
+        props = {"$url_path": rng.choice(PATHS), "$referrer": rng.choice(REFERRERS), "$title": rng.choice(TITLES)}
+        if event == "$MPLaunch":
+            props["$scene"] = f"a{1000 + rng.randrange(200)}"
+    if not event.startswith("$"):
+        props["product_id"] = f"sku-{rng.randrange(50_000)}"
+        props["price"] = round(rng.uniform(1, 500), 2)
+    if rng.random() < 0.05:
+        return event, None
+    return event, props
+
+
+def valid_record(rng: random.Random, device: Device, t: int) -> dict[str, Any]:
+    """One valid raw record for this device, its action drawn from ACTIONS, plausible for its state."""
+    rec: dict[str, Any] = {"device_id": device.device_id, "platform": device.platform}
+    associates = device.platform not in NO_ASSOCIATION
+    draw = rng.random()
+    action = ACTION_NAMES[bisect.bisect(ACTIONS, draw)] if draw < ACTIONS[-1] else "track"
+    if action in ("bind", "unbind") and not associates:
+        action = "track"
+    if action == "track":
+        if rng.random() < 0.8:  # `action` defaults to track: some producers leave it out
+            rec["action"] = "track"
+        rec["event"], props = track_fields(rng, device)
+        if props is not None:
+            rec["properties"] = props
+    elif action == "login":
+        rec["action"] = "login"
+        if associates and rng.random() < 0.25:  # loginWithKey
+            rec["key"] = device.login_key = rng.choice(BIND_KEYS)
+            rec["id"] = phone(rng) if rec["key"] == "$identity_mobile" else f"u{rng.randrange(10**6)}@example.com"
+        else:
+            rec["id"] = device.user
+            device.login_key = "$identity_login_id"
+        device.bound.clear()
+    elif action == "logout":
+        rec["action"] = "logout"
+        device.login_key = None
+        device.bound.clear()
+    elif action == "identify":
+        rec["action"] = "identify"
+        rec["id"] = f"oX{rng.getrandbits(104):026x}"  # a WeChat openid-like ID
+    elif action == "bind":
+        key = rng.choice([k for k in BIND_KEYS if k != device.login_key])  # binding the login's key is refused
+        value = phone(rng) if key == "$identity_mobile" else f"u{rng.randrange(10**6)}@example.com"
+        device.bound[key] = value
+        rec.update(action="bind", key=key, value=value)
+    elif action == "unbind":
+        if device.bound and rng.random() < 0.8:
+            key = rng.choice(sorted(device.bound))
+            value = device.bound.pop(key)
+        else:
+            key, value = "$identity_mobile", phone(rng)
+        rec.update(action="unbind", key=key, value=value)
+    elif action == "set_customer_ids":
+        rec["action"] = "set_customer_ids"
+        r = rng.random()
+        if r < 0.4:  # the login bridge: AUTHENTICATED userid logs in
+            rec["customer_ids"] = {"userid": {"id": device.user, "authState": "AUTHENTICATED"}}
+            device.login_key = "$identity_login_id"
+            device.bound.clear()
+        elif r < 0.6:  # and LOGGED_OUT logs out
+            rec["customer_ids"] = {"userid": {"id": device.user, "authState": "LOGGED_OUT"}}
+            device.login_key = None
+            device.bound.clear()
+        elif r < 0.85:
+            rec["customer_ids"] = {"dpuuid": f"{rng.getrandbits(128):032x}"}
+        else:
+            rec["customer_ids"] = {"email": {"id": f"u{rng.randrange(10**6)}@example.com", "authState": 1}}
+            rec["hash"] = "SHA-256"
+    else:
+        rec["action"] = "profile_set"
+        rec["properties"] = {"city": rng.choice(["上海", "北京", "深圳", "杭州"]), "vip_level": rng.randrange(5),
+                             "gender": rng.choice(["f", "m"])}
+    rec["time"] = t
+    return rec
+
+
+def bad_record(rng: random.Random, device: Device, t: int) -> bytes:
+    """One of the three kinds of bad input, each a dead letter: not JSON, unknown platform, invalid key."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        text = orjson.dumps({"device_id": device.device_id, "platform": device.platform, "action": "track",
+                             "event": "$MPViewScreen", "properties": {"$title": rng.choice(TITLES)},
+                             "time": t}).decode()
+        return text[: rng.randrange(len(text) // 2, len(text) - 1)].encode()  # cut in characters, not bytes
+    if kind == 1:
+        return orjson.dumps({"device_id": device.device_id, "platform": rng.choice(UNKNOWN_PLATFORMS),
+                             "action": "track", "event": "$MPViewScreen", "time": t})
+    # bind checks the association first, login checks the key first: both end on the key
+    action = "login" if device.platform in NO_ASSOCIATION else "bind"
+    return orjson.dumps({"device_id": device.device_id, "platform": device.platform, "action": action,
+                         "key": rng.choice(BAD_KEYS), "id": device.user, "value": phone(rng), "time": t})
+
+
+def generate(path: Path, records: int, devices: int, seed: int, *, tag: bool = False) -> Path:
+    """Write `records` raw records over `devices` devices to `path` (kept: the same arguments give the same
+    bytes, so a later run reuses it). Devices' activity is skewed (log-normal); `tag` puts each record's
+    number in its properties as `bench_seq`, for the latency measurement."""
+    if path.exists():
+        return path
+    rng = random.Random(seed)
+    devs = make_devices(rng, devices)
+    weights = list(itertools.accumulate(rng.lognormvariate(0.0, 1.0) for _ in range(devices)))
+    picks = rng.choices(range(devices), cum_weights=weights, k=records)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb", buffering=1 << 20) as f:
+        for i, d in enumerate(picks):
+            device = devs[d]
+            t = T0_MS + i * 7 + rng.randrange(7)
+            if rng.random() < BAD_RATE:
+                line = bad_record(rng, device, t)
+            else:
+                rec = valid_record(rng, device, t)
+                if tag:
+                    rec.setdefault("properties", {})["bench_seq"] = i
+                line = orjson.dumps(rec)
+            f.write(line + b"\n")
+    partial.rename(path)
+    return path
+
+
+def input_path(kind: str, records: int, devices: int, seed: int) -> Path:
+    return BENCH_DIR / f"input-{kind}-n{records}-d{devices}-s{seed}-v{GENERATOR_VERSION}.jsonl"
+
+
+def write_prefix(src: Path, dst: Path, count: int) -> None:
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        out.writelines(itertools.islice(f, count))
+
+
+# -- Kafka -------------------------------------------------------------------------------------------------
+
+
+def partition_of(key: bytes, partitions: int = PARTITIONS) -> int:
+    """Kafka's default partitioner (murmur2, as the Java client): the partition the worker expects."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class Kafka:
+    """The bench's admin and offset lookups on the broker."""
+
+    def __init__(self, brokers: str) -> None:
+        self.brokers = brokers
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=brokers, request_timeout_ms=30_000)
+        self.lookup = AIOKafkaConsumer(bootstrap_servers=brokers, group_id=None, enable_auto_commit=False)
+
+    async def start(self) -> None:
+        await self.admin.start()
+        await self.lookup.start()
+
+    async def close(self) -> None:
+        await self.lookup.stop()
+        await self.admin.close()
+
+    async def create_topics(self, names: Iterable[str], partitions: int = PARTITIONS) -> None:
+        """Fresh topics stamped by the broker's clock (LogAppendTime): the throughput and latency figures
+        come from these stamps, not from any client's clock."""
+        names = list(names)
+        response = await self.admin.create_topics(
+            [NewTopic(n, partitions, 1, topic_configs=LOG_APPEND_TIME) for n in names])
+        for name, code, *_ in response.topic_errors:
+            if code:
+                raise BenchError(f"cannot create topic {name}: error code {code}")
+        deadline = time.monotonic() + 30
+        while True:  # until every partition has a leader
+            meta = {t["topic"]: t for t in await self.admin.describe_topics(names)}
+            if all(n in meta and not meta[n]["error_code"] and len(meta[n]["partitions"]) == partitions
+                   and all(not p["error_code"] for p in meta[n]["partitions"]) for n in names):
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"topics {names} did not become ready")
+            await asyncio.sleep(0.1)
+
+    async def end_offsets(self, topic: str) -> dict[int, int]:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        return {tp.partition: o for tp, o in (await self.lookup.end_offsets(tps)).items()}
+
+    async def count(self, topics: Iterable[str]) -> int:
+        return sum([sum((await self.end_offsets(t)).values()) for t in topics])
+
+    async def committed(self, group: str, topic: str) -> int:
+        """How many records of `topic` the group has committed (fresh topics: offsets start at 0)."""
+        offsets = await self.admin.list_consumer_group_offsets(group)
+        return sum(max(0, o.offset) for tp, o in offsets.items() if tp.topic == topic)
+
+    async def delete_run_topics(self, prefix: str) -> list[str]:
+        names = sorted(t for t in await self.admin.list_topics() if t.startswith(prefix))
+        for i in range(0, len(names), 20):
+            await self.admin.delete_topics(names[i: i + 20])
+        return names
+
+
+async def load_topic(brokers: str, topic: str, path: Path) -> tuple[int, float]:
+    """Send every line of `path` to `topic`, keyed by its device_id (as `streams produce` keys it), in
+    per-partition batches built by hand: much faster than a send() per record, and the broker sees the same
+    records. Returns (records, seconds)."""
+    producer = AIOKafkaProducer(bootstrap_servers=brokers, acks="all", linger_ms=50, max_batch_size=512 << 10,
+                                max_request_size=4 << 20)
+    await producer.start()
+    started = time.monotonic()
+    partition_cache: dict[bytes, int] = {}  # murmur2 in pure Python: once per device
+    batches: dict[int, Any] = {}
+    pending: list[asyncio.Future[Any]] = []
+    unkeyed = itertools.cycle(range(PARTITIONS))
+    count = 0
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                value = line.rstrip(b"\n")
+                key = device_key(value)
+                if key is None:
+                    p = next(unkeyed)
+                else:
+                    p = partition_cache.get(key, -1)
+                    if p < 0:
+                        p = partition_cache[key] = partition_of(key)
+                batch = batches.get(p)
+                if batch is None:
+                    batch = batches[p] = producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
+                    pending.append(await producer.send_batch(batch, topic, partition=p))
+                    batch = batches[p] = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+                count += 1
+                if len(pending) >= 64:
+                    await asyncio.gather(*pending)
+                    pending = []
+        for p, batch in batches.items():
+            if batch.record_count():
+                pending.append(await producer.send_batch(batch, topic, partition=p))
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return count, time.monotonic() - started
+
+
+def scan_consumer(brokers: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(bootstrap_servers=brokers, group_id=None, enable_auto_commit=False,
+                            auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20,
+                            fetch_max_bytes=64 << 20)
+
+
+async def scan_topic(brokers: str, topic: str, on_record: Callable[[ConsumerRecord], None]) -> int:
+    """Call `on_record` for every record now in `topic`, partition by partition in offset order."""
+    consumer = scan_consumer(brokers)
+    await consumer.start()
+    count = 0
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        left = {tp for tp in tps if ends[tp] > 0}
+        last = time.monotonic()
+        while left:
+            batch = await consumer.getmany(*left, timeout_ms=500, max_records=50_000)
+            for tp, records in batch.items():
+                for r in records:
+                    if r.offset < ends[tp]:
+                        on_record(r)
+                        count += 1
+                if records:
+                    last = time.monotonic()
+                    if records[-1].offset + 1 >= ends[tp]:
+                        left.discard(tp)
+            if time.monotonic() - last > 60:
+                raise BenchError(f"reading {topic} stalled with {count} records read")
+    finally:
+        await consumer.stop()
+    return count
+
+
+async def append_span(brokers: str, topics: Iterable[str]) -> tuple[float, float]:
+    """(first, last) broker append time in seconds over the topics' records: each partition's first and last
+    record, fetched by offset (LogAppendTime only grows within a partition)."""
+    consumer = scan_consumer(brokers)
+    await consumer.start()
+    stamps: list[int] = []
+    try:
+        for topic in topics:
+            tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+            begins = await consumer.beginning_offsets(tps)
+            ends = await consumer.end_offsets(tps)
+            for tp in tps:
+                if ends[tp] > begins[tp]:
+                    consumer.assign([tp])
+                    for offset in (begins[tp], ends[tp] - 1):
+                        consumer.seek(tp, offset)
+                        records: list[ConsumerRecord] = []
+                        deadline = time.monotonic() + 30
+                        while not records and time.monotonic() < deadline:
+                            records = (await consumer.getmany(tp, timeout_ms=1000, max_records=1)).get(tp, [])
+                        if not records:
+                            raise BenchError(f"cannot read {tp} at offset {offset}")
+                        stamps.append(records[0].timestamp)
+    finally:
+        await consumer.stop()
+    if not stamps:
+        raise BenchError(f"no output on {list(topics)}")
+    return min(stamps) / 1000, max(stamps) / 1000
+
+
+# -- child processes ---------------------------------------------------------------------------------------
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """This environment without any STREAMS_* or BENCH_* setting of the caller's (the runs must all see the
+    same settings: the defaults), plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMS_", "BENCH_"))}
+    env.update(settings)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Child:
+    """A subprocess of the bench, watched from /proc every 0.05 s: CPU time (so that CPU can be read for any
+    time window) and VmHWM, the peak RSS since its exec. Not wait4's ru_maxrss: Linux keeps the forked
+    bench's own RSS in it across the exec, so every child would show at least the bench's size. Reaped with
+    wait4 for its total CPU time."""
+
+    registry: ClassVar[list[Child]] = []  # every child ever started: stopped in main's finally, whatever happened
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        self.samples: list[tuple[float, float]] = []  # (wall time, CPU seconds)
+        self.hwm_kib = 0
+        self.rusage: Any = None
+        self.returncode: int | None = None
+        self._log_file: IO[bytes] = open(log, "wb")  # noqa: SIM115 - closed when the child is reaped
+        # a session of its own: a Ctrl-C at the terminal reaches the bench, which stops its children in order
+        self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        Child.registry.append(self)
+        self._sampler = threading.Thread(target=self._sample, name=f"sample-{name}", daemon=True)
+        self._sampler.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _sample(self) -> None:
+        stat_path, status_path = f"/proc/{self.pid}/stat", f"/proc/{self.pid}/status"
+        # until it has exec'd, the child is a copy of the bench, VmHWM included: wait for its own command line
+        bench_cmdline = Path("/proc/self/cmdline").read_bytes()
+        while self.returncode is None:
+            try:
+                if Path(f"/proc/{self.pid}/cmdline").read_bytes() == bench_cmdline:
+                    time.sleep(0.005)
+                    continue
+                with open(stat_path) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(status_path) as f:
+                    status = f.read()
+            except OSError:
+                return
+            if fields[0] == "Z":  # exited, not reaped yet
+                return
+            cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+            self.samples.append((time.time(), cpu))
+            m = re.search(r"VmHWM:\s+(\d+)", status)
+            if m:
+                self.hwm_kib = max(self.hwm_kib, int(m.group(1)))
+            time.sleep(0.05)
+
+    def cpu_at(self, wall: float) -> float:
+        """The child's CPU seconds at wall-clock time `wall`, interpolated between samples."""
+        samples = list(self.samples)
+        if not samples:
+            return 0.0
+        i = bisect.bisect(samples, (wall, float("inf")))
+        if i == 0:
+            return samples[0][1]
+        if i == len(samples):
+            return samples[-1][1]
+        (t0, c0), (t1, c1) = samples[i - 1], samples[i]
+        return c0 + (c1 - c0) * (wall - t0) / (t1 - t0) if t1 > t0 else c1
+
+    def alive(self) -> bool:
+        if self.returncode is not None:
+            return False
+        pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+        if pid:
+            self._reaped(status, usage)
+            return False
+        return True
+
+    def _reaped(self, status: int, usage: Any) -> None:
+        self.returncode = self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.rusage = usage
+        self._log_file.close()
+
+    def wait(self) -> int:
+        """Block until it exits by itself."""
+        if self.returncode is None:
+            _, status, usage = os.wait4(self.pid, 0)
+            self._reaped(status, usage)
+        assert self.returncode is not None
+        return self.returncode
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds; reaps it. Idempotent."""
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.alive():
+            if time.monotonic() > deadline:
+                print(f"bench: {self.name} (pid {self.pid}) still running {grace:.0f}s after SIGTERM: SIGKILL",
+                      file=sys.stderr)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self.wait()
+                break
+            time.sleep(0.1)
+
+    @property
+    def peak_rss_mib(self) -> float:
+        return self.hwm_kib / 1024
+
+    @property
+    def cpu_total(self) -> float:
+        if self.rusage is not None:
+            return float(self.rusage.ru_utime + self.rusage.ru_stime)
+        return self.samples[-1][1] if self.samples else 0.0
+
+    def tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+# -- results -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    input: str
+    events: int
+    seconds: float
+    cpu_seconds: float | None
+    peak_rss_mib: float
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_us(self) -> float | None:
+        return None if self.cpu_seconds is None else self.cpu_seconds / self.events * 1e6
+
+
+async def wait_consumed(kafka: Kafka, child: Child, group: str, source: str, records: int, outputs: list[str],
+                        expected_out: int | None) -> None:
+    """Until the group has committed all `records` of `source` and the outputs hold `expected_out` records
+    (when known). Fails when the child exits, or nothing moves for STALL_SECONDS."""
+    last_state: tuple[int, int] | None = None
+    last_move = time.monotonic()
+    while True:
+        if not child.alive():
+            raise BenchError(f"{child.name} exited with code {child.returncode}; the end of {child.log}:\n"
+                             f"{child.tail()}")
+        committed = await kafka.committed(group, source)
+        out = await kafka.count(outputs)
+        if committed >= records and (expected_out is None or out >= expected_out):
+            return
+        if (committed, out) != last_state:
+            last_state, last_move = (committed, out), time.monotonic()
+        elif time.monotonic() - last_move > STALL_SECONDS:
+            raise BenchError(f"{child.name} stalled: {committed:,} of {records:,} input records committed, "
+                             f"{out:,} of {expected_out or '?'} output records; the end of {child.log}:\n"
+                             f"{child.tail()}")
+        await asyncio.sleep(0.5)
+
+
+async def consumer_result(kafka: Kafka, child: Child, name: str, input_label: str, records: int,
+                          outputs: list[str], note: str, changelog: str | None = None) -> Result:
+    """Events/s over the output's append-time span; CPU of the child over the same window. With a Faust
+    table, also how many changelog records it wrote per input record."""
+    first, last = await append_span(kafka.brokers, outputs)
+    cpu = child.cpu_at(last) - child.cpu_at(first)
+    child.stop()
+    if changelog is not None:
+        written = await kafka.count([changelog])
+        note += f"; {written:,} changelog records ({written / records:.2f} per input record)"
+    return Result(name, input_label, records, last - first, cpu, child.peak_rss_mib, note)
+
+
+# -- 3a. replay ----------------------------------------------------------------------------------------------
+
+SUMMARY = re.compile(r"replay: ([\d,]+) records in, ([\d,]+) enriched out, ([\d,]+) dead letters, "
+                     r"([\d.]+)s \(([\d,]+) records/s\)")
+
+
+@dataclass
+class ReplayRun:
+    records: int
+    enriched: int
+    dead_letters: int
+    rate: float  # records/s as its summary line gives it (computed from the unrounded time)
+    cpu_seconds: float
+    peak_rss_mib: float
+    output: Path
+    dead: Path
+
+
+async def run_replay(names: Names, label: str, src: Path, state_dir: Path | None = None) -> ReplayRun:
+    out, dead = names.run_dir / f"replay-{label}.jsonl", names.run_dir / f"replay-{label}.dead.jsonl"
+    argv = [PYTHON, "-m", "streams", "replay", "--input", str(src), "--output", str(out), "--dead-letter", str(dead)]
+    if state_dir is not None:
+        argv += ["--state-dir", str(state_dir)]
+    child = Child(f"replay {label}", argv, clean_env(), names.run_dir / f"replay-{label}.log")
+    code = await asyncio.to_thread(child.wait)
+    if code != 0:
+        raise BenchError(f"replay {label} exited with {code}:\n{child.tail()}")
+    m = SUMMARY.search(child.log.read_text())
+    if m is None:
+        raise BenchError(f"replay {label}: no summary line in {child.log}")
+    records, enriched, dead_letters = (int(g.replace(",", "")) for g in m.group(1, 2, 3))
+    return ReplayRun(records, enriched, dead_letters, float(m.group(5).replace(",", "")), child.cpu_total,
+                     child.peak_rss_mib, out, dead)
+
+
+# -- 3b. the ceiling ---------------------------------------------------------------------------------------
+
+
+async def passthrough(brokers: str, source: str, target: str, group: str) -> None:
+    """The ceiling, run as a child (`bench.py --passthrough ...`): what aiokafka alone costs for this traffic.
+    Consumer group, big fetches, a send per record keyed as it came, commit after the acks: the worker's
+    Kafka work (same fetch and producer settings) without its logic."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    consumer = AIOKafkaConsumer(source, bootstrap_servers=brokers, group_id=group, enable_auto_commit=False,
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20)
+    producer = AIOKafkaProducer(bootstrap_servers=brokers, acks="all", linger_ms=5, max_batch_size=1 << 20)
+    await consumer.start()
+    await producer.start()
+    try:
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=500, max_records=BATCH_RECORDS)
+            if not batch:
+                continue
+            futures = [await producer.send(target, r.value, key=r.key) for rs in batch.values() for r in rs]
+            await asyncio.gather(*futures)
+            await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+async def measure_ceiling(kafka: Kafka, names: Names, raw: str, records: int) -> Result:
+    out, group = names.topic("ceiling.out"), names.group("ceiling")
+    await kafka.create_topics([out])
+    child = Child("ceiling", [PYTHON, __file__, "--passthrough", kafka.brokers, raw, out, group], clean_env(),
+                  names.run_dir / "ceiling.log")
+    await wait_consumed(kafka, child, group, raw, records, [out], records)
+    result = await consumer_result(kafka, child, "ceiling: bare aiokafka passthrough", "all", records, [out],
+                                   f"no logic: fetch {BATCH_RECORDS:,}, send each, commit after acks")
+    produced = await kafka.count([out])
+    if produced != records:
+        result.note += f"; WARNING {produced:,} records out for {records:,} in"
+    return result
+
+
+# -- 3c. the baseline --------------------------------------------------------------------------------------
+
+
+async def measure_baseline(kafka: Kafka, names: Names, raw: str, records: int, expected: ReplayRun) -> tuple[
+        Result, Digest]:
+    enriched, dead = names.topic("baseline.enriched"), names.topic("baseline.dead-letter")
+    group = names.group("baseline")
+    await kafka.create_topics([enriched, dead])
+    env = clean_env(BENCH_BROKERS=kafka.brokers, BENCH_GROUP=group, BENCH_RAW_TOPIC=raw,
+                    BENCH_ENRICHED_TOPIC=enriched, BENCH_DEAD_LETTER_TOPIC=dead,
+                    BENCH_STATE_DIR=str(names.run_dir / "baseline-state"), BENCH_WEB_PORT=str(free_port()),
+                    BENCH_PARTITIONS=str(PARTITIONS))
+    argv = [PYTHON, str(ROOT / "scripts" / "bench_baseline.py"), "worker", "--loglevel", "warn"]
+    child = Child("baseline", argv, env, names.run_dir / "baseline.log")
+    await wait_consumed(kafka, child, group, raw, records, [enriched, dead],
+                        expected.enriched + expected.dead_letters)
+    result = await consumer_result(kafka, child, "baseline: stock Faust agent + Table", f"first {records:,}",
+                                   records, [enriched, dead],
+                                   "one event at a time, table get/set and `await send` per event",
+                                   changelog=f"{group}-devices-changelog")
+    return result, await topic_digest(kafka.brokers, raw, enriched, dead)
+
+
+# -- 3d. the worker ----------------------------------------------------------------------------------------
+
+
+def worker_child(kafka: Kafka, names: Names, label: str, raw: str, enriched: str, dead: str) -> Child:
+    settings = {
+        "brokers": kafka.brokers, "raw_topic": raw, "enriched_topic": enriched, "dead_letter_topic": dead,
+        "group": names.group(label), "state_dir": str(names.run_dir / f"{label}-state"),
+        "web_port": str(free_port()), "partitions": str(PARTITIONS), "log_level": "warning",
+    }
+    env = clean_env(**{env_name(k): v for k, v in settings.items()})
+    return Child(label, [PYTHON, "-m", "streams", "worker"], env, names.run_dir / f"{label}.log")
+
+
+async def measure_worker(kafka: Kafka, names: Names, raw: str, records: int, expected: ReplayRun) -> tuple[
+        Result, Digest]:
+    enriched, dead = names.topic("worker.enriched"), names.topic("worker.dead-letter")
+    await kafka.create_topics([enriched, dead])  # before the worker does: with LogAppendTime
+    child = worker_child(kafka, names, "worker", raw, enriched, dead)
+    await wait_consumed(kafka, child, names.group("worker"), raw, records, [enriched, dead],
+                        expected.enriched + expected.dead_letters)
+    result = await consumer_result(kafka, child, "worker: python -m streams worker", "all", records,
+                                   [enriched, dead], "batches of up to 10,000, state written once per batch",
+                                   changelog=f"{names.group('worker')}-devices-changelog")
+    return result, await topic_digest(kafka.brokers, raw, enriched, dead)
+
+
+# -- 3e. latency -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Latency:
+    rate: float  # achieved input rate, records/s (broker append times)
+    seconds: float
+    samples: int
+    p50: float
+    p99: float
+    max: float
+    worker_cpu: float  # the worker's CPU use over the paced window, in cores
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+async def measure_latency(kafka: Kafka, names: Names, plan: Plan, src: Path, warmup: int) -> Latency:
+    """The worker's added latency at a fixed input rate: broker append time of the output record minus that
+    of the raw record it came from, matched by the `bench_seq` property the latency input carries."""
+    raw, enriched, dead = (names.topic(f"latency.{t}") for t in ("raw", "enriched", "dead-letter"))
+    await kafka.create_topics([raw, enriched, dead])
+    with open(src, "rb") as f:
+        lines = [line.rstrip(b"\n") for line in f]
+    child = worker_child(kafka, names, "latency", raw, enriched, dead)
+    group = names.group("latency")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.brokers, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        # warm up: the worker has joined its group and processed something before the clock starts
+        await asyncio.gather(*[await producer.send(raw, v, key=device_key(v)) for v in lines[:warmup]])
+        await wait_consumed(kafka, child, group, raw, warmup, [enriched, dead], None)
+        paced = lines[warmup:]
+        started = time.monotonic()
+        cpu_before, wall_before = child.cpu_at(time.time()), time.time()
+        pending: list[asyncio.Future[Any]] = []
+        for i, value in enumerate(paced):
+            delay = started + i / plan.latency_rate - time.monotonic()
+            if delay > 0.001:
+                await asyncio.sleep(delay)
+            pending.append(await producer.send(raw, value, key=device_key(value)))
+            if len(pending) >= 1000:  # drop delivered ones without waiting for the rest (no pacing stall)
+                for f in pending:
+                    if f.done():
+                        f.result()
+                pending = [f for f in pending if not f.done()]
+        await asyncio.gather(*pending)
+        wall_after = time.time()
+        worker_cpu = (child.cpu_at(wall_after) - cpu_before) / (wall_after - wall_before)
+        await wait_consumed(kafka, child, group, raw, len(lines), [enriched, dead], None)
+    finally:
+        await producer.stop()
+    child.stop()
+
+    def seq_of(value: bytes | None) -> int | None:
+        try:
+            props = orjson.loads(value or b"").get("properties")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        seq = props.get("bench_seq") if isinstance(props, dict) else None
+        return seq if isinstance(seq, int) and seq >= warmup else None
+
+    sent: dict[int, int] = {}
+    received: dict[int, int] = {}
+
+    def on_raw(r: ConsumerRecord) -> None:
+        seq = seq_of(r.value)
+        if seq is not None:
+            sent[seq] = r.timestamp
+
+    def on_out(r: ConsumerRecord) -> None:
+        seq = seq_of(r.value)
+        if seq is not None:
+            received[seq] = r.timestamp
+
+    await scan_topic(kafka.brokers, raw, on_raw)
+    await scan_topic(kafka.brokers, enriched, on_out)
+    latencies = sorted(float(t - sent[s]) for s, t in received.items() if s in sent)
+    if not latencies:
+        raise BenchError("latency: no output record could be matched to its input")
+    span = (max(sent.values()) - min(sent.values())) / 1000
+    return Latency(len(sent) / span if span else 0.0, span, len(latencies), percentile(latencies, 0.5),
+                   percentile(latencies, 0.99), latencies[-1], worker_cpu)
+
+
+# -- correctness -----------------------------------------------------------------------------------------
+
+
+# Fields the worker adds and replay does not (schemas/enriched.schema.json: "worker output only"): set aside
+# before comparing, and checked on their own
+WORKER_ONLY_FIELDS = ("record_id",)
+RECORD_ID = re.compile(r"(.+):([0-9]+):([0-9]+):([0-9]+)")  # <raw topic>:<partition>:<offset>:<n>
+
+
+@dataclass
+class Digest:
+    """An output as comparable facts: per device, its enriched records' count and a chained hash of their
+    canonical JSON (order matters, key order does not), and the dead letters as a multiset of
+    (reason, field, device_id, raw). Small enough for a million records."""
+
+    devices: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    dead: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+    enriched: int = 0
+    wrong_keys: int = 0  # Kafka records whose key is not their device_id
+    record_ids: int = 0  # records that carried a record_id
+    bad_record_ids: list[str] = field(default_factory=list)  # malformed, another topic, or out of order
+    _last_position: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    def add_enriched(self, value: bytes, key: bytes | None = None, *, raw_topic: str | None = None) -> None:
+        """One enriched record; from Kafka (`raw_topic` given) its key and worker-only fields are checked."""
+        record = orjson.loads(value)
+        device_id = str(record.get("device_id"))
+        if raw_topic is not None:
+            if key != device_id.encode():
+                self.wrong_keys += 1
+            self._check_record_id(device_id, record.pop("record_id", None), raw_topic)
+        count, chain = self.devices.get(device_id, (0, b""))
+        canonical = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+        self.devices[device_id] = (count + 1, hashlib.blake2b(chain + canonical, digest_size=16).digest())
+        self.enriched += 1
+
+    def _check_record_id(self, device_id: str, record_id: Any, raw_topic: str) -> None:
+        """A device's records come from one raw partition in order: their ids must name the raw topic and
+        grow strictly (offset, then n). That also means no id repeats."""
+        if record_id is None:
+            return
+        self.record_ids += 1
+        m = RECORD_ID.fullmatch(record_id) if isinstance(record_id, str) else None
+        position = (int(m.group(2)), int(m.group(3)), int(m.group(4))) if m else None
+        last = self._last_position.get(device_id)
+        if m is None or position is None or m.group(1) != raw_topic or (last is not None and position <= last):
+            if len(self.bad_record_ids) < 1000:
+                self.bad_record_ids.append(f"{device_id}: {record_id!r} after {last}")
+            return
+        self._last_position[device_id] = position
+
+    def add_dead(self, value: bytes) -> None:
+        d = orjson.loads(value)
+        self.dead[(str(d.get("reason")), str(d.get("field")), str(d.get("device_id", "")), str(d.get("raw")))] += 1
+
+    def reasons(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for (reason, *_), n in self.dead.items():
+            out[reason] += n
+        return out
+
+
+def file_digest(run: ReplayRun) -> Digest:
+    digest = Digest()
+    with open(run.output, "rb") as f:
+        for line in f:
+            digest.add_enriched(line)
+    with open(run.dead, "rb") as f:
+        for line in f:
+            digest.add_dead(line)
+    return digest
+
+
+async def topic_digest(brokers: str, raw: str, enriched: str, dead: str) -> Digest:
+    digest = Digest()
+    await scan_topic(brokers, enriched, lambda r: digest.add_enriched(r.value or b"", r.key, raw_topic=raw))
+    await scan_topic(brokers, dead, lambda r: digest.add_dead(r.value or b""))
+    return digest
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    lines: list[str]
+    first_device: str | None = None  # the first device whose records differ, to show the difference
+
+
+def compare(expected: Digest, actual: Digest, what: str) -> Verdict:
+    """`actual` (from Kafka) against `expected` (replay), device by device."""
+    problems: list[str] = []
+    devices = expected.devices.keys() | actual.devices.keys()
+    differing = sorted(d for d in devices if expected.devices.get(d) != actual.devices.get(d))
+    if differing:
+        missing = sum(max(0, expected.devices.get(d, (0, b""))[0] - actual.devices.get(d, (0, b""))[0])
+                      for d in differing)
+        extra = sum(max(0, actual.devices.get(d, (0, b""))[0] - expected.devices.get(d, (0, b""))[0])
+                    for d in differing)
+        problems.append(f"{len(differing):,} of {len(devices):,} devices differ ({missing:,} records missing, "
+                        f"{extra:,} extra, the rest changed or reordered); e.g. {differing[:3]}")
+    if actual.wrong_keys:
+        problems.append(f"{actual.wrong_keys:,} enriched records not keyed by their device_id")
+    if expected.dead != actual.dead:
+        problems.append(f"dead letters differ: replay {dict(expected.reasons())}, {what} {dict(actual.reasons())}")
+    if actual.bad_record_ids:
+        problems.append(f"{len(actual.bad_record_ids):,} record_ids malformed, of another topic or not increasing "
+                        f"per device; e.g. {actual.bad_record_ids[:3]}")
+    if problems:
+        return Verdict(False, problems, differing[0] if differing else None)
+    aside = ""
+    if actual.record_ids:
+        aside = (f"; {', '.join(WORKER_ONLY_FIELDS)} (worker output only) set aside, present on "
+                 f"{actual.record_ids:,} of {actual.enriched:,} records, well-formed and increasing per device")
+    return Verdict(True, [f"{what} == replay: {len(devices):,} devices, {actual.enriched:,} enriched records "
+                          f"in the same order per device, {sum(actual.dead.values()):,} dead letters "
+                          f"(same reason, field, device and raw input){aside}"])
+
+
+def first_difference(replay_output: Path, records: list[bytes], device_id: str) -> str:
+    """For a FAIL: the first record of `device_id` where the worker's output leaves replay's."""
+    expected = []
+    with open(replay_output, "rb") as f:
+        for line in f:
+            if device_id.encode() in line:
+                record = orjson.loads(line)
+                if record.get("device_id") == device_id:
+                    expected.append(record)
+    actual = [orjson.loads(v) for v in records]
+    for record in actual:
+        for name in WORKER_ONLY_FIELDS:
+            record.pop(name, None)
+    for i, (e, a) in enumerate(itertools.zip_longest(expected, actual)):
+        if e != a:
+            return f"record #{i} of {device_id}:\n  replay: {e}\n  worker: {a}"
+    return "no difference found on a second read"
+
+
+async def device_records(brokers: str, topic: str, device_id: str) -> list[bytes]:
+    found: list[bytes] = []
+    key = device_id.encode()
+    await scan_topic(brokers, topic, lambda r: found.append(r.value or b"") if r.key == key else None)
+    return found
+
+
+# -- the machine and the report ----------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
+    mem = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
+    cores = len(os.sched_getaffinity(0))
+    return (f"{cores} CPUs ({model.group(1).strip() if model else platform.machine()}), "
+            f"{int(mem.group(1)) / 2**20:.1f} GiB RAM" if mem else f"{cores} CPUs")
+
+
+def kafka_version() -> str:
+    """The running broker's version, from its jar on its command line; else the one scripts/kafka.sh pins."""
+    pid_file = ROOT / ".cache" / "kafka" / "data" / "kafka.pid"
+    with contextlib.suppress(OSError, ValueError):
+        cmdline = Path(f"/proc/{int(pid_file.read_text())}/cmdline").read_bytes().decode(errors="replace")
+        m = re.search(r"kafka_[\d.]+-([\d.]+)\.jar", cmdline)
+        if m:
+            return f"{m.group(1)} (the running broker's jar)"
+    m = re.search(r"KAFKA_VERSION=([\d.]+)", (ROOT / "scripts" / "kafka.sh").read_text())
+    return f"{m.group(1)} (as scripts/kafka.sh pins it)" if m else "unknown"
+
+
+def versions() -> str:
+    libs = ", ".join(f"{n} {importlib.metadata.version(n)}"
+                     for n in ("faust-streaming", "aiokafka", "orjson", "rocksdict"))
+    return f"Python {platform.python_version()}, Kafka {kafka_version()}, {libs}"
+
+
+def fmt(x: float | None, digits: int = 0) -> str:
+    return "n/a" if x is None else f"{x:,.{digits}f}"
+
+
+def table(results: list[Result]) -> list[str]:
+    rows = ["| run | input records | events/s | CPU µs/event | peak RSS MiB | how |",
+            "|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        rows.append(f"| {r.name} | {r.input} ({r.events:,}) | {fmt(r.rate)} | {fmt(r.cpu_us)} | "
+                    f"{fmt(r.peak_rss_mib)} | {r.note} |")
+    return rows
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if not a or not b else f"{a / b:.2f}"
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+
+
+async def broker_up() -> bool:
+    proc = await asyncio.create_subprocess_exec("bash", str(ROOT / "scripts" / "kafka.sh"), "status",
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return await proc.wait() == 0
+
+
+async def kafka_script(command: str) -> None:
+    proc = await asyncio.create_subprocess_exec("bash", str(ROOT / "scripts" / "kafka.sh"), command)
+    if await proc.wait() != 0:
+        raise BenchError(f"scripts/kafka.sh {command} failed")
+
+
+class KafkaTrouble(logging.Handler):
+    """Counts the Kafka clients' errors per step of the run, and shows only the first few: the broker is
+    shared, and when someone restarts it under the bench, the figures of that step are not to be trusted."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.step = "start"
+        self.errors: Counter[str] = Counter()
+        self.shown: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            self.errors[self.step] += 1
+        self.shown[self.step] += 1
+        if self.shown[self.step] <= 3:
+            print(f"bench: [{self.step}] aiokafka {record.levelname.lower()}: {record.getMessage()}",
+                  file=sys.stderr)
+
+    def install(self) -> None:
+        kafka_log = logging.getLogger("aiokafka")
+        kafka_log.addHandler(self)
+        kafka_log.propagate = False
+
+
+TROUBLE = KafkaTrouble()
+
+
+def step(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def timed(key: str, text: str, took: dict[str, float]) -> Iterator[None]:
+    """A step of the run: announced on stderr, its duration kept under `key` for the report."""
+    started = time.monotonic()
+    step(text + " ...")
+    TROUBLE.step = key
+    try:
+        yield
+    finally:
+        took[key] = time.monotonic() - started
+
+
+async def bench(plan: Plan, brokers: str, keep: bool) -> int:
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    stamp = f"bench-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
+    names = Names(stamp, BENCH_DIR / stamp)
+    names.run_dir.mkdir(parents=True, exist_ok=True)
+    took: dict[str, float] = {}
+    started_broker = False
+    kafka: Kafka | None = None
+    try:
+        if brokers == "127.0.0.1:9092" and not await broker_up():
+            step("no broker answers: starting one (scripts/kafka.sh start); it is stopped again at the end")
+            await kafka_script("start")
+            started_broker = True
+
+        with timed("inputs", "generating the inputs (cached under .cache/bench)", took):
+            main_in = await asyncio.to_thread(
+                generate, input_path("main", plan.records, plan.devices, plan.seed), plan.records, plan.devices,
+                plan.seed)
+            wide_in = await asyncio.to_thread(
+                generate, input_path("wide", plan.records, plan.wide_devices, plan.seed + 1), plan.records,
+                plan.wide_devices, plan.seed + 1)
+            latency_devices = max(1000, plan.latency_rate)
+            latency_in = await asyncio.to_thread(
+                generate, input_path("latency", plan.latency_records + 500, latency_devices, plan.seed + 2),
+                plan.latency_records + 500, latency_devices, plan.seed + 2, tag=True)
+            prefix_in = names.run_dir / "prefix.jsonl"
+            write_prefix(main_in, prefix_in, plan.baseline_records)
+            empty_in = names.run_dir / "empty.jsonl"
+            empty_in.touch()
+
+        with timed("replay", "replay (offline: the reference output, its speed and memory)", took):
+            startup = await run_replay(names, "empty", empty_in)  # the interpreter's start, to subtract
+            memory = await run_replay(names, "memory", main_in)
+            state_main = await run_replay(names, "state", main_in, names.run_dir / "replay-state")
+            state_wide = await run_replay(names, "state-wide", wide_in, names.run_dir / "replay-state-wide")
+            prefix = await run_replay(names, "prefix", prefix_in)
+            reference = await asyncio.to_thread(file_digest, memory)
+            prefix_reference = await asyncio.to_thread(file_digest, prefix)
+            state_same = hashlib.sha256(memory.output.read_bytes()).digest() == hashlib.sha256(
+                state_main.output.read_bytes()).digest()
+            state_wide.output.unlink()
+            state_main.output.unlink()
+
+        kafka = Kafka(brokers)
+        await kafka.start()
+        raw, prefix_raw = names.topic("raw"), names.topic("prefix.raw")
+        with timed("load", "loading the raw topics", took):
+            await kafka.create_topics([raw, prefix_raw])
+            loaded, load_seconds = await load_topic(brokers, raw, main_in)
+            await load_topic(brokers, prefix_raw, prefix_in)
+            if loaded != plan.records:
+                raise BenchError(f"loaded {loaded:,} records, expected {plan.records:,}")
+
+        with timed("ceiling", "the ceiling: bare aiokafka passthrough", took):
+            ceiling = await measure_ceiling(kafka, names, raw, plan.records)
+        with timed("baseline", f"the baseline: stock Faust agent on the first {plan.baseline_records:,} records", took):
+            baseline, baseline_digest = await measure_baseline(kafka, names, prefix_raw, plan.baseline_records,
+                                                               prefix)
+        with timed("worker", "the worker, end to end", took):
+            worker, worker_digest = await measure_worker(kafka, names, raw, plan.records, memory)
+        with timed("compare", "correctness: the worker's output against replay's", took):
+            verdict = compare(reference, worker_digest, "worker")
+            if verdict.first_device is not None:
+                records = await device_records(brokers, names.topic("worker.enriched"), verdict.first_device)
+                verdict.lines.append(first_difference(memory.output, records, verdict.first_device))
+            baseline_verdict = compare(prefix_reference, baseline_digest, "baseline")
+        with timed("latency", f"latency at {plan.latency_rate:,} records/s for {plan.latency_seconds:g}s", took):
+            latency = await measure_latency(kafka, names, plan, latency_in, warmup=500)
+
+        startup_cpu = startup.cpu_seconds
+
+        def replay_result(name: str, run: ReplayRun, label: str, note: str) -> Result:
+            seconds = run.records / run.rate if run.rate else 0.0
+            return Result(name, label, run.records, seconds, max(0.0, run.cpu_seconds - startup_cpu),
+                          run.peak_rss_mib, note)
+
+        results = [
+            ceiling, baseline, worker,
+            replay_result("replay (state in memory)", memory, "all", "JSONL file in and out, no broker"),
+            replay_result(f"replay --state-dir, {plan.devices:,} devices", state_main, "all",
+                          "RocksDB state behind a 100,000-device cache"),
+            replay_result(f"replay --state-dir, {plan.wide_devices:,} devices", state_wide, "other input",
+                          f"{plan.wide_devices // plan.devices}x the devices, same record count"),
+        ]
+        size = f"{plan.records:,} records over {plan.devices:,} devices, seed {plan.seed}" + (
+            ", --quick" if plan.quick else "")
+        dead = ", ".join(f"{r} {n:,}" for r, n in sorted(reference.reasons().items()))
+        report = [
+            f"## make bench: {time.strftime('%Y-%m-%d %H:%M')}, {size}",
+            "",
+            f"Input: {memory.records:,} raw records -> {memory.enriched:,} enriched records and "
+            f"{memory.dead_letters:,} dead letters ({dead}).",
+            "",
+            *table(results),
+            "",
+            f"- **worker / baseline: {ratio(worker.rate, baseline.rate)}x the events/s**, "
+            f"{ratio(baseline.cpu_us, worker.cpu_us)}x less CPU per event "
+            f"(the baseline ran on the first {plan.baseline_records:,} records only: it is slow).",
+            f"- **worker / ceiling: {ratio(worker.rate, ceiling.rate)} of the events/s** of a bare passthrough, "
+            f"{ratio(worker.cpu_us, ceiling.cpu_us)}x its CPU per event.",
+            f"- worker / replay (memory): {ratio(worker.rate, memory.rate)} of the events/s.",
+            f"- Added latency of the worker at {latency.rate:,.0f} records/s for {latency.seconds:.1f}s "
+            f"(asked {plan.latency_rate:,}/s), output append time - input append time over {latency.samples:,} "
+            f"records: **p50 {latency.p50:.0f} ms, p99 {latency.p99:.0f} ms**, max {latency.max:.0f} ms; the "
+            f"worker used {latency.worker_cpu:.2f} CPU cores meanwhile.",
+            f"- Replay RSS against devices: {state_main.peak_rss_mib:,.0f} MiB at {plan.devices:,} devices, "
+            f"{state_wide.peak_rss_mib:,.0f} MiB at {plan.wide_devices:,} "
+            f"({ratio(state_wide.peak_rss_mib, state_main.peak_rss_mib)}x for "
+            f"{plan.wide_devices // plan.devices}x the devices); in memory {memory.peak_rss_mib:,.0f} MiB. "
+            f"Replay with --state-dir gave the same bytes as in memory: {'yes' if state_same else 'NO'}.",
+            f"- Load: {loaded:,} records into {raw} in {load_seconds:.1f}s ({loaded / load_seconds:,.0f}/s).",
+            "",
+            "Correctness: " + ("PASS. " if verdict.ok else "**FAIL**. ") + " ".join(verdict.lines),
+            "Baseline check (same engine, so it must match replay of its prefix): "
+            + ("same output. " if baseline_verdict.ok else "DIFFERENT: ") + " ".join(baseline_verdict.lines[:2]),
+            "",
+            "How: events/s of the Kafka runs = input records / (last - first output record's broker append "
+            "time), topics with LogAppendTime; the window starts after the first fetched batch is done, for "
+            "all three alike. CPU = the process's user+sys in that window (sampled from /proc every 0.05 s). "
+            "Replay: records/s from its own summary line, CPU from wait4 minus a replay of an empty file "
+            f"({startup_cpu:.2f}s). Peak RSS = the process's VmHWM (its last sample, at most 0.05 s before it ended). "
+            "Each run has its own "
+            "topics, group and state directory, one after the other, on the same broker.",
+            "",
+            f"Machine: {machine()}; load average {load_before[0]:.2f} at the start, "
+            f"{os.getloadavg()[0]:.2f} at the end. {versions()}.",
+            f"Took {time.monotonic() - started:,.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in took.items()) + ".",
+        ]
+        if TROUBLE.errors:
+            report[2:2] = [
+                f"**WARNING: the bench's Kafka clients logged errors during: "
+                f"{', '.join(f'{k} ({n:,})' for k, n in TROUBLE.errors.items())}. The broker was unreachable for "
+                "a while (restarted by another user?): those steps' figures are not to be trusted; run again.**",
+                ""]
+        text = "\n".join(report) + "\n"
+        print(text)
+        (BENCH_DIR / "last.md").write_text(text)
+        if not verdict.ok:
+            print("bench: FAIL: the worker's output differs from replay's for the same input", file=sys.stderr)
+            for line in verdict.lines:
+                print(f"bench: FAIL: {line}", file=sys.stderr)
+            return 1
+        return 0
+    except BenchError as e:
+        print(f"bench: FAIL: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for child in Child.registry:
+            child.stop()
+        if kafka is not None:
+            try:
+                deleted = await kafka.delete_run_topics(stamp)
+                step(f"deleted {len(deleted)} topics of this run")
+            except Exception as e:  # e.g. someone stopped the shared broker: say what is left behind
+                step(f"could not delete the topics {stamp}*: {type(e).__name__}: {e}")
+            await kafka.close()
+        if started_broker:
+            await kafka_script("stop")
+        if not keep:
+            shutil.rmtree(names.run_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, help="raw records (default 1,000,000; --quick 200,000)")
+    parser.add_argument("--devices", type=int, help="devices (default 100,000; --quick 20,000)")
+    parser.add_argument("--quick", action="store_true", help="a smaller run")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--brokers", default="127.0.0.1:9092")
+    parser.add_argument("--baseline-records", type=int,
+                        help="records the stock Faust baseline runs on (default 50,000; --quick 20,000)")
+    parser.add_argument("--latency-rate", type=int, default=5000, help="records/s of the latency run")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--keep", action="store_true", help="keep this run's directory under .cache/bench")
+    parser.add_argument("--passthrough", nargs=4, metavar=("BROKERS", "SOURCE", "TARGET", "GROUP"),
+                        help=argparse.SUPPRESS)  # the ceiling's child process
+    args = parser.parse_args(argv)
+    if args.passthrough:
+        asyncio.run(passthrough(*args.passthrough))
+        return 0
+    records = args.records or (200_000 if args.quick else 1_000_000)
+    devices = args.devices or (20_000 if args.quick else 100_000)
+    plan = Plan(records=records, devices=devices,
+                baseline_records=min(records, args.baseline_records or (20_000 if args.quick else 50_000)),
+                wide_devices=devices * 10, latency_rate=args.latency_rate, latency_seconds=args.latency_seconds,
+                seed=args.seed, quick=args.quick)
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    TROUBLE.install()
+    return asyncio.run(bench_with_signals(plan, args.brokers, args.keep))
+
+
+async def bench_with_signals(plan: Plan, brokers: str, keep: bool) -> int:
+    """SIGTERM cancels the run like Ctrl-C does, so the finally clause stops the children and the topics."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await bench(plan, brokers, keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
