@@ -104,7 +104,12 @@ class BatchConsumer(AIOKafkaConsumer):
                         await callback(self._to_message(tp, rec))
             if batch:
                 async with self.batch_lock:
-                    if generation != app.consumer_generation_id:
+                    current = self._get_active_partitions()
+                    if (generation != app.consumer_generation_id or app.rebalancing
+                            or any(tp not in current for tp in batch)):
+                        # fetched before a rebalance that has begun or ended since: its offsets could not be
+                        # committed (the commit of a partition in transit is discarded), so it would be
+                        # applied twice. Fetch it again under the new assignment
                         rewind.update({tp: recs[0].offset for tp, recs in batch.items()})
                     else:
                         try:
