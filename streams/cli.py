@@ -69,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     from . import topics
 
     topics.add_commands(commands)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure the worker against a bare passthrough and a stock Faust agent (make bench)",
+        description="Run scripts/bench.py: generate a stream, load it into the broker, measure a bare aiokafka "
+        "passthrough, a stock Faust agent, the worker and replay side by side, check that the worker's output "
+        "equals replay's, and print the table (also written to .cache/bench/last.md). Arguments after `bench` "
+        "go to the script.",
+        epilog="examples:\n  python -m streams bench --quick\n  python -m streams bench --records 2000000 "
+        "--devices 500000\n  python -m streams bench -- --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="scripts/bench.py's own options")
     return parser
 
 
@@ -78,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = config.Settings.from_env().with_args(args)
     if args.command == "replay":
         return run_replay(args, settings)
+    if args.command == "bench":
+        return run_bench(args)
     if args.command == "state":
         return run_state(args, settings)
     if args.command in ("produce", "tail"):
@@ -115,6 +130,19 @@ def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:
         print("streams replay: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    if not script.is_file():
+        print(f"streams bench: {script} is not here: the benchmark runs from a clone of the repository",
+              file=sys.stderr)
+        return 1
+    extra = [a for a in args.args if a != "--"]
+    return subprocess.call([sys.executable, str(script), *extra])
 
 
 def run_state(args: argparse.Namespace, settings: config.Settings) -> int:
