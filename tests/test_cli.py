@@ -45,3 +45,18 @@ def test_state_without_a_worker_says_so() -> None:
     out = run("state", "some-device", "--web-port", "1")
     assert out.returncode == 1
     assert "no worker answers" in out.stderr
+
+
+def test_the_dashboard_only_uses_metrics_the_worker_serves() -> None:
+    import json
+    import re
+
+    from streams import web
+
+    source = (ROOT / "streams" / "web.py").read_text()
+    served = set(re.findall(r'metric\("([a-z_]+)"', source))
+    dashboard = json.loads((ROOT / "dashboards" / "grafana.json").read_text())
+    used = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"streams_([a-z_]+)", t["expr"])}
+    assert used, "the dashboard queries the worker's metrics"
+    assert used <= served, used - served
+    assert web.render_metrics  # the function that serves them
