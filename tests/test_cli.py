@@ -60,3 +60,9 @@ def test_the_dashboard_only_uses_metrics_the_worker_serves() -> None:
     assert used, "the dashboard queries the worker's metrics"
     assert used <= served, used - served
     assert web.render_metrics  # the function that serves them
+
+
+def test_the_readme_lists_every_setting() -> None:
+    from streams import config
+
+    assert config.table_markdown() in (ROOT / "README.md").read_text(), "README's settings table is stale"
