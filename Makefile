@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench clean
+.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench chaos clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ conformance: install
 ## the benchmark: ceiling, stock-Faust baseline, worker, latency, replay, correctness (.cache/bench/last.md)
 bench: install
 	$(BIN)/python scripts/bench.py
+
+## the fault test: 200k records, 24 SIGKILLs and a broker restart; output and state must equal replay's
+chaos: install
+	$(BIN)/python scripts/chaos.py
 
 kafka:
 	bash scripts/kafka.sh start
