@@ -351,6 +351,11 @@ def __getattr__(name: str) -> Any:
     if name != "app":
         raise AttributeError(name)
     if _app is None:
-        settings = Settings.from_env()
-        _app = create_app(settings, asyncio.run(prepare_topics(settings)))
+        _app = from_environment()
     return _app
+
+
+def from_environment() -> StreamsApp:
+    """The app as `faust -A` finds it: settings from STREAMS_* variables, topics prepared at import."""
+    settings = Settings.from_env()
+    return create_app(settings, asyncio.run(prepare_topics(settings)))

@@ -15,8 +15,7 @@ from typing import Any, cast
 from faust.web import Request, Response, View
 
 from . import codec
-from .app import StreamsApp, create_app, prepare_topics
-from .config import Settings
+from .app import StreamsApp, from_environment
 
 STARTED = time.time()
 
@@ -136,9 +135,6 @@ def __getattr__(name: str) -> Any:
     if name != "app":
         raise AttributeError(name)
     if _app is None:
-        import asyncio
-
-        settings = Settings.from_env()
-        _app = create_app(settings, asyncio.run(prepare_topics(settings)))
+        _app = from_environment()
         install(_app)
     return _app
