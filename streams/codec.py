@@ -8,6 +8,7 @@ of what an action means: field rules are `identity`'s.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -17,6 +18,10 @@ import orjson
 from .identity import CustomerId, DeviceState, Reason, Rejected
 
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
+# the largest value the worker produces: under Kafka's default message limit (max.message.bytes 1048588 and the
+# producer's max_request_size 1 MiB, record overhead included). A larger output could never be delivered and
+# would stop the partition, so it becomes a dead letter instead
+MAX_OUTPUT_BYTES = 1_000_000
 STATE_FORMAT = 1
 
 
@@ -81,9 +86,13 @@ def _json_type(value: object) -> str:
 
 def encode(record: Mapping[str, Any]) -> bytes:
     try:
-        return dumps(record)
+        data = dumps(record)
     except (TypeError, UnicodeEncodeError) as e:  # a lone surrogate: valid JSON escapes, but not UTF-8
         raise Rejected(Reason.UNENCODABLE, "", f"cannot be written as UTF-8 JSON: {e}") from None
+    if len(data) > MAX_OUTPUT_BYTES:
+        raise Rejected(Reason.TOO_LARGE, "properties",
+                       f"the enriched record would be {len(data)} bytes; Kafka takes {MAX_OUTPUT_BYTES}")
+    return data
 
 
 def encode_all(records: Iterable[Mapping[str, Any]]) -> list[bytes]:
@@ -93,7 +102,9 @@ def encode_all(records: Iterable[Mapping[str, Any]]) -> list[bytes]:
 def dead_letter(
     rejected: Rejected, raw: bytes, source: Mapping[str, Any], device_id: str | None = None
 ) -> bytes:
-    """The dead-letter record: why, where it came from, and the input exactly as it arrived."""
+    """The dead-letter record: why, where it came from, and the input exactly as it arrived. Input that would
+    make it larger than MAX_OUTPUT_BYTES (JSON escaping can grow text six-fold) is kept as base64, and beyond
+    that cut, with its full length and SHA-256: the raw topic, which `source` names, still has it whole."""
     letter: dict[str, Any] = {"reason": rejected.reason.value, "field": rejected.field, "detail": rejected.detail}
     try:
         letter["raw"] = raw.decode("utf-8")
@@ -103,6 +114,17 @@ def dead_letter(
     letter["source"] = dict(source)
     if device_id is not None:
         letter["device_id"] = device_id
+    data = orjson.dumps(letter)
+    if len(data) <= MAX_OUTPUT_BYTES:
+        return data
+    room = (MAX_OUTPUT_BYTES - len(data) + len(orjson.dumps(letter["raw"])) - 512) * 3 // 4
+    kept = raw[: max(room, 0)]
+    letter["raw"] = base64.b64encode(kept).decode("ascii")
+    letter["raw_encoding"] = "base64"
+    if len(kept) < len(raw):
+        letter["raw_truncated"] = True
+        letter["raw_bytes"] = len(raw)
+        letter["raw_sha256"] = hashlib.sha256(raw).hexdigest()
     return orjson.dumps(letter)
 
 

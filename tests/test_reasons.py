@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import orjson
 import pytest
@@ -132,7 +133,11 @@ def test_reason(reason: Reason, data: bytes, field: str) -> None:
     assert (dead["reason"], dead["field"]) == (reason.value, field), dead["detail"]
     assert dead["detail"]
     kept = base64.b64decode(dead["raw"]) if dead.get("raw_encoding") == "base64" else dead["raw"].encode()
-    assert kept == data
+    if dead.get("raw_truncated"):  # too large to keep whole: its start, its length and its hash
+        assert data.startswith(kept) and dead["raw_bytes"] == len(data)
+        assert dead["raw_sha256"] == hashlib.sha256(data).hexdigest()
+    else:
+        assert kept == data
     assert dead["source"] == {"line": session.line}
     assert session.store.states == before  # a rejection changes nothing
 
@@ -169,3 +174,29 @@ def test_dead_letter_keeps_bytes_that_are_not_utf8_as_base64() -> None:
     assert dead is not None
     assert dead["raw_encoding"] == "base64"
     assert base64.b64decode(dead["raw"]) == data
+
+
+def test_a_dead_letter_never_outgrows_what_kafka_takes() -> None:
+    """1 MiB of control characters is not JSON, and escaped as JSON it would be six times as large."""
+    import hashlib
+
+    from streams import codec
+
+    data = b'{"x": "' + b"\x01" * (codec.DEFAULT_MAX_RECORD_BYTES - 10) + b'"}'
+    _, dead = Session().send_raw(data)
+    assert dead is not None and dead["reason"] == "not_json"
+    assert len(orjson.dumps(dead)) <= codec.MAX_OUTPUT_BYTES
+    assert dead["raw_truncated"] is True and dead["raw_bytes"] == len(data)
+    assert dead["raw_sha256"] == hashlib.sha256(data).hexdigest()
+    assert data.startswith(base64.b64decode(dead["raw"]))
+
+
+def test_an_enriched_record_too_large_for_kafka_is_a_dead_letter() -> None:
+    from streams import codec
+
+    session = Session(EnrichSettings(max_record_bytes=2 << 20))
+    data = orjson.dumps({**W, "event": "e", "properties": {"blob": "y" * 1_100_000}})
+    out, dead = session.send_raw(data)
+    assert out == []
+    assert dead is not None and (dead["reason"], dead["field"]) == ("too_large", "properties")
+    assert len(orjson.dumps(dead)) <= codec.MAX_OUTPUT_BYTES
