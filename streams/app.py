@@ -216,24 +216,19 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
 
     faust_producer = cast(Any, app.producer)
 
-    async def send(topic: str, key: bytes | None, value: bytes | None, partition: int | None,
-                   headers: list[tuple[str, bytes]] | None) -> Any:
-        # the aiokafka producer under Faust's: its send only appends to a batch and returns a future
-        producer = faust_producer._producer
-        if producer is None:  # a batch can arrive before Faust has started its producer
-            for _ in range(600):
-                await asyncio.sleep(0.05)
-                producer = faust_producer._producer
-                if producer is not None:
-                    break
-            else:
-                raise RuntimeError("Faust's producer did not start within 30 s")
-        return await producer.send(topic, value=value, key=key, partition=partition, headers=headers)
+    async def producer() -> Any:
+        # the aiokafka producer under Faust's; a batch can arrive before Faust has started it
+        for _ in range(600):
+            started = faust_producer._producer
+            if started is not None:
+                return started
+            await asyncio.sleep(0.05)
+        raise RuntimeError("Faust's producer did not start within 30 s")
 
     pipeline = Pipeline(
         Enricher(settings.enrich_settings()),
         topics,
-        send,
+        producer,
         db_for_partition=lambda p: cast(Any, table.data)._db_for_partition(p),
         write_batch=make_batch,
         changelog_offset_key=b"__faust\0offset__",

@@ -8,7 +8,7 @@ per-partition state transaction over the Faust table's RocksDB databases, and th
    any other record is forwarded, unchanged, to the repartition topic, keyed by device ID;
 2. enrich each applied record (reads see the batch's own writes), skipping those whose effect the device's
    stored state already holds (they were applied, and their outputs delivered, before a crash);
-3. produce outputs, dead letters and forwards, and wait for all acks;
+3. produce outputs, dead letters and forwards as whole record batches, and wait for all acks;
 4. produce each changed device's state to the changelog once, and wait for the acks;
 5. write the same states, and the changelog offset, to RocksDB in one write batch;
 6. commit the input offsets.
@@ -58,8 +58,19 @@ class PartitionDB(Protocol):
     def write(self, batch: Any) -> None: ...
 
 
-SendFn = Callable[[str, bytes | None, bytes | None, int | None, list[tuple[str, bytes]] | None],
-                  Awaitable["asyncio.Future[Any]"]]
+# (key, value, headers) of a message to produce
+Message = tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]
+
+
+def _box(outbox: dict[tuple[str, int], list[Message]], topic: str, partition: int) -> list[Message]:
+    box = outbox.get((topic, partition))
+    if box is None:
+        box = outbox[(topic, partition)] = []
+    return box
+
+
+def _put(outbox: dict[tuple[str, int], list[Message]], topic: str, partition: int, message: Message) -> None:
+    _box(outbox, topic, partition).append(message)
 
 
 @dataclass
@@ -175,7 +186,7 @@ class Pipeline:
         self,
         enricher: Enricher,
         topics: Topics,
-        send: SendFn,
+        producer: Callable[[], Awaitable[Any]],
         db_for_partition: Callable[[int], PartitionDB],
         write_batch: Callable[[Iterable[tuple[bytes, bytes]]], Any],
         changelog_offset_key: bytes,
@@ -183,7 +194,7 @@ class Pipeline:
     ) -> None:
         self.enricher = enricher
         self.topics = topics
-        self.send = send
+        self.producer = producer  # the started aiokafka producer
         self.db_for_partition = db_for_partition
         self.write_batch = write_batch
         self.offset_key = changelog_offset_key
@@ -215,19 +226,38 @@ class Pipeline:
         for key in [k for k in self.cache if k[0] in gone]:
             del self.cache[key]
 
+    async def send_all(self, outbox: Mapping[tuple[str, int], list[Message]]) -> list[tuple[Any, int]]:
+        """Produce each (topic, partition)'s messages as whole record batches: one append per record into
+        aiokafka's batch builder, instead of one `send` (a coroutine, a future, a partitioner) per record.
+        Returns each batch's future with its record count."""
+        producer = await self.producer()
+        sent: list[tuple[Any, int]] = []
+        for (topic, partition), messages in outbox.items():
+            batch, count = producer.create_batch(), 0
+            for key, value, headers in messages:
+                if batch.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
+                    sent.append((await producer.send_batch(batch, topic, partition=partition), count))
+                    batch, count = producer.create_batch(), 0
+                    if batch.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
+                        raise ValueError(f"a message of {len(value or b'')} bytes does not fit in a batch")
+                count += 1
+            if count:
+                sent.append((await producer.send_batch(batch, topic, partition=partition), count))
+        return sent
+
     async def process(self, batch: Mapping[Any, Sequence[KafkaRecord]]) -> dict[Any, int]:
         """Apply one fetched batch; returns the offsets to commit (tp -> next offset). Raises when a send
         fails: nothing of the batch is then written or committed, and the caller seeks back."""
         started = time.monotonic()
         t = self.topics
         enricher_step = self.enricher.step
-        pending: list[asyncio.Future[Any]] = []
+        # what to produce, per (topic, partition), in order: sent as whole batches once the records are applied
+        outbox: dict[tuple[str, int], list[Message]] = {}
         states: dict[int, PartitionState] = {}
         commit: dict[Any, int] = {}
         # this batch's counts, added to the worker's only when the batch completed: a batch done again after
         # a failure or a rebalance is counted once
         counters = Counters()
-        send = self.send
         max_bytes = self.enricher.settings.max_record_bytes
         enriched_partitions = t.enriched_partitions or t.partitions
         dead_partitions = t.dead_letter_partitions or t.partitions
@@ -253,14 +283,13 @@ class Pipeline:
                     device_id = device_id_of(record)
                 except Rejected as e:
                     letter = codec.dead_letter(e, raw, source)
-                    pending.append(await send(t.dead_letter, None, letter, None, None))
+                    _put(outbox, t.dead_letter, rec.partition % dead_partitions, (None, letter, None))
                     counters.dead_letters[e.reason.value] = counters.dead_letters.get(e.reason.value, 0) + 1
                     continue
                 key = device_id.encode()
                 if from_raw and (rec.key != key or self.partition_for(device_id) != p):
                     header = f"{t.raw}/{p}/{rec.offset}".encode()
-                    pending.append(await send(t.repartition, key, raw, self.partition_for(device_id),
-                                              [(SOURCE_HEADER, header)]))
+                    _put(outbox, t.repartition, self.partition_for(device_id), (key, raw, [(SOURCE_HEADER, header)]))
                     counters.forwarded += 1
                     continue
                 if state.holds(device_id, source_partition, offset):
@@ -270,11 +299,13 @@ class Pipeline:
                 outcome = enricher_step(raw, source, state, record)
                 h = self.key_hash(device_id)
                 if outcome.dead_letter is not None:
-                    pending.append(await send(t.dead_letter, key, outcome.dead_letter, h % dead_partitions, None))
+                    _put(outbox, t.dead_letter, h % dead_partitions, (key, outcome.dead_letter, None))
                     reason = outcome.reason or "internal_error"
                     counters.dead_letters[reason] = counters.dead_letters.get(reason, 0) + 1
-                for out in outcome.records:
-                    pending.append(await send(t.enriched, key, out, h % enriched_partitions, None))
+                if outcome.records:
+                    box = _box(outbox, t.enriched, h % enriched_partitions)
+                    for out in outcome.records:
+                        box.append((key, out, None))
                 for kind in outcome.types:
                     counters.enriched_out[kind] = counters.enriched_out.get(kind, 0) + 1
             if records:
@@ -285,20 +316,22 @@ class Pipeline:
                     counters.last_record_age = max(0.0, time.time() - timestamp / 1000)
 
         # Step 3: every output acknowledged before any state that depends on it is made durable
-        if pending:
-            await asyncio.gather(*pending)
+        if outbox:
+            await asyncio.gather(*(f for f, _ in await self.send_all(outbox)))
 
         # Steps 4 and 5: the changelog, then RocksDB with the changelog offset, per partition
         changed = {p: s for p, s in states.items() if s.dirty}
         if changed:
-            logged: dict[int, tuple[list[tuple[bytes, bytes]], list[asyncio.Future[Any]]]] = {}
-            for p, s in changed.items():
-                items = s.encoded()
-                futures = [await send(t.changelog, k, v, p, None) for k, v in items]
-                logged[p] = (items, futures)
-            await asyncio.gather(*(f for _, fs in logged.values() for f in fs))
-            for p, (items, futures) in logged.items():
-                last_offset = max(f.result().offset for f in futures)
+            encoded = {p: s.encoded() for p, s in changed.items()}
+            sent = await self.send_all({(t.changelog, p): [(k, v, None) for k, v in items]
+                                        for p, items in encoded.items()})
+            await asyncio.gather(*(f for f, _ in sent))
+            last: dict[int, int] = {}
+            for future, count in sent:
+                meta = future.result()  # of a whole batch: the offset of its first record
+                last[meta.partition] = max(last.get(meta.partition, -1), meta.offset + count - 1)
+            for p, items in encoded.items():
+                last_offset = last[p]
                 db = states[p].db
                 db.write(self.write_batch([*items, (self.offset_key, str(last_offset).encode())]))
                 states[p].committed()
