@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -93,10 +93,6 @@ def encode(record: Mapping[str, Any]) -> bytes:
         raise Rejected(Reason.TOO_LARGE, "properties",
                        f"the enriched record would be {len(data)} bytes; Kafka takes {MAX_OUTPUT_BYTES}")
     return data
-
-
-def encode_all(records: Iterable[Mapping[str, Any]]) -> list[bytes]:
-    return [encode(r) for r in records]
 
 
 def dead_letter(

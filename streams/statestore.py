@@ -31,18 +31,14 @@ class CachedStore:
         self.cache_size = cache_size
         self.clean: OrderedDict[str, DeviceState | None] = OrderedDict()
         self.dirty: dict[str, DeviceState] = {}
-        self.hits = 0
-        self.misses = 0
 
     def get(self, device_id: str) -> DeviceState | None:
         state = self.dirty.get(device_id)
         if state is not None:
             return state
         if device_id in self.clean:
-            self.hits += 1
             self.clean.move_to_end(device_id)
             return self.clean[device_id]
-        self.misses += 1
         data = self.backend.read(device_id)
         state = None if data is None else codec.decode_state(data)
         self._remember(device_id, state)
@@ -61,11 +57,6 @@ class CachedStore:
             self._remember(device_id, state)
         self.dirty.clear()
         return items
-
-    def discard(self) -> None:
-        """Forget unflushed changes and the cache (after a failure or a lost partition)."""
-        self.dirty.clear()
-        self.clean.clear()
 
     def _remember(self, device_id: str, state: DeviceState | None) -> None:
         self.clean[device_id] = state
