@@ -22,6 +22,9 @@ from typing import Any, cast
 import faust
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import IllegalStateError, TopicAlreadyExistsError
+from faust.tables import TableManager
+from faust.tables.recovery import Recovery
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from mode.utils.objects import cached_property
 from rocksdict import WriteBatch
@@ -29,7 +32,8 @@ from rocksdict import WriteBatch
 from .config import Settings
 from .enrich import Enricher
 from .gcpolicy import tune_gc
-from .pipeline import Pipeline, Topics
+from .pipeline import BatchFailed, Pipeline, Topics
+from .transactions import PartitionProducers, transactional_producer
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,18 @@ def topic_names(settings: Settings, partitions: int, outputs: Mapping[str, int] 
     )
 
 
+class ConsumerThread(AIOKafkaConsumerThread):
+    """Faust's consumer thread; with exactly-once, its consumer reads committed records only: of the
+    repartition topic and the changelog, nothing a crashed or fenced transaction left behind."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        if BatchConsumer.pipeline.transactions is not None:
+            # Faust sets this only with its own exactly-once mode, whose producers this worker does not use
+            consumer._isolation_level = "read_committed"
+        return consumer
+
+
 class BatchConsumer(AIOKafkaConsumer):
     """Faust's aiokafka consumer, draining the raw and repartition topics a fetched batch at a time.
 
@@ -63,10 +79,15 @@ class BatchConsumer(AIOKafkaConsumer):
     revokes anything, so no batch straddles a rebalance."""
 
     pipeline: Pipeline
+    # per partition, the consumer's position at a moment when every record before it had been handed on
+    settled_positions: dict[Any, int]
 
     @cached_property
     def batch_lock(self) -> asyncio.Lock:
         return asyncio.Lock()
+
+    def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised against the broker
         try:
@@ -84,6 +105,8 @@ class BatchConsumer(AIOKafkaConsumer):
         callback = self.callback
         mine = {self.pipeline.topics.raw, self.pipeline.topics.repartition}
         while not (self.should_stop or fetcher.should_stop):
+            # every record fetched so far has been handed on: what the table recovery may count as read
+            self.settled_positions = fetch_positions(self)
             generation = app.consumer_generation_id
             records, active = await self._wait_next_records(timeout=1.0)
             if not records or self.should_stop:
@@ -117,13 +140,21 @@ class BatchConsumer(AIOKafkaConsumer):
                         except asyncio.CancelledError:
                             raise
                         except Exception as e:
-                            # a send or a write failed: nothing of this batch was committed; do it again
+                            # a send, a transaction or a write failed: what of the batch was not committed
+                            # is done again (exactly-once: the partitions whose transaction failed)
+                            failed = e.tps if isinstance(e, BatchFailed) else set(batch)
                             log.error("batch failed (%s: %s); it will be processed again", type(e).__name__, e)
-                            self.pipeline.forget_partitions(tp.partition for tp in batch)
-                            rewind.update({tp: recs[0].offset for tp, recs in batch.items()})
+                            self.pipeline.forget_partitions(tp.partition for tp in failed)
+                            rewind.update({tp: batch[tp][0].offset for tp in failed})
+                            if self.pipeline.transactions is not None:
+                                # the failed partitions' producers are closed (perhaps fenced: is this worker
+                                # still their owner?): the group's answer reopens those it owns
+                                self._thread._ensure_consumer()._coordinator.request_rejoin()
                             await asyncio.sleep(1.0)
                         else:
-                            await self._commit_offsets(offsets)
+                            if self.pipeline.transactions is None:
+                                # exactly-once committed them in the batch's transactions
+                                await self._commit_offsets(offsets)
             if rewind:
                 await self._rewind(rewind)
 
@@ -140,6 +171,17 @@ class BatchConsumer(AIOKafkaConsumer):
             self.pipeline.forget_partitions(tp.partition for tp in revoked)
             await super().on_partitions_revoked(revoked)
 
+    async def on_partitions_assigned(self, assigned: set[Any], generation_id: int = 0) -> None:
+        transactions = self.pipeline.transactions
+        if transactions is not None:
+            # before Faust reads the committed offsets (and the table recovery starts): opening the producers
+            # of the partitions now owned fences their previous owner, so no transaction of its can commit
+            # offsets behind the ones read here
+            mine = {self.pipeline.topics.raw, self.pipeline.topics.repartition}
+            async with self.batch_lock:
+                await transactions.own({tp.partition for tp in assigned if tp.topic in mine})
+        await super().on_partitions_assigned(assigned, generation_id)
+
 
 class StreamsApp(faust.App):
     streams_pipeline: Pipeline
@@ -152,8 +194,51 @@ class StreamsApp(faust.App):
         if isinstance(consumer, BatchConsumer):
             async with consumer.batch_lock:
                 await super()._stop_consumer()
+                if consumer.pipeline.transactions is not None:
+                    await consumer.pipeline.transactions.close_all()
         else:
             await super()._stop_consumer()
+
+
+class MarkerAwareRecovery(Recovery):
+    """Faust's table recovery, which also knows a changelog that ends in a transaction marker.
+
+    Recovery is done when the last record read is the one before the partition's end offset; with
+    transactions, the last offsets are commit markers (and records of aborted transactions) that a consumer
+    never sees as records, so Faust's own check waits for ever unless its own exactly-once mode is on. Here
+    a partition also counts as read when the consumer's position has passed its end and every record
+    fetched has been handed on (`BatchConsumer.settled_positions`) and applied."""
+
+    def need_recovery(self) -> bool:
+        remaining = self.active_remaining()
+        if not any(n > 0 for n in remaining.values()):
+            return False
+        if not self.tables.changelog_queue.empty():
+            return True
+        positions = getattr(self.app.consumer, "settled_positions", {})
+        return any(n > 0 and positions.get(tp, -1) <= self.active_highwaters[tp] for tp, n in remaining.items())
+
+
+class StreamsTableManager(TableManager):
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = MarkerAwareRecovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+
+def fetch_positions(consumer: Any) -> dict[Any, int]:
+    """The aiokafka consumer's next fetch offset per assigned partition, as it stands (no wait)."""
+    try:
+        assignment = consumer._thread._ensure_consumer()._subscription.subscription.assignment
+    except Exception:
+        return {}
+    positions = {}
+    for tp in assignment.tps:
+        state = assignment.state_value(tp)
+        if state is not None and state.has_valid_position:
+            positions[tp] = state.position
+    return positions
 
 
 def create_app(settings: Settings, layout: Layout) -> StreamsApp:
@@ -184,7 +269,10 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         broker_session_timeout=settings.session_timeout,
         broker_heartbeat_interval=max(1.0, settings.session_timeout / 4),
         table_standby_replicas=0,
+        # Faust's own exactly-once (a producer buffer per partition, a transaction open at all times) stays
+        # off: with --processing-guarantee exactly_once the batch step commits its own transactions
         processing_guarantee="at_least_once",
+        TableManager=StreamsTableManager,
         logging_config=None,
     )
     cast(Any, app.transport).Consumer = BatchConsumer
@@ -233,6 +321,10 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         write_batch=make_batch,
         changelog_offset_key=b"__faust\0offset__",
         cache_size=settings.cache_devices,
+        transactions=(PartitionProducers(settings.group, transactional_producer(settings.brokers,
+                                                                                  settings.kafka_options()))
+                      if settings.exactly_once else None),
+        group=settings.group,
     )
     BatchConsumer.pipeline = pipeline
     app.streams_pipeline = pipeline

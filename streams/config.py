@@ -43,6 +43,10 @@ class Settings:
     web_port: int = setting(6066, "the worker's HTTP port (metrics, device lookup)", groups=("worker", "state"))
     web_bind: str = setting("127.0.0.1", "the address the worker's HTTP server listens on",
                             groups=("worker", "state"))
+    processing_guarantee: str = setting(
+        "at_least_once", "at_least_once: a crash may repeat outputs, byte for byte (same record_id); "
+        "exactly_once: outputs, state and input offsets commit in one Kafka transaction per partition",
+        choices=["at_least_once", "exactly_once"])
     batch_records: int = setting(10_000, "most records the worker fetches and applies as one batch")
     session_timeout: int = setting(10, "seconds after which a silent worker's partitions go to the others")
     default_platform: str | None = setting(None, "platform of records that carry none",
@@ -80,6 +84,10 @@ class Settings:
             default_platform=self.default_platform,
             max_record_bytes=self.max_record_bytes,
         )
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.processing_guarantee == "exactly_once"
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if "SSL" not in self.security_protocol:

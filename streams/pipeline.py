@@ -15,6 +15,12 @@ per-partition state transaction over the Faust table's RocksDB databases, and th
 A crash anywhere replays the batch from the last commit: outputs repeat byte for byte (the engine is
 deterministic and reads the state as it was), and records the stored state already holds are skipped.
 
+Exactly-once (`PartitionProducers` given): steps 3, 4 and 6 become one Kafka transaction per partition
+number, through that partition's own transactional producer: its outputs, forwards and dead letters, its
+changelog records and its input offsets are committed together or not at all, and readers that read
+committed see nothing of a batch a crash cut short. Step 5 follows the commit; a crash before it leaves
+RocksDB behind the changelog, which Faust's recovery reads back on restart.
+
 Knows Kafka records and the producer; knows nothing of Faust's App (`streams.app` wires it in).
 """
 
@@ -29,10 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiokafka.partitioner import murmur2
+from aiokafka.structs import TopicPartition
 
 from . import codec
 from .enrich import Enricher
 from .identity import DeviceState, Rejected, device_id_of
+from .transactions import PartitionProducers
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +126,7 @@ class PartitionState:
         self.counters = counters
         self.dirty: dict[str, tuple[DeviceState, dict[int, int]]] = {}
         self.position: tuple[int, int] = (0, -1)  # (source partition, offset) of the record being applied
+        self.written = 0  # device states made durable in this batch
 
     def load(self, device_id: str) -> tuple[DeviceState, dict[int, int]] | None:
         entry = self.dirty.get(device_id)
@@ -156,6 +165,7 @@ class PartitionState:
         return [(d.encode(), codec.encode_state(s, a)) for d, (s, a) in self.dirty.items()]
 
     def committed(self) -> None:
+        self.written += len(self.dirty)
         for device_id, entry in self.dirty.items():
             self._remember(device_id, entry)
         self.dirty.clear()
@@ -166,6 +176,16 @@ class PartitionState:
         self.cache.move_to_end(key)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
+
+
+class BatchFailed(Exception):
+    """Part of a batch was not committed: `tps` are the input partitions to fetch again (with exactly-once,
+    the transactions of the batch's other partitions may have committed)."""
+
+    def __init__(self, tps: set[Any], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.tps = tps
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -191,6 +211,8 @@ class Pipeline:
         write_batch: Callable[[Iterable[tuple[bytes, bytes]]], Any],
         changelog_offset_key: bytes,
         cache_size: int = 100_000,
+        transactions: PartitionProducers | None = None,
+        group: str = "",
     ) -> None:
         self.enricher = enricher
         self.topics = topics
@@ -198,6 +220,8 @@ class Pipeline:
         self.db_for_partition = db_for_partition
         self.write_batch = write_batch
         self.offset_key = changelog_offset_key
+        self.transactions = transactions  # exactly-once: one transactional producer per owned partition
+        self.group = group
         self.cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
         self.cache_size = cache_size
         self.counters = Counters()
@@ -226,11 +250,13 @@ class Pipeline:
         for key in [k for k in self.cache if k[0] in gone]:
             del self.cache[key]
 
-    async def send_all(self, outbox: Mapping[tuple[str, int], list[Message]]) -> list[tuple[Any, int]]:
+    async def send_all(self, outbox: Mapping[tuple[str, int], list[Message]],
+                       producer: Any = None) -> list[tuple[Any, int]]:
         """Produce each (topic, partition)'s messages as whole record batches: one append per record into
         aiokafka's batch builder, instead of one `send` (a coroutine, a future, a partitioner) per record.
         Returns each batch's future with its record count."""
-        producer = await self.producer()
+        if producer is None:
+            producer = await self.producer()
         sent: list[tuple[Any, int]] = []
         for (topic, partition), messages in outbox.items():
             batch, count = producer.create_batch(), 0
@@ -251,8 +277,11 @@ class Pipeline:
         started = time.monotonic()
         t = self.topics
         enricher_step = self.enricher.step
-        # what to produce, per (topic, partition), in order: sent as whole batches once the records are applied
-        outbox: dict[tuple[str, int], list[Message]] = {}
+        # what to produce, per owner and (topic, partition), in order: sent as whole batches once the records
+        # are applied. The owner is the input partition number whose transaction carries it (exactly-once);
+        # at-least-once has one producer and one owner
+        outboxes: dict[int, dict[tuple[str, int], list[Message]]] = {}
+        transactional = self.transactions is not None
         states: dict[int, PartitionState] = {}
         commit: dict[Any, int] = {}
         # this batch's counts, added to the worker's only when the batch completed: a batch done again after
@@ -270,6 +299,10 @@ class Pipeline:
                 state = states[p] = PartitionState(p, self.db_for_partition(p), self.cache, self.cache_size,
                                                    self.counters)
             from_raw = tp.topic == t.raw
+            owner = p if transactional else 0
+            outbox = outboxes.get(owner)
+            if outbox is None:
+                outbox = outboxes[owner] = {}
             for rec in records:
                 counters.records_in += 1
                 raw = rec.value if rec.value is not None else b""
@@ -315,31 +348,98 @@ class Pipeline:
                 if timestamp:
                     counters.last_record_age = max(0.0, time.time() - timestamp / 1000)
 
+        if self.transactions is not None:
+            await self._commit_transactions(outboxes, states, commit)
+        else:
+            await self._commit_at_least_once(outboxes.get(0, {}), states)
+        counters.batches = 1
+        counters.state_writes = sum(s.written for s in states.values())
+        counters.latency_sum = time.monotonic() - started
+        self.counters.add(counters)
+        return commit
+
+    async def _commit_at_least_once(self, outbox: dict[tuple[str, int], list[Message]],
+                                    states: dict[int, PartitionState]) -> None:
         # Step 3: every output acknowledged before any state that depends on it is made durable
         if outbox:
-            await asyncio.gather(*(f for f, _ in await self.send_all(outbox)))
-
+            await _acked(await self.send_all(outbox))
         # Steps 4 and 5: the changelog, then RocksDB with the changelog offset, per partition
         changed = {p: s for p, s in states.items() if s.dirty}
         if changed:
             encoded = {p: s.encoded() for p, s in changed.items()}
-            sent = await self.send_all({(t.changelog, p): [(k, v, None) for k, v in items]
+            sent = await self.send_all({(self.topics.changelog, p): [(k, v, None) for k, v in items]
                                         for p, items in encoded.items()})
-            await asyncio.gather(*(f for f, _ in sent))
-            last: dict[int, int] = {}
-            for future, count in sent:
-                meta = future.result()  # of a whole batch: the offset of its first record
-                last[meta.partition] = max(last.get(meta.partition, -1), meta.offset + count - 1)
+            await _acked(sent)
+            last = _last_offsets(sent, self.topics.changelog)
             for p, items in encoded.items():
-                last_offset = last[p]
-                db = states[p].db
-                db.write(self.write_batch([*items, (self.offset_key, str(last_offset).encode())]))
-                states[p].committed()
-                counters.state_writes += len(items)
-        counters.batches = 1
-        counters.latency_sum = time.monotonic() - started
-        self.counters.add(counters)
-        return commit
+                self._write_state(states[p], items, last[p])
+
+    async def _commit_transactions(self, outboxes: dict[int, dict[tuple[str, int], list[Message]]],
+                                   states: dict[int, PartitionState], commit: dict[Any, int]) -> None:
+        """One transaction per input partition number; they run side by side and fail alone."""
+        owners = sorted(set(outboxes) | {tp.partition for tp in commit})
+        results = await asyncio.gather(
+            *(self._commit_partition(p, outboxes.get(p, {}), states.get(p),
+                                     {tp: o for tp, o in commit.items() if tp.partition == p})
+              for p in owners),
+            return_exceptions=True)
+        failed: set[Any] = set()
+        cause: BaseException | None = None
+        for p, result in zip(owners, results, strict=True):
+            if isinstance(result, BaseException):
+                cause = cause or result
+                failed.update(tp for tp in commit if tp.partition == p)
+        if cause is not None:
+            if isinstance(cause, asyncio.CancelledError):
+                raise cause
+            raise BatchFailed(failed, cause)
+
+    async def _commit_partition(self, p: int, outbox: dict[tuple[str, int], list[Message]],
+                                state: PartitionState | None, offsets: dict[Any, int]) -> None:
+        assert self.transactions is not None
+        producer = self.transactions.producer(p)
+        encoded = state.encoded() if state is not None and state.dirty else []
+        if encoded:
+            outbox = {**outbox, (self.topics.changelog, p): [(k, v, None) for k, v in encoded]}
+        await producer.begin_transaction()
+        try:
+            sent = await self.send_all(outbox, producer)
+            await _acked(sent)
+            await producer.send_offsets_to_transaction(
+                {TopicPartition(tp.topic, tp.partition): o for tp, o in offsets.items()}, self.group)
+            await producer.commit_transaction()
+        except BaseException:
+            # no abort: a fenced or broken producer cannot; the next producer opened for p (this worker's once
+            # the group confirms it owns p, or the next owner's) makes the broker abort what was left open
+            await self.transactions.lose(p)
+            raise
+        if state is not None and encoded:
+            # the changelog partition is written only by this partition's transactions, each closed by one
+            # commit marker right after its last record: recording the marker's offset as the one RocksDB
+            # holds lets recovery start after it (and a changelog that ends in a marker be seen as read)
+            self._write_state(state, encoded, _last_offsets(sent, self.topics.changelog)[p] + 1)
+
+    def _write_state(self, state: PartitionState, items: list[tuple[bytes, bytes]], changelog_offset: int) -> None:
+        state.db.write(self.write_batch([*items, (self.offset_key, str(changelog_offset).encode())]))
+        state.committed()
+
+
+async def _acked(sent: list[tuple[Any, int]]) -> None:
+    """Wait for every batch's ack; raise the first failure (having waited for, and so retrieved, them all)."""
+    results = await asyncio.gather(*(f for f, _ in sent), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+def _last_offsets(sent: list[tuple[Any, int]], topic: str) -> dict[int, int]:
+    """The offset of the last record produced to `topic`, per partition, from (batch future, record count)."""
+    last: dict[int, int] = {}
+    for future, count in sent:
+        meta = future.result()  # of a whole batch: the offset of its first record
+        if meta.topic == topic:
+            last[meta.partition] = max(last.get(meta.partition, -1), meta.offset + count - 1)
+    return last
 
 
 def _original_source(rec: KafkaRecord, raw_topic: str) -> tuple[int, int, dict[str, Any]]:
