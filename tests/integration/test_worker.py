@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -133,13 +135,18 @@ def assert_unique_per_device(expected: dict[str, list[dict[str, Any]]]) -> None:
 # -- 1. same output as replay ----------------------------------------------------------------------------
 
 
-def test_worker_output_equals_replay(topics: Settings, start_worker: StartWorker, tmp_path: Path) -> None:
+GUARANTEES = ["at_least_once", "exactly_once"]
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_worker_output_equals_replay(topics: Settings, start_worker: StartWorker, tmp_path: Path,
+                                     guarantee: str) -> None:
     generated = generate()
     inputs = write_jsonl(tmp_path / "input.jsonl", sample_lines() + generated)
     expected, expected_dead = replay_outputs(topics, inputs)
     assert len(expected) > 2000 and len(expected_dead) >= 7  # the input exercises what it should
 
-    worker = start_worker(topics)
+    worker = start_worker(topics, processing_guarantee=guarantee)
     worker.wait_ready()
     assert produce_file(topics, None) == 41  # the built-in sample
     assert produce_file(topics, write_jsonl(tmp_path / "generated.jsonl", generated)) == len(generated)
@@ -221,8 +228,10 @@ def produce_slowly(settings: Settings, lines: list[bytes], chunks: int = 6, paus
     return thread
 
 
+@pytest.mark.parametrize("guarantee", GUARANTEES)
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
-def test_restart_keeps_device_state(topics: Settings, start_worker: StartWorker, tmp_path: Path, how: str) -> None:
+def test_restart_keeps_device_state(topics: Settings, start_worker: StartWorker, tmp_path: Path, how: str,
+                                    guarantee: str) -> None:
     part1, part2, part3 = restart_parts()
     expected1, _ = replay_outputs(topics, write_jsonl(tmp_path / "part1.jsonl", part1))
     expected12, _ = replay_outputs(topics, write_jsonl(tmp_path / "part12.jsonl", part1 + part2))
@@ -235,6 +244,9 @@ def test_restart_keeps_device_state(topics: Settings, start_worker: StartWorker,
     assert expected[len(expected1):] != alone
     state_a, state_b = str(tmp_path / "state-a"), str(tmp_path / "state-b")
     timings = []
+    topics = replace(topics, processing_guarantee=guarantee)
+    # at-least-once: after a SIGKILL a record may come out twice, but only exactly as it did the first time
+    repeats_allowed = how == "sigkill" and guarantee == "at_least_once"
 
     # run 1: every device logs in
     t = time.monotonic()
@@ -260,7 +272,7 @@ def test_restart_keeps_device_state(topics: Settings, start_worker: StartWorker,
     t = time.monotonic()
     w2 = start_worker(topics, "run2", state_dir=state_a)
     w2.wait_ready(timeout=120)
-    wait_for_outputs(topics, len(expected12), workers=[w2], distinct=how == "sigkill", settle=0)
+    wait_for_outputs(topics, len(expected12), workers=[w2], distinct=repeats_allowed, settle=0)
     if how == "sigterm":
         assert w2.stop() == 0, f"SIGTERM: exit code {w2.proc.returncode}\n{w2.log_tail()}"
     else:
@@ -272,17 +284,19 @@ def test_restart_keeps_device_state(topics: Settings, start_worker: StartWorker,
     t = time.monotonic()
     w3 = start_worker(topics, "run3", state_dir=state_b)
     w3.wait_ready(timeout=120)
-    out = wait_for_outputs(topics, len(expected), workers=[w3], distinct=how == "sigkill")
+    out = wait_for_outputs(topics, len(expected), workers=[w3], distinct=repeats_allowed)
     assert w3.stop() == 0, f"SIGTERM: exit code {w3.proc.returncode}\n{w3.log_tail()}"
     timings.append(time.monotonic() - t)
 
     got = enriched_by_device(out.enriched)
     repeats = 0
-    if how == "sigkill":  # at-least-once: a record may come out twice, but only exactly as it did the first time
+    if repeats_allowed:
         for device_id, records in got.items():
             got[device_id], n = without_repeats(records)
             repeats += n
-    print(f"{how}: run timings {[round(x, 1) for x in timings]} s; {repeats} repeated records")
+    if not repeats_allowed:
+        assert len(out.enriched) == len(expected), f"{len(out.enriched)} records out, {len(expected)} expected"
+    print(f"{how}, {guarantee}: run timings {[round(x, 1) for x in timings]} s; {repeats} repeated records")
     for device_id, records in got.items():
         signups = [r for r in records if r.get("event") == "$SignUp"]
         assert len(signups) == 1, f"{device_id}: {len(signups)} $SignUp records: {signups}"
@@ -302,7 +316,10 @@ def kafka_read_enriched(settings: Settings) -> list[Any]:
 # -- 4. two workers --------------------------------------------------------------------------------------
 
 
-def test_two_workers_split_the_partitions(topics: Settings, start_worker: StartWorker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_two_workers_split_the_partitions(topics: Settings, start_worker: StartWorker, tmp_path: Path,
+                                          guarantee: str) -> None:
+    topics = replace(topics, processing_guarantee=guarantee)
     generated = generate(2000, 200, prefix="two", seed=7)
     half = len(generated) // 2
     expected1, dead1 = replay_outputs(topics, write_jsonl(tmp_path / "first.jsonl", generated[:half]))
@@ -332,6 +349,54 @@ def test_two_workers_split_the_partitions(topics: Settings, start_worker: StartW
     assert b.stop() == 0, f"SIGTERM: exit code {b.proc.returncode}\n{b.log_tail()}"
 
 
+def test_a_stalled_worker_cannot_commit_behind_its_successor(topics: Settings, start_worker: StartWorker,
+                                                             tmp_path: Path) -> None:
+    """Exactly-once against a zombie: a worker frozen (SIGSTOP) mid-stream is dropped by the group after the
+    session timeout and its partitions go to another worker, which fences its transactions. When it wakes up
+    it must not commit what its successor has already done: every output is read exactly once."""
+    topics = replace(topics, processing_guarantee="exactly_once")
+    generated = generate(4000, 200, prefix="zombie", seed=11)
+    expected, expected_dead = replay_outputs(topics, write_jsonl(tmp_path / "input.jsonl", generated))
+    a = start_worker(topics, "a", state_dir=str(tmp_path / "state-a"))
+    a.wait_ready()
+    sender = produce_slowly(topics, generated, chunks=40, pause=0.3)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(kafka_read_enriched(topics)) < len(expected) // 8:
+        time.sleep(0.1)
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=free_port())
+        # a is still a member until its session times out; then b holds everything
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            state, held = group_assignment(topics)
+            if state == "Stable" and held == [{0, 1, 2, 3}]:
+                break
+            time.sleep(0.25)
+        else:
+            pytest.fail(f"b did not take over from the frozen worker: {state} {held}\n{b.log_tail()}")
+        sender.join(120)
+        wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[b], settle=0)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    # the zombie wakes with a batch perhaps half sent and stale offsets; it must rejoin, not commit them
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        state, held = group_assignment(topics)
+        if state == "Stable" and len(held) == 2 and all(held):
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail(f"the woken worker did not rejoin the group: {state} {held}\n{a.log_tail()}")
+    out = wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[a, b], settle=3)
+    assert len(out.enriched) == len(expected), (f"{len(out.enriched) - len(expected)} records more than replay's"
+                                                f"\n{a.log_tail()}")
+    assert_same_per_device(enriched_by_device(out.enriched), by_device(expected))
+    assert dead_letters_without_source(out.dead_values) == dead_letters_without_source(expected_dead)
+    assert a.stop() == 0, f"SIGTERM: exit code {a.proc.returncode}\n{a.log_tail()}"
+    assert b.stop() == 0, f"SIGTERM: exit code {b.proc.returncode}\n{b.log_tail()}"
+
+
 def test_sigterm_during_a_rebalance_exits_cleanly(topics: Settings, start_worker: StartWorker,
                                                    tmp_path: Path) -> None:
     """A worker told to stop while it takes over partitions (rolling restarts do this) stops cleanly."""
@@ -357,7 +422,10 @@ def test_sigterm_during_a_rebalance_exits_cleanly(topics: Settings, start_worker
 # -- 5. unkeyed input ------------------------------------------------------------------------------------
 
 
-def test_unkeyed_input_is_repartitioned(topics: Settings, start_worker: StartWorker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_unkeyed_input_is_repartitioned(topics: Settings, start_worker: StartWorker, tmp_path: Path,
+                                        guarantee: str) -> None:
+    topics = replace(topics, processing_guarantee=guarantee)
     # part A: keyed, but not by device_id (a bucket per device: a device's records stay in one partition)
     part_a = generate(1500, 100, prefix="unkeyed", seed=7)
     messages = [(f"bucket-{orjson.loads(v)['device_id'][-1]}".encode(), v) for v in part_a]
