@@ -16,6 +16,10 @@ letters are those replay gives; the device table ends in the state replay comput
 5. stop whatever still runs, delete the run's topics (unless --keep), leave the broker as it was found.
 
     .venv/bin/python scripts/chaos.py [--records N] [--devices D] [--kills K] [--seed S] [--keep]
+                                      [--processing-guarantee exactly_once]
+
+With `--processing-guarantee exactly_once` the enriched and dead-letter topics, read committed, must hold
+each record exactly once: a duplicate, however identical, is a failure.
 
 Exit 0 when nothing was lost or invented, every duplicate is identical to its first copy, the dead letters and
 the final states match, and the worker always came back and stopped cleanly; 1 otherwise (the first
@@ -1055,6 +1059,14 @@ def line_index(placed: Sequence[tuple[int, int] | None]) -> dict[tuple[int, int]
     return {where: i for i, where in enumerate(placed) if where is not None}
 
 
+def no_duplicates(checks: Sequence[Check]) -> None:
+    """Exactly-once: a record read committed twice is a failure, however identical."""
+    for c in checks:
+        if c.counts.get("copies"):
+            c.problem("duplicates (exactly-once)", f"{c.counts['copies']:,} records of the {c.name} topic were "
+                      "committed more than once")
+
+
 def check_enriched(records: Sequence[Any], ref: Reference, placed: dict[tuple[int, int], int],
                    raw_topic: str) -> Check:
     """No loss, no invention, duplicates identical: per device, the distinct records (first copy of each
@@ -1295,7 +1307,7 @@ def report(o: Outcome, settings: Settings, out: TextIO) -> None:
     stopped = "-" if stop is None else f"exit {stop[0]} after {stop[1]:.1f}s" + (" (forced)" if stop[2] else "")
     w()
     w(f"== chaos: {settings.raw_topic}, {PARTITIONS} partitions, group {settings.group}, seed {o.seed}, "
-      f"{len(kills)} kills; worker code {o.code}")
+      f"{len(kills)} kills, {settings.processing_guarantee}; worker code {o.code}")
     w(f"records in            {o.records:,} raw records over {o.devices_seen:,} devices "
       f"(replay: {n(enriched, 'expected'):,} enriched, {n(dead, 'expected'):,} dead letters)")
     w(f"enriched out          {n(enriched, 'distinct'):,} distinct / "
@@ -1347,8 +1359,12 @@ def report(o: Outcome, settings: Settings, out: TextIO) -> None:
             for text in texts:
                 w(f"  - {text}")
     w()
-    w("PASS: nothing lost or invented, every duplicate identical, dead letters and states as replay's"
-      if o.ok else "FAIL")
+    if not o.ok:
+        w("FAIL")
+    elif settings.exactly_once:
+        w("PASS: nothing lost, invented or duplicated, dead letters and states as replay's")
+    else:
+        w("PASS: nothing lost or invented, every duplicate identical, dead letters and states as replay's")
 
 
 # -- 5. main -----------------------------------------------------------------------------------------------
@@ -1364,6 +1380,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="seed of the input, the kill moments and the plan")
     parser.add_argument("--keep", action="store_true", help="keep the run's topics and state directory")
     parser.add_argument("--brokers", default=BROKERS, help=f"bootstrap servers (default {BROKERS})")
+    parser.add_argument("--processing-guarantee", choices=["at_least_once", "exactly_once"], default="at_least_once",
+                        help="the worker's delivery mode; exactly_once also fails on any duplicate "
+                             "(default at_least_once)")
     args = parser.parse_args(argv)
     if args.records < 100 or args.kills < 1:
         parser.error("--records must be at least 100 and --kills at least 1")
@@ -1371,12 +1390,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_settings(stamp: str, run_dir: Path, brokers: str) -> Settings:
+def run_settings(stamp: str, run_dir: Path, brokers: str, guarantee: str) -> Settings:
     name = f"chaos-{stamp}"
     return replace(
         Settings(), brokers=brokers, raw_topic=f"{name}.raw", enriched_topic=f"{name}.enriched",
         dead_letter_topic=f"{name}.dead-letter", group=name, state_dir=str(run_dir / "state"),
-        partitions=PARTITIONS, log_level="info",
+        partitions=PARTITIONS, log_level="info", processing_guarantee=guarantee,
     )
 
 
@@ -1409,9 +1428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = f"{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
     run_dir = CHAOS_DIR / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(stamp, run_dir, args.brokers)
-    log(f"run {stamp}: {args.records:,} records, {args.devices:,} devices, {args.kills} kills, seed {args.seed}; "
-        f"files in {run_dir}")
+    settings = run_settings(stamp, run_dir, args.brokers, args.processing_guarantee)
+    log(f"run {stamp}: {args.records:,} records, {args.devices:,} devices, {args.kills} kills, seed {args.seed}, "
+        f"{args.processing_guarantee}; files in {run_dir}")
 
     path = timed(phases, "input", lambda: generate(input_path(args.records, args.devices, args.seed),
                                                    args.records, args.devices, args.seed))
@@ -1454,6 +1473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_dead_letters(dead, ref, placed, settings.raw_topic),
                 check_states(changelog, ref, feeder.placed, lines),
             ])
+            if settings.exactly_once:
+                no_duplicates(checks[:2])
             devices_seen = len({k for k in feeder.keys if k is not None})
             outcome = Outcome(checks, chaos, len(lines), devices_seen, time.monotonic() - started, phases,
                               args.seed, code)
