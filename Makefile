@@ -25,7 +25,7 @@ test: install lint
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check streams tests
+	$(BIN)/ruff check streams tests scripts
 	$(BIN)/mypy
 
 unit: install

@@ -309,7 +309,7 @@ def write_prefix(src: Path, dst: Path, count: int) -> None:
 
 def partition_of(key: bytes, partitions: int = PARTITIONS) -> int:
     """Kafka's default partitioner (murmur2, as the Java client): the partition the worker expects."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class Kafka:
@@ -772,26 +772,32 @@ async def measure_baseline(kafka: Kafka, names: Names, raw: str, records: int, e
 # -- 3d. the worker ----------------------------------------------------------------------------------------
 
 
-def worker_child(kafka: Kafka, names: Names, label: str, raw: str, enriched: str, dead: str) -> Child:
+def worker_child(kafka: Kafka, names: Names, label: str, raw: str, enriched: str, dead: str,
+                 guarantee: str = "at_least_once") -> Child:
     settings = {
         "brokers": kafka.brokers, "raw_topic": raw, "enriched_topic": enriched, "dead_letter_topic": dead,
         "group": names.group(label), "state_dir": str(names.run_dir / f"{label}-state"),
         "web_port": str(free_port()), "partitions": str(PARTITIONS), "log_level": "warning",
+        "processing_guarantee": guarantee,
     }
     env = clean_env(**{env_name(k): v for k, v in settings.items()})
     return Child(label, [PYTHON, "-m", "streams", "worker"], env, names.run_dir / f"{label}.log")
 
 
-async def measure_worker(kafka: Kafka, names: Names, raw: str, records: int, expected: ReplayRun) -> tuple[
-        Result, Digest]:
-    enriched, dead = names.topic("worker.enriched"), names.topic("worker.dead-letter")
+async def measure_worker(kafka: Kafka, names: Names, raw: str, records: int, expected: ReplayRun,
+                         guarantee: str = "at_least_once") -> tuple[Result, Digest]:
+    label = "worker" if guarantee == "at_least_once" else "worker-eos"
+    enriched, dead = names.topic(f"{label}.enriched"), names.topic(f"{label}.dead-letter")
     await kafka.create_topics([enriched, dead])  # before the worker does: with LogAppendTime
-    child = worker_child(kafka, names, "worker", raw, enriched, dead)
-    await wait_consumed(kafka, child, names.group("worker"), raw, records, [enriched, dead],
+    child = worker_child(kafka, names, label, raw, enriched, dead, guarantee)
+    await wait_consumed(kafka, child, names.group(label), raw, records, [enriched, dead],
                         expected.enriched + expected.dead_letters)
-    result = await consumer_result(kafka, child, "worker: python -m streams worker", "all", records,
-                                   [enriched, dead], "batches of up to 10,000, state written once per batch",
-                                   changelog=f"{names.group('worker')}-devices-changelog")
+    if guarantee == "at_least_once":
+        name, note = "worker: python -m streams worker", "batches of up to 10,000, state written once per batch"
+    else:
+        name, note = "worker, --processing-guarantee exactly_once", "the same, one transaction per partition a batch"
+    result = await consumer_result(kafka, child, name, "all", records, [enriched, dead], note,
+                                   changelog=f"{names.group(label)}-devices-changelog")
     return result, await topic_digest(kafka.brokers, raw, enriched, dead)
 
 
@@ -838,10 +844,10 @@ async def measure_latency(kafka: Kafka, names: Names, plan: Plan, src: Path, war
                 await asyncio.sleep(delay)
             pending.append(await producer.send(raw, value, key=device_key(value)))
             if len(pending) >= 1000:  # drop delivered ones without waiting for the rest (no pacing stall)
-                for f in pending:
-                    if f.done():
-                        f.result()
-                pending = [f for f in pending if not f.done()]
+                for delivery in pending:
+                    if delivery.done():
+                        delivery.result()
+                pending = [d for d in pending if not d.done()]
         await asyncio.gather(*pending)
         wall_after = time.time()
         worker_cpu = (child.cpu_at(wall_after) - cpu_before) / (wall_after - wall_before)
@@ -1190,11 +1196,20 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
                                                                prefix)
         with timed("worker", "the worker, end to end", took):
             worker, worker_digest = await measure_worker(kafka, names, raw, plan.records, memory)
+        with timed("worker-eos", "the worker in exactly-once mode, end to end", took):
+            eos, eos_digest = await measure_worker(kafka, names, raw, plan.records, memory, "exactly_once")
         with timed("compare", "correctness: the worker's output against replay's", took):
             verdict = compare(reference, worker_digest, "worker")
             if verdict.first_device is not None:
                 records = await device_records(brokers, names.topic("worker.enriched"), verdict.first_device)
                 verdict.lines.append(first_difference(memory.output, records, verdict.first_device))
+            eos_verdict = compare(reference, eos_digest, "worker (exactly-once)")
+            if eos_verdict.first_device is not None:
+                records = await device_records(brokers, names.topic("worker-eos.enriched"),
+                                               eos_verdict.first_device)
+                eos_verdict.lines.append(first_difference(memory.output, records, eos_verdict.first_device))
+            verdict.lines += eos_verdict.lines
+            verdict.ok = verdict.ok and eos_verdict.ok
             baseline_verdict = compare(prefix_reference, baseline_digest, "baseline")
         with timed("latency", f"latency at {plan.latency_rate:,} records/s for {plan.latency_seconds:g}s", took):
             latency = await measure_latency(kafka, names, plan, latency_in, warmup=500)
@@ -1207,7 +1222,7 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
                           run.peak_rss_mib, note)
 
         results = [
-            ceiling, baseline, worker,
+            ceiling, baseline, worker, eos,
             replay_result("replay (state in memory)", memory, "all", "JSONL file in and out, no broker"),
             replay_result(f"replay --state-dir, {plan.devices:,} devices", state_main, "all",
                           "RocksDB state behind a 100,000-device cache"),
@@ -1231,6 +1246,8 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             f"- **worker / ceiling: {ratio(worker.rate, ceiling.rate)} of the events/s** of a bare passthrough, "
             f"{ratio(worker.cpu_us, ceiling.cpu_us)}x its CPU per event.",
             f"- worker / replay (memory): {ratio(worker.rate, memory.rate)} of the events/s.",
+            f"- **exactly-once / at-least-once: {ratio(eos.rate, worker.rate)} of the events/s**, "
+            f"{ratio(eos.cpu_us, worker.cpu_us)}x the CPU per event (four transactions a batch, one per partition).",
             f"- Added latency of the worker at {latency.rate:,.0f} records/s for {latency.seconds:.1f}s "
             f"(asked {plan.latency_rate:,}/s), output append time - input append time over {latency.samples:,} "
             f"records: **p50 {latency.p50:.0f} ms, p99 {latency.p99:.0f} ms**, max {latency.max:.0f} ms; the "

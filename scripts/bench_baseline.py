@@ -11,7 +11,6 @@ Run by scripts/bench.py as a subprocess:  BENCH_* variables, then `python script
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import faust
@@ -70,8 +69,8 @@ store = TableStore(devices)
 
 
 @app.agent(raw_topic)
-async def enrich(stream: AsyncIterator[Any]) -> None:
-    async for event in stream.events():  # type: ignore[attr-defined]
+async def enrich(stream: faust.StreamT[Any]) -> None:
+    async for event in stream.events():
         message = event.message
         source = {"topic": message.topic, "partition": message.partition, "offset": message.offset}
         outcome = enricher.step(event.value or b"", source, store)
