@@ -411,9 +411,10 @@ async def load_topic(brokers: str, topic: str, path: Path) -> tuple[int, float]:
 
 
 def scan_consumer(brokers: str) -> AIOKafkaConsumer:
+    # read_committed: what a warehouse loading the exactly-once worker's output would read
     return AIOKafkaConsumer(bootstrap_servers=brokers, group_id=None, enable_auto_commit=False,
                             auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20,
-                            fetch_max_bytes=64 << 20)
+                            fetch_max_bytes=64 << 20, isolation_level="read_committed")
 
 
 async def scan_topic(brokers: str, topic: str, on_record: Callable[[ConsumerRecord], None]) -> int:
@@ -437,13 +438,47 @@ async def scan_topic(brokers: str, topic: str, on_record: Callable[[ConsumerReco
                         count += 1
                 if records:
                     last = time.monotonic()
-                    if records[-1].offset + 1 >= ends[tp]:
-                        left.discard(tp)
+            for tp in list(left):
+                # by position, not by the last record's offset: the last offsets may be transaction markers
+                if await consumer.position(tp) >= ends[tp]:
+                    left.discard(tp)
             if time.monotonic() - last > 60:
                 raise BenchError(f"reading {topic} stalled with {count} records read")
     finally:
         await consumer.stop()
     return count
+
+
+async def first_and_last_stamps(consumer: AIOKafkaConsumer, tp: TopicPartition, begin: int, end: int) -> list[int]:
+    """The timestamps of a partition's first and last records. The last offsets may be transaction markers
+    (the exactly-once worker's output), which are no records: look back further until a record shows."""
+    consumer.seek(tp, begin)
+    first = await read_stamps(consumer, tp, end, max_records=1)
+    if not first:
+        raise BenchError(f"cannot read {tp} at offset {begin}")
+    back = 1
+    while True:
+        start = max(begin, end - back)
+        consumer.seek(tp, start)
+        last = await read_stamps(consumer, tp, end)
+        if last:
+            return [first[0], last[-1]]
+        if start == begin:
+            raise BenchError(f"no record in {tp} between offsets {begin} and {end}")
+        back *= 16
+
+
+async def read_stamps(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int,
+                      max_records: int | None = None) -> list[int]:
+    """Timestamps of the records from the position up to `end` (or the first `max_records` of them)."""
+    stamps: list[int] = []
+    deadline = time.monotonic() + 30
+    while await consumer.position(tp) < end and time.monotonic() < deadline:
+        records = (await consumer.getmany(tp, timeout_ms=1000, max_records=max_records)).get(tp, [])
+        stamps += [r.timestamp for r in records]
+        if max_records is not None and len(stamps) >= max_records:
+            break
+    return stamps
 
 
 async def append_span(brokers: str, topics: Iterable[str]) -> tuple[float, float]:
@@ -460,15 +495,7 @@ async def append_span(brokers: str, topics: Iterable[str]) -> tuple[float, float
             for tp in tps:
                 if ends[tp] > begins[tp]:
                     consumer.assign([tp])
-                    for offset in (begins[tp], ends[tp] - 1):
-                        consumer.seek(tp, offset)
-                        records: list[ConsumerRecord] = []
-                        deadline = time.monotonic() + 30
-                        while not records and time.monotonic() < deadline:
-                            records = (await consumer.getmany(tp, timeout_ms=1000, max_records=1)).get(tp, [])
-                        if not records:
-                            raise BenchError(f"cannot read {tp} at offset {offset}")
-                        stamps.append(records[0].timestamp)
+                    stamps += await first_and_last_stamps(consumer, tp, begins[tp], ends[tp])
     finally:
         await consumer.stop()
     if not stamps:
@@ -665,7 +692,7 @@ async def consumer_result(kafka: Kafka, child: Child, name: str, input_label: st
     cpu = child.cpu_at(last) - child.cpu_at(first)
     child.stop()
     if changelog is not None:
-        written = await kafka.count([changelog])
+        written = await scan_topic(kafka.brokers, changelog, lambda r: None)  # records, not markers
         note += f"; {written:,} changelog records ({written / records:.2f} per input record)"
     return Result(name, input_label, records, last - first, cpu, child.peak_rss_mib, note)
 
