@@ -111,7 +111,10 @@ class Enricher:
                 prefix = f"{source['topic']}:{source['partition']}:{source['offset']}:"
                 for i, r in enumerate(emitted):
                     r["record_id"] = prefix + str(i)
-            encoded = [encode(r) for r in emitted]
+            if len(emitted) == 1:  # most records
+                encoded = [encode(emitted[0])]
+            else:
+                encoded = [encode(r) for r in emitted]
         except Rejected as e:
             return Outcome(device_id, [], codec.dead_letter(e, raw, source, device_id), reason=e.reason.value)
         except Exception as e:  # a defect of ours must not stop the stream: keep the record and say so

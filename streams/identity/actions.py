@@ -115,8 +115,9 @@ def generated_id(ctx: Context) -> tuple[str, int]:
 
 
 def track(ctx: Context) -> Step:
-    event = required(ctx, "event")
+    event = ctx.raw.get("event")
     if not isinstance(event, str) or event == "":
+        required(ctx, "event")  # absent: missing_field
         raise Rejected(Reason.WRONG_TYPE if not isinstance(event, str) else Reason.EMPTY_VALUE, "event",
                        "track needs a non-empty string `event`")
     return ctx.state, [emit(ctx.state, ctx, "track", event)]
