@@ -43,8 +43,10 @@ bench: install
 	$(BIN)/python scripts/bench.py
 
 ## the fault test: 200k records, 24 SIGKILLs and a broker restart; output and state must equal replay's
+## in each delivery mode (GUARANTEES= picks one): at-least-once allows identical duplicates, exactly-once none
+GUARANTEES ?= at_least_once exactly_once
 chaos: install
-	$(BIN)/python scripts/chaos.py
+	set -e; for g in $(GUARANTEES); do $(BIN)/python scripts/chaos.py --processing-guarantee $$g; done
 
 kafka:
 	bash scripts/kafka.sh start
