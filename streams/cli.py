@@ -15,6 +15,7 @@ from . import config
 REPLAY_EXAMPLES = """examples:
   python -m streams replay --input streams/samples/seed.jsonl --output - --dead-letter dead.jsonl
   python -m streams replay --input day1.jsonl --output out1.jsonl --dead-letter dead1.jsonl --state-dir state/
+  python -m streams replay --input big.jsonl --output out.jsonl --dead-letter dead.jsonl --jobs 2
   cat raw.jsonl | python -m streams replay --input - --output - --dead-letter /dev/null --default-platform web
 """
 
@@ -113,6 +114,10 @@ def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:
     from .replay import replay
 
     tune_gc()
+    if settings.replay_jobs < 1 or (settings.replay_jobs > 1 and args.state_dir):
+        print("streams replay: --jobs must be at least 1, and more than 1 keeps the states in memory "
+              "(no --state-dir)", file=sys.stderr)
+        return 2
     try:
         replay(
             args.input,
@@ -122,6 +127,7 @@ def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:
             state_dir=args.state_dir,
             progress=None if args.quiet else sys.stderr,
             cache_devices=settings.cache_devices,
+            jobs=settings.replay_jobs,
         )
     except OSError as e:
         print(f"streams replay: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)

@@ -58,6 +58,8 @@ class Settings:
                                       groups=("worker", "replay"))
     max_record_bytes: int = setting(DEFAULT_MAX_RECORD_BYTES, "larger raw records are dead letters",
                                     groups=("worker", "replay"))
+    replay_jobs: int = setting(1, "replay's processes, the devices split between them (in-memory state only; "
+                               "the output is the same bytes)", flag="--jobs", groups=("replay",))
     cache_devices: int = setting(100_000, "device states kept in memory in front of RocksDB")
     rocksdb_cache_mb: int = setting(64, "RocksDB block cache per partition, MiB (Faust's default: 2048)")
     security_protocol: str = setting("PLAINTEXT", "how the Kafka clients connect",

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
 from .enrich import Enricher, EnrichSettings, MemoryStore, StateStore
+from .replay_jobs import ReplayJobs
 from .statestore import CachedStore, RocksBackend
 
+# lines between writes of the RocksDB state (its write-back cache holds the changed states until then)
 FLUSH_EVERY = 50_000
 
 
@@ -100,7 +102,13 @@ def replay(
     progress: TextIO | None = None,
     cache_devices: int = 100_000,
     progress_interval: float | None = None,
+    jobs: int = 1,
 ) -> Counts:
+    if jobs > 1:
+        if state_dir:
+            raise ValueError("several jobs keep their device states in memory: --jobs takes no --state-dir")
+        return _replay_in_jobs(input_path, output_path, dead_letter_path, settings, jobs, progress,
+                               progress_interval)
     enricher = Enricher(settings)
     backend = RocksBackend(state_dir) if state_dir else None
     store: StateStore = CachedStore(backend, cache_devices) if backend else MemoryStore()
@@ -140,13 +148,14 @@ def replay(
                     pending.clear()
                 if n % 1024 == 0:
                     catch_up()
-                    if n % FLUSH_EVERY == 0 and isinstance(store, CachedStore):
-                        # the outputs on disk before the states that follow from them
-                        out.flush()
-                        dead.flush()
-                        store.flush()
                     if report is not None:
                         report.update(counts, src.tell() if size else 0)
+                if n % FLUSH_EVERY == 0 and isinstance(store, CachedStore):
+                    # the outputs on disk before the states that follow from them
+                    catch_up()
+                    out.flush()
+                    dead.flush()
+                    store.flush()
             catch_up()
             if isinstance(store, CachedStore):
                 out.flush()
@@ -157,4 +166,53 @@ def replay(
     finally:
         if backend is not None:
             backend.close()
+    return counts
+
+
+CHUNK_LINES = 2048
+
+
+def _replay_in_jobs(input_path: str, output_path: str, dead_letter_path: str, settings: EnrichSettings, jobs: int,
+                    progress: TextIO | None, progress_interval: float | None) -> Counts:
+    """The same replay with the devices split between `jobs` processes (`streams.replay_jobs`)."""
+    counts = Counts()
+    runner = ReplayJobs(settings, jobs)
+    try:
+        with _open_in(input_path) as (src, size), _open_out(output_path) as out, \
+                _open_out(dead_letter_path) as dead:
+            report = Progress(progress, size, progress_interval) if progress is not None else None
+
+            def chunks() -> Iterator[list[tuple[int, bytes]]]:
+                chunk: list[tuple[int, bytes]] = []
+                for n, line in enumerate(src, 1):
+                    raw = line[:-1] if line.endswith(b"\n") else line
+                    if raw.strip():  # a blank line holds no record
+                        chunk.append((n, raw))
+                        if len(chunk) == CHUNK_LINES:
+                            counts.lines = n
+                            yield chunk
+                            chunk = []
+                    counts.lines = n
+                if chunk:
+                    yield chunk
+
+            records = enriched = dead_letters = 0
+            write = out.write
+            for text, count in runner.run(chunks()):
+                records += 1
+                if count > 0:
+                    enriched += count
+                    write(text + b"\n")
+                elif count < 0:
+                    dead_letters += 1
+                    dead.write(text + b"\n")
+                if records & 1023 == 0:
+                    counts.records, counts.enriched, counts.dead_letters = records, enriched, dead_letters
+                    if report is not None:
+                        report.update(counts, src.tell() if size else 0)
+            counts.records, counts.enriched, counts.dead_letters = records, enriched, dead_letters
+            if report is not None:
+                report.finish(counts)
+    finally:
+        runner.close()
     return counts

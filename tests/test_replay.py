@@ -131,3 +131,80 @@ def test_progress_lines_for_long_inputs(tmp_path: Path) -> None:
     assert len(progress) > 10
     assert "ETA" in progress[0]
     assert "records/s" in progress[-1]
+
+
+# -- several jobs ------------------------------------------------------------------------------------------
+
+
+def spellings(record: dict[str, object]) -> list[bytes]:
+    """The same device's record written the ways JSON allows: spaced, escaped, with a nested device_id, and
+    with the key twice (the last one counts)."""
+    device_id = str(record["device_id"])
+    plain = orjson.dumps(record)
+    key = b'"device_id":"' + device_id.encode() + b'"'
+    escaped = f"\\u{ord(device_id[0]):04x}" + device_id[1:]
+    return [
+        plain.replace(key, b'"device_id" :\t "' + device_id.encode() + b'"'),
+        plain.replace(key, b'"device_id":"' + escaped.encode() + b'"'),
+        orjson.dumps({**record, "properties": {"device_id": "someone-else"}}),
+        b'{"device_id":"someone-else",' + plain[1:],
+    ]
+
+
+def test_route_sends_every_spelling_of_a_device_to_one_job() -> None:
+    from streams.replay_jobs import route
+
+    record = {"device_id": "été-42", "platform": "web", "event": "x"}
+    for jobs in (2, 3, 7):
+        assert len({route(line, jobs) for line in [orjson.dumps(record), *spellings(record)]}) == 1
+
+
+def test_jobs_give_the_bytes_of_one_process(tmp_path: Path) -> None:
+    from tests.integration.test_worker import generate
+
+    generated = generate(4000, 120, prefix="jobs", seed=5)
+    mixed: list[bytes] = []
+    for i, line in enumerate(generated):
+        mixed.append(line)
+        if i % 50 == 0:  # the device's next records see what these did: a wrong job would show
+            mixed += spellings(orjson.loads(line))
+        if i % 400 == 0:
+            mixed += [b"", b"not json", b"[1]", b'{"device_id": 7}', b'{"device_id": "\\ud800"}', b"\xff\xfe"]
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(mixed) + b"\n")
+    outputs = {}
+    for jobs in (1, 3):
+        out, dead = tmp_path / f"out{jobs}.jsonl", tmp_path / f"dead{jobs}.jsonl"
+        counts = run_replay(str(source), str(out), str(dead), EnrichSettings(), jobs=jobs)
+        outputs[jobs] = (out.read_bytes(), dead.read_bytes(), counts)
+    assert outputs[1][2].enriched > 3000 and outputs[1][2].dead_letters > 50
+    assert outputs[3] == outputs[1]
+
+
+def test_jobs_refuse_a_state_dir(tmp_path: Path) -> None:
+    run = replay("--input", SAMPLE, "--output", tmp_path / "o", "--dead-letter", tmp_path / "d", "--jobs", "2",
+                 "--state-dir", tmp_path / "state")
+    assert run.returncode == 2 and b"--state-dir" in run.stderr
+
+
+def test_state_is_written_as_the_replay_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --state-dir the changed states are written every FLUSH_EVERY lines, not kept to the end (memory
+    would grow with the devices)."""
+    from streams import replay as replay_module
+    from streams.statestore import CachedStore
+    from tests.integration.test_worker import generate
+
+    flushes: list[int] = []
+    flush = CachedStore.flush
+
+    def counted(self: CachedStore) -> None:
+        flushes.append(1)
+        flush(self)
+
+    monkeypatch.setattr(replay_module, "FLUSH_EVERY", 1000)
+    monkeypatch.setattr(CachedStore, "flush", counted)
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(generate(4500, 300, prefix="flush", seed=2)) + b"\n")
+    run_replay(str(source), str(tmp_path / "out"), str(tmp_path / "dead"), EnrichSettings(),
+               state_dir=str(tmp_path / "state"))
+    assert len(flushes) >= 5  # at 1,000, 2,000, 3,000, 4,000 and the end
