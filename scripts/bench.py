@@ -715,11 +715,13 @@ class ReplayRun:
     dead: Path
 
 
-async def run_replay(names: Names, label: str, src: Path, state_dir: Path | None = None) -> ReplayRun:
+async def run_replay(names: Names, label: str, src: Path, state_dir: Path | None = None, jobs: int = 1) -> ReplayRun:
     out, dead = names.run_dir / f"replay-{label}.jsonl", names.run_dir / f"replay-{label}.dead.jsonl"
     argv = [PYTHON, "-m", "streams", "replay", "--input", str(src), "--output", str(out), "--dead-letter", str(dead)]
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir)]
+    if jobs > 1:
+        argv += ["--jobs", str(jobs)]
     child = Child(f"replay {label}", argv, clean_env(), names.run_dir / f"replay-{label}.log")
     code = await asyncio.to_thread(child.wait)
     if code != 0:
@@ -1196,6 +1198,7 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
         with timed("replay", "replay (offline: the reference output, its speed and memory)", took):
             startup = await run_replay(names, "empty", empty_in)  # the interpreter's start, to subtract
             memory = await run_replay(names, "memory", main_in)
+            jobs = await run_replay(names, "jobs", main_in, jobs=2)
             state_main = await run_replay(names, "state", main_in, names.run_dir / "replay-state")
             state_wide = await run_replay(names, "state-wide", wide_in, names.run_dir / "replay-state-wide")
             prefix = await run_replay(names, "prefix", prefix_in)
@@ -1203,6 +1206,9 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             prefix_reference = await asyncio.to_thread(file_digest, prefix)
             state_same = hashlib.sha256(memory.output.read_bytes()).digest() == hashlib.sha256(
                 state_main.output.read_bytes()).digest()
+            jobs_same = hashlib.sha256(memory.output.read_bytes()).digest() == hashlib.sha256(
+                jobs.output.read_bytes()).digest()
+            jobs.output.unlink()
             state_wide.output.unlink()
             state_main.output.unlink()
 
@@ -1251,6 +1257,8 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
         results = [
             ceiling, baseline, worker, eos,
             replay_result("replay (state in memory)", memory, "all", "JSONL file in and out, no broker"),
+            replay_result("replay --jobs 2", jobs, "all", "devices split between 2 processes; CPU of all, RSS of "
+                          "the merging one"),
             replay_result(f"replay --state-dir, {plan.devices:,} devices", state_main, "all",
                           "RocksDB state behind a 100,000-device cache"),
             replay_result(f"replay --state-dir, {plan.wide_devices:,} devices", state_wide, "other input",
@@ -1283,7 +1291,8 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             f"{state_wide.peak_rss_mib:,.0f} MiB at {plan.wide_devices:,} "
             f"({ratio(state_wide.peak_rss_mib, state_main.peak_rss_mib)}x for "
             f"{plan.wide_devices // plan.devices}x the devices); in memory {memory.peak_rss_mib:,.0f} MiB. "
-            f"Replay with --state-dir gave the same bytes as in memory: {'yes' if state_same else 'NO'}.",
+            f"Replay with --state-dir gave the same bytes as in memory: {'yes' if state_same else 'NO'}; "
+            f"with --jobs 2: {'yes' if jobs_same else 'NO'}.",
             f"- Load: {loaded:,} records into {raw} in {load_seconds:.1f}s ({loaded / load_seconds:,.0f}/s).",
             "",
             "Correctness: " + ("PASS. " if verdict.ok else "**FAIL**. ") + " ".join(verdict.lines),
@@ -1311,6 +1320,9 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
         text = "\n".join(report) + "\n"
         print(text)
         (BENCH_DIR / "last.md").write_text(text)
+        if not (state_same and jobs_same):
+            print("bench: FAIL: replay's output changed with --state-dir or --jobs", file=sys.stderr)
+            return 1
         if not verdict.ok:
             print("bench: FAIL: the worker's output differs from replay's for the same input", file=sys.stderr)
             for line in verdict.lines:
