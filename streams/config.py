@@ -165,5 +165,6 @@ def table_markdown() -> str:
     """The README's settings table, from the one source of truth."""
     rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
     for f in fields(Settings):
-        rows.append(f"| `{env_name(f.name)}` | `{flag_name(f.name)}` | `{f.default!r}` | {f.metadata['help']} |")
+        flag = f.metadata["flag"] or flag_name(f.name)
+        rows.append(f"| `{env_name(f.name)}` | `{flag}` | `{f.default!r}` | {f.metadata['help']} |")
     return "\n".join(rows)
