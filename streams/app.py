@@ -143,6 +143,7 @@ class BatchConsumer(AIOKafkaConsumer):
                             # a send, a transaction or a write failed: what of the batch was not committed
                             # is done again (exactly-once: the partitions whose transaction failed)
                             failed = e.tps if isinstance(e, BatchFailed) else set(batch)
+                            self.pipeline.counters.failed_batches += 1
                             log.error("batch failed (%s: %s); it will be processed again", type(e).__name__, e)
                             self.pipeline.forget_partitions(tp.partition for tp in failed)
                             rewind.update({tp: batch[tp][0].offset for tp in failed})

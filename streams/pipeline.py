@@ -89,6 +89,8 @@ class Counters:
     forwarded: int = 0
     skipped: int = 0
     batches: int = 0
+    failed_batches: int = 0  # done again from their start (a send, a write or a transaction failed)
+    transactions: int = 0  # committed (exactly-once)
     state_writes: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
@@ -408,6 +410,7 @@ class Pipeline:
             await producer.send_offsets_to_transaction(
                 {TopicPartition(tp.topic, tp.partition): o for tp, o in offsets.items()}, self.group)
             await producer.commit_transaction()
+            self.counters.transactions += 1
         except BaseException:
             # no abort: a fenced or broken producer cannot; the next producer opened for p (this worker's once
             # the group confirms it owns p, or the next owner's) makes the broker abort what was left open

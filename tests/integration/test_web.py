@@ -62,8 +62,10 @@ def by_label(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name:
     return out
 
 
-def test_metrics_count_a_known_input(topics: Settings, start_worker: Callable[..., Worker], tmp_path: Path) -> None:
-    worker = start_worker(topics)
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_metrics_count_a_known_input(topics: Settings, start_worker: Callable[..., Worker], tmp_path: Path,
+                                     guarantee: str) -> None:
+    worker = start_worker(topics, processing_guarantee=guarantee)
     worker.wait_ready()
     asyncio.run(kafka_topics.produce_file(topics, str(SAMPLE)))
     expected, letters = replay_outputs(topics, SAMPLE)
@@ -83,7 +85,14 @@ def test_metrics_count_a_known_input(topics: Settings, start_worker: Callable[..
     assert sorted(lags) == ["0", "1", "2", "3"]
     assert sum(lags.values()) == 0
     assert samples[("streams_state_devices", frozenset())] == len(expected_states())
-    assert samples[("streams_batches_total", frozenset())] >= 1
+    batches = samples[("streams_batches_total", frozenset())]
+    assert batches >= 1
+    assert samples[("streams_batches_failed_total", frozenset())] == 0
+    transactions = samples[("streams_transactions_total", frozenset())]
+    if guarantee == "exactly_once":  # one per partition with records in a batch
+        assert batches <= transactions <= batches * topics.partitions, (batches, transactions)
+    else:
+        assert transactions == 0
 
 
 def expected_states() -> dict[str, dict[str, Any]]:
