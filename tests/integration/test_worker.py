@@ -397,9 +397,11 @@ def test_a_stalled_worker_cannot_commit_behind_its_successor(topics: Settings, s
     assert b.stop() == 0, f"SIGTERM: exit code {b.proc.returncode}\n{b.log_tail()}"
 
 
+@pytest.mark.parametrize("guarantee", GUARANTEES)
 def test_sigterm_during_a_rebalance_exits_cleanly(topics: Settings, start_worker: StartWorker,
-                                                   tmp_path: Path) -> None:
+                                                   tmp_path: Path, guarantee: str) -> None:
     """A worker told to stop while it takes over partitions (rolling restarts do this) stops cleanly."""
+    topics = replace(topics, processing_guarantee=guarantee)
     a = start_worker(topics, "a", state_dir=str(tmp_path / "state-a"))
     b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=free_port())
     a.wait_ready(members=2, timeout=120)
