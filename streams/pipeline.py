@@ -260,17 +260,25 @@ class Pipeline:
         if producer is None:
             producer = await self.producer()
         sent: list[tuple[Any, int]] = []
+
+        async def send(batch: Any, topic: str, partition: int, count: int) -> None:
+            # closed: sent at once. An open batch waits out the producer's linger (5 ms) in case more is
+            # appended, twice a batch (outputs, then changelog), and a second batch for the same partition
+            # waits for the first to leave
+            batch.close()
+            sent.append((await producer.send_batch(batch, topic, partition=partition), count))
+
         for (topic, partition), messages in outbox.items():
             batch, count = producer.create_batch(), 0
             for key, value, headers in messages:
                 if batch.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
-                    sent.append((await producer.send_batch(batch, topic, partition=partition), count))
+                    await send(batch, topic, partition, count)
                     batch, count = producer.create_batch(), 0
                     if batch.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
                         raise ValueError(f"a message of {len(value or b'')} bytes does not fit in a batch")
                 count += 1
             if count:
-                sent.append((await producer.send_batch(batch, topic, partition=partition), count))
+                await send(batch, topic, partition, count)
         return sent
 
     async def process(self, batch: Mapping[Any, Sequence[KafkaRecord]]) -> dict[Any, int]:
