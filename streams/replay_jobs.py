@@ -22,10 +22,10 @@ import orjson
 from .enrich import Enricher, EnrichSettings, MemoryStore
 from .gcpolicy import tune_gc
 
-# `"device_id": "<no quote, no backslash>"`. Inside a JSON string every quote is escaped, so this pattern
-# matches only a key; a line where it occurs more than once (a nested object, a repeated key), or whose
-# value holds an escape, is parsed in full instead.
-_DEVICE_ID = re.compile(rb'"device_id"\s*:\s*"([^"\\]*)"')
+# `"device_id": "<no quote>"`. Inside a JSON string every quote is escaped, so in a line without a backslash
+# this pattern matches only a key; a line with a backslash (an escaped key or value may spell the device ID
+# differently) or where the key occurs more than once (a nested object, a repeated key) is parsed in full.
+_DEVICE_ID = re.compile(rb'"device_id"\s*:\s*"([^"]*)"')
 _KEY = b'"device_id"'
 
 # a job's answer for one line: the enriched records' bytes joined by newlines (b"" when there are none) and
@@ -35,7 +35,7 @@ Result = tuple[bytes, int]
 
 def route(raw: bytes, jobs: int) -> int:
     """The job of the line's device: a stable hash of its device ID, the same for every spelling of it."""
-    m = _DEVICE_ID.search(raw)
+    m = _DEVICE_ID.search(raw) if b"\\" not in raw else None
     if m is not None and raw.count(_KEY) == 1:
         key = m.group(1)
     else:

@@ -148,6 +148,9 @@ def spellings(record: dict[str, object]) -> list[bytes]:
         plain.replace(key, b'"device_id":"' + escaped.encode() + b'"'),
         orjson.dumps({**record, "properties": {"device_id": "someone-else"}}),
         b'{"device_id":"someone-else",' + plain[1:],
+        # the real key escaped, a nested one plain
+        orjson.dumps({**record, "properties": {"device_id": "someone-else"}}).replace(
+            b'"device_id":"' + device_id.encode(), b'"device\\u005fid":"' + device_id.encode()),
     ]
 
 
