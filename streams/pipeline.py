@@ -34,12 +34,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiokafka.partitioner import murmur2
 from aiokafka.structs import TopicPartition
 
 from . import codec
 from .enrich import Enricher
 from .identity import DeviceState, Rejected, device_id_of
+from .murmur2 import murmur2
 from .transactions import PartitionProducers
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,19 @@ class PartitionState:
         self.dirty: dict[str, tuple[DeviceState, dict[int, int]]] = {}
         self.position: tuple[int, int] = (0, -1)  # (source partition, offset) of the record being applied
         self.written = 0  # device states made durable in this batch
+        # the last device loaded and its entry: a record asks for its device up to three times (holds, the
+        # step's get, put), and a device with nothing stored would cost a RocksDB read each time
+        self._last_id: str | None = None
+        self._last: tuple[DeviceState, dict[int, int]] | None = None
 
     def load(self, device_id: str) -> tuple[DeviceState, dict[int, int]] | None:
+        if device_id == self._last_id:
+            return self._last
+        entry = self._load(device_id)
+        self._last_id, self._last = device_id, entry
+        return entry
+
+    def _load(self, device_id: str) -> tuple[DeviceState, dict[int, int]] | None:
         entry = self.dirty.get(device_id)
         if entry is not None:
             return entry
@@ -161,7 +172,8 @@ class PartitionState:
         applied = dict(entry[1]) if entry is not None else {}
         source_partition, offset = self.position
         applied[source_partition] = offset
-        self.dirty[device_id] = (state, applied)
+        self.dirty[device_id] = self._last = (state, applied)
+        self._last_id = device_id
 
     def encoded(self) -> list[tuple[bytes, bytes]]:
         return [(d.encode(), codec.encode_state(s, a)) for d, (s, a) in self.dirty.items()]
@@ -232,8 +244,8 @@ class Pipeline:
         self._hash_of: dict[str, int] = {}
 
     def key_hash(self, device_id: str) -> int:
-        """Kafka's default partitioner's hash of the key (murmur2, as the Java client), cached: aiokafka's
-        murmur2 is pure Python and would otherwise run for every record sent."""
+        """Kafka's default partitioner's hash of the key (murmur2, as the Java client), cached: it is Python
+        and would otherwise run for every record sent."""
         h = self._hash_of.get(device_id)
         if h is None:
             h = murmur2(device_id.encode()) & 0x7FFFFFFF
