@@ -11,6 +11,7 @@ Knows processes and queues; the files and the counts stay in `streams.replay`.
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import re
 import zlib
 from collections import deque
@@ -119,7 +120,7 @@ class ReplayJobs:
             try:
                 results: list[Result] = self.outboxes[k].get(timeout=5.0)
                 return results
-            except Exception:  # queue.Empty: is the job still there?
+            except queue.Empty:  # is the job still there?
                 if not self.processes[k].is_alive():
                     raise RuntimeError(f"replay job {k} died (exit code {self.processes[k].exitcode})") from None
 

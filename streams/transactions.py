@@ -15,7 +15,6 @@ Knows aiokafka's producer; knows nothing of Faust or of what the records mean.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -55,11 +54,13 @@ class PartitionProducers:
         return producer
 
     async def close(self, partitions: Iterable[int]) -> None:
-        gone = [self.producers.pop(p) for p in list(partitions) if p in self.producers]
-        for producer in gone:
+        for p in [p for p in list(partitions) if p in self.producers]:
+            producer = self.producers.pop(p)
             # an open transaction is aborted by the broker when the next owner opens its producer
-            with contextlib.suppress(Exception):
+            try:
                 await producer.stop()
+            except Exception as e:  # a fenced or disconnected producer: nothing of it is needed any more
+                log.info("closing the producer of partition %d: %s", p, type(e).__name__)
 
     async def close_all(self) -> None:
         await self.close(list(self.producers))
