@@ -284,6 +284,22 @@ def group_assignment(settings: Settings) -> tuple[str, list[set[int]]]:
     return "absent", []
 
 
+def wait_for_group(settings: Settings, ok: Callable[[str, list[set[int]]], bool], timeout: float, what: str,
+                   log: Callable[[], str] = lambda: "") -> None:
+    """Poll the group's state and assignment until `ok(state, held)`; fail saying `what` did not happen."""
+    deadline = time.monotonic() + timeout
+    state, held = group_assignment(settings)
+    while not ok(state, held):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: {state} {held}\n{log()}")
+        time.sleep(0.05)
+        state, held = group_assignment(settings)
+
+
+def held_by_one(state: str, held: list[set[int]]) -> bool:
+    return state == "Stable" and held == [set(range(PARTITIONS))]
+
+
 # -- reading what the worker wrote -----------------------------------------------------------------------
 
 

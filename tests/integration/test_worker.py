@@ -34,7 +34,9 @@ from tests.integration.conftest import (
     enriched_by_device,
     free_port,
     group_assignment,
+    held_by_one,
     replay_outputs,
+    wait_for_group,
     wait_for_outputs,
     without_repeats,
     write_jsonl,
@@ -367,27 +369,14 @@ def test_a_stalled_worker_cannot_commit_behind_its_successor(topics: Settings, s
     try:
         b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=free_port())
         # a is still a member until its session times out; then b holds everything
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            state, held = group_assignment(topics)
-            if state == "Stable" and held == [{0, 1, 2, 3}]:
-                break
-            time.sleep(0.25)
-        else:
-            pytest.fail(f"b did not take over from the frozen worker: {state} {held}\n{b.log_tail()}")
+        wait_for_group(topics, held_by_one, 120, "b did not take over from the frozen worker", b.log_tail)
         sender.join(120)
         wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[b], settle=0)
     finally:
         a.proc.send_signal(signal.SIGCONT)
     # the zombie wakes with a batch perhaps half sent and stale offsets; it must rejoin, not commit them
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        state, held = group_assignment(topics)
-        if state == "Stable" and len(held) == 2 and all(held):
-            break
-        time.sleep(0.25)
-    else:
-        pytest.fail(f"the woken worker did not rejoin the group: {state} {held}\n{a.log_tail()}")
+    wait_for_group(topics, lambda state, held: state == "Stable" and len(held) == 2 and all(held), 90,
+                   "the woken worker did not rejoin the group", a.log_tail)
     out = wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[a, b], settle=3)
     assert len(out.enriched) == len(expected), (f"{len(out.enriched) - len(expected)} records more than replay's"
                                                 f"\n{a.log_tail()}")
@@ -407,14 +396,7 @@ def test_sigterm_during_a_rebalance_exits_cleanly(topics: Settings, start_worker
     a.wait_ready(members=2, timeout=120)
     b.wait_ready(members=2, timeout=120)
     assert a.stop() == 0, f"SIGTERM: exit code {a.proc.returncode}\n{a.log_tail()}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        state, held = group_assignment(topics)
-        if state == "Stable" and held == [{0, 1, 2, 3}]:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"b did not take over all partitions: {state} {held}")
+    wait_for_group(topics, held_by_one, 60, "b did not take over all partitions")
     code = b.stop()
     assert not b.forced, "the worker did not stop within 30 s of SIGTERM"
     assert code == 0, (f"SIGTERM just after a rebalance: exit code {code}; errors logged:\n"
