@@ -53,7 +53,6 @@ from typing import Any, TextIO
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
 from streams import codec
 from streams import topics as kafka_topics
@@ -416,28 +415,6 @@ async def delete_topics(brokers: str, prefix: str) -> list[str]:
         if mine:
             await admin.delete_topics(mine)
         return mine
-
-
-async def group_assignment(brokers: str, group: str, raw_topic: str) -> tuple[str, list[set[int]]]:
-    """The group's state and, per member, the raw-topic partitions it holds."""
-    async with admin_client(brokers) as admin:
-        responses = await admin.describe_consumer_groups([group])
-    for response in responses:
-        for described in response.groups:
-            error, group_id, state, _, _, members, *_ = described
-            if group_id != group:
-                continue
-            held = []
-            for member in members:
-                partitions: set[int] = set()
-                if member[-1]:
-                    assignment = ConsumerProtocolMemberAssignment.decode(member[-1])
-                    for topic, parts in assignment.assignment:
-                        if topic == raw_topic:
-                            partitions.update(parts)
-                held.append(partitions)
-            return (state if not error else f"error {error}"), held
-    return "absent", []
 
 
 @dataclass
@@ -803,8 +780,7 @@ class Chaos:
                 time.sleep(0.5)
                 continue
             try:
-                state, held = run_async(group_assignment(self.settings.brokers, self.settings.group,
-                                                         self.settings.raw_topic), timeout=20)
+                state, held = run_async(kafka_topics.group_assignment(self.settings), timeout=20)
             except Exception as e:
                 state, held = f"unknown ({type(e).__name__})", []
             last = f"group {state}, raw partitions per member {held}"

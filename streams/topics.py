@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, TextIO
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from . import config
@@ -123,6 +124,29 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> in
 
 
 # -- producing -------------------------------------------------------------------------------------------
+
+
+async def group_assignment(settings: Settings) -> tuple[str, list[set[int]]]:
+    """The worker group's state and, per member, the raw-topic partitions it holds ("absent" when there is no
+    such group): what tests and the fault harness wait on around rebalances."""
+    async with _admin(settings) as admin:
+        responses = await admin.describe_consumer_groups([settings.group])
+    for response in responses:
+        for group in response.groups:
+            error, group_id, state, _, _, members, *_ = group
+            if group_id != settings.group:
+                continue
+            held = []
+            for member in members:
+                partitions: set[int] = set()
+                if member[-1]:
+                    assignment = ConsumerProtocolMemberAssignment.decode(member[-1])
+                    for topic, parts in assignment.assignment:
+                        if topic == settings.raw_topic:
+                            partitions.update(parts)
+                held.append(partitions)
+            return (state if not error else f"error {error}"), held
+    return "absent", []
 
 
 def producer(settings: Settings) -> Any:

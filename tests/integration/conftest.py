@@ -30,7 +30,6 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
 from streams import topics as kafka_topics
 from streams.config import Settings, env_name
@@ -52,9 +51,8 @@ def _kafka_sh(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-async def _admin_call(brokers: str, call: Callable[[Any], Any], settings: Settings | None = None) -> Any:
-    options = settings.kafka_options() if settings is not None else {}
-    admin = AIOKafkaAdminClient(bootstrap_servers=brokers, request_timeout_ms=15_000, **options)
+async def _admin_call(brokers: str, call: Callable[[Any], Any]) -> Any:
+    admin = AIOKafkaAdminClient(bootstrap_servers=brokers, request_timeout_ms=15_000)
     await admin.start()
     try:
         return await call(admin)
@@ -257,31 +255,10 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
 
 def group_assignment(settings: Settings) -> tuple[str, list[set[int]]]:
     """The group's state and, per member, the raw-topic partitions it holds."""
-
-    async def describe(admin: Any) -> Any:
-        return await admin.describe_consumer_groups([settings.group])
-
     try:
-        responses = asyncio.run(_admin_call(settings.brokers, describe, settings))
+        return asyncio.run(kafka_topics.group_assignment(settings))
     except Exception as e:
         return f"unknown ({e!r})", []
-    for response in responses:
-        for group in response.groups:
-            error, group_id, state, _, _, members, *_ = group
-            if group_id != settings.group:
-                continue
-            held = []
-            for member in members:
-                data = member[-1]
-                partitions: set[int] = set()
-                if data:
-                    assignment = ConsumerProtocolMemberAssignment.decode(data)
-                    for topic, parts in assignment.assignment:
-                        if topic == settings.raw_topic:
-                            partitions.update(parts)
-                held.append(partitions)
-            return (state if not error else f"error {error}"), held
-    return "absent", []
 
 
 def wait_for_group(settings: Settings, ok: Callable[[str, list[set[int]]], bool], timeout: float, what: str,
