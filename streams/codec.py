@@ -87,9 +87,12 @@ def _json_type(value: object) -> str:
 
 def encode(record: Mapping[str, Any]) -> bytes:
     try:
-        data = dumps(record)
-    except (TypeError, UnicodeEncodeError) as e:  # a lone surrogate: valid JSON escapes, but not UTF-8
-        raise Rejected(Reason.UNENCODABLE, "", f"cannot be written as UTF-8 JSON: {e}") from None
+        data = orjson.dumps(record)  # `dumps`, without a call around it for the common case
+    except TypeError:
+        try:
+            data = dumps(record)
+        except (TypeError, UnicodeEncodeError) as e:  # a lone surrogate: valid JSON escapes, but not UTF-8
+            raise Rejected(Reason.UNENCODABLE, "", f"cannot be written as UTF-8 JSON: {e}") from None
     if len(data) > MAX_OUTPUT_BYTES:
         raise Rejected(Reason.TOO_LARGE, "properties",
                        f"the enriched record would be {len(data)} bytes; Kafka takes {MAX_OUTPUT_BYTES}")

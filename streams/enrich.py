@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import codec
-from .identity import DeviceState, Reason, Rejected, Settings, apply, device_id_of
+from .identity import DeviceState, Reason, Rejected, Settings, apply, device_id_of, plain_track
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,9 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.states: dict[str, DeviceState] = {}
-
-    def get(self, device_id: str) -> DeviceState | None:
-        return self.states.get(device_id)
-
-    def put(self, device_id: str, state: DeviceState) -> None:
-        self.states[device_id] = state
+        # the dict's own methods: one lookup per record, no Python call around it
+        self.get = self.states.get
+        self.put = self.states.__setitem__
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +100,12 @@ class Enricher:
             device_id = device_id_of(record)
             state = store.get(device_id)
             if state is None:
-                state = self.fresh_state(device_id)
-            new, emitted = apply(state, record, s.identity, s.default_platform, device_id)
+                state = self._fresh.get(device_id) or self.fresh_state(device_id)
+            track = plain_track(state, record, s.default_platform, device_id)
+            if track is not None:
+                new, emitted = state, [track]
+            else:
+                new, emitted = apply(state, record, s.identity, s.default_platform, device_id)
             if emitted and "offset" in source:
                 # at-least-once: a record written again after a crash is byte-identical to the first copy,
                 # and its id tells a warehouse it is the same record

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from streams import codec
 from streams.enrich import Enricher, MemoryStore, Outcome
-from streams.identity import PLATFORMS, Reason
+from streams.identity import PLATFORMS, DeviceState, Reason, Rejected, Settings, apply, plain_track
 
 STORE = MemoryStore()
 ENRICHER = Enricher()
@@ -233,3 +233,42 @@ def test_unhashable_hash_is_bad_input() -> None:
         outcome = ENRICHER.step(raw, {"line": 1}, MemoryStore())
         assert outcome.dead_letter is not None
         assert orjson.loads(outcome.dead_letter)["reason"] == Reason.INVALID_HASH, outcome.dead_letter
+
+
+# tracks, and things that look like them: the shapes where the hot path and the action table could part
+track_shaped = st.fixed_dictionaries(
+    {"device_id": device_ids},
+    optional={
+        "platform": platforms | json_values,
+        "action": st.sampled_from(["track", "login", "Track"]) | json_values,
+        "event": ACTION_FIELDS["event"],
+        "properties": ACTION_FIELDS["properties"],
+        "time": ACTION_FIELDS["time"],
+    },
+)
+
+
+@FUZZ
+@given(batch=st.lists(good_envelopes, max_size=6), fields=track_shaped,
+       default_platform=st.none() | platforms | st.just("nowhere"))
+def test_plain_track_is_what_apply_does(batch: list[dict[str, Any]], fields: dict[str, Any],
+                                        default_platform: str | None) -> None:
+    """The hot path for tracks (`plain_track`) either declines or gives exactly what `apply` gives, on any
+    state (the batch gives the device one) and any record."""
+    store = MemoryStore()
+    for earlier in batch:
+        ENRICHER.step(orjson.dumps(earlier), {"line": 1}, store)
+    device_id = fields["device_id"]
+    state = store.get(device_id) or DeviceState.new(device_id)
+    raw = orjson.loads(orjson.dumps(fields))
+    fast = plain_track(state, raw, default_platform, device_id)
+    try:
+        new, emitted = apply(state, raw, Settings(), default_platform, device_id)
+    except Rejected:
+        assert fast is None, f"the hot path took a record apply refuses: {raw!r}"
+        return
+    if raw.get("action", "track") == "track":
+        assert fast is not None, f"the hot path declined a valid track: {raw!r}"
+    if fast is not None:
+        assert new is state and emitted == [fast]
+        assert list(emitted[0]) == list(fast)  # the same fields in the same order: the same bytes

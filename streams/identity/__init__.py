@@ -11,7 +11,7 @@ Rules of this package:
 """
 
 from .actions import ACTIONS, Record, Settings
-from .engine import apply, device_id_of, platform_of
+from .engine import apply, device_id_of, plain_track, platform_of
 from .errors import Reason, Rejected
 from .platforms import PLATFORMS, Platform
 from .state import CustomerId, DeviceState
@@ -28,5 +28,6 @@ __all__ = [
     "Settings",
     "apply",
     "device_id_of",
+    "plain_track",
     "platform_of",
 ]

@@ -17,6 +17,7 @@ from .values import type_name
 
 MAX_DEVICE_ID_LENGTH = 255
 EMPTY: dict[str, Any] = {}
+_ABSENT: Any = object()
 
 
 def device_id_of(raw: Mapping[str, Any]) -> str:
@@ -76,4 +77,35 @@ def apply(
     return action(Context(state, raw, platform, device_id, settings))
 
 
-__all__ = ["Record", "Settings", "apply", "device_id_of"]
+def plain_track(
+    state: DeviceState, raw: Mapping[str, Any], default_platform: str | None, device_id: str
+) -> Record | None:
+    """What `apply` emits for an ordinary track, in one function: tracks are most of the traffic, and the
+    action table, the envelope checks and the context cost more than the track itself. None for any other
+    record (another action, a field `apply` would refuse), which `apply` then decides. A track changes no
+    state, so the state stays `state`. Tested to agree with `apply` on any record."""
+    if raw.get("action", "track") != "track":
+        return None
+    name = raw.get("platform", default_platform)
+    platform = PLATFORMS.get(name) if type(name) is str else None
+    event = raw.get("event")
+    if platform is None or type(event) is not str or not event:
+        return None
+    properties = raw.get("properties", _ABSENT)
+    time = raw.get("time", _ABSENT)
+    if properties is not _ABSENT and type(properties) is not dict:
+        return None
+    if time is not _ABSENT and type(time) is not int:
+        return None
+    out = state.stamp(platform).copy()
+    out["type"] = "track"
+    out["event"] = event
+    if properties is not _ABSENT:
+        out["properties"] = properties
+    if time is not _ABSENT:
+        out["time"] = time
+    out["device_id"] = device_id
+    return out
+
+
+__all__ = ["Record", "Settings", "apply", "device_id_of", "plain_track"]
