@@ -112,10 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:
     from .gcpolicy import tune_gc
     from .replay import replay
+    from .replay_jobs import MAX_JOBS
 
     tune_gc()
-    if settings.replay_jobs < 1 or (settings.replay_jobs > 1 and args.state_dir):
-        print("streams replay: --jobs must be at least 1, and more than 1 keeps the states in memory "
+    if not 1 <= settings.replay_jobs <= MAX_JOBS or (settings.replay_jobs > 1 and args.state_dir):
+        print(f"streams replay: --jobs takes 1 to {MAX_JOBS}, and more than 1 keeps the states in memory "
               "(no --state-dir)", file=sys.stderr)
         return 2
     try:

@@ -129,12 +129,14 @@ def replay(
                     pending.clear()
                 counts.lines, counts.records, counts.enriched, counts.dead_letters = n, records, enriched, dead_letters
 
+            source = {"line": 0}  # one dict, refilled: a dead letter copies it
             for n, line in enumerate(src, 1):
                 raw = line[:-1] if line.endswith(b"\n") else line
-                if not raw.strip():
+                if not raw or raw.isspace():
                     continue  # a blank line holds no record
                 records += 1
-                outcome = step(raw, {"line": n}, store)
+                source["line"] = n
+                outcome = step(raw, source, store)
                 if outcome.dead_letter is not None:
                     dead_letters += 1
                     dead.write(outcome.dead_letter + b"\n")
@@ -169,48 +171,44 @@ def replay(
     return counts
 
 
-CHUNK_LINES = 2048
+BLOCK_BYTES = 1 << 20
+
+
+def blocks(src: BinaryIO, counts: Counts, size: int = BLOCK_BYTES) -> Iterator[tuple[int, int, bytes]]:
+    """The input as blocks of whole lines, each with the number of its first line and its offset
+    (`counts.lines`: the lines read so far). A block ends with its last line's newline, if it has one."""
+    first, offset = 1, 0
+    while True:
+        block = src.read(size)
+        if not block:
+            return
+        if not block.endswith(b"\n"):
+            block += src.readline()  # the rest of its last line
+        lines = block.count(b"\n") + (not block.endswith(b"\n"))
+        counts.lines = first + lines - 1
+        yield first, offset, block
+        first, offset = first + lines, offset + len(block)
 
 
 def _replay_in_jobs(input_path: str, output_path: str, dead_letter_path: str, settings: EnrichSettings, jobs: int,
                     progress: TextIO | None, progress_interval: float | None) -> Counts:
     """The same replay with the devices split between `jobs` processes (`streams.replay_jobs`)."""
     counts = Counts()
-    runner = ReplayJobs(settings, jobs)
+    # a file the jobs read themselves (piping every block to every job costs more than the reading)
+    runner = ReplayJobs(settings, jobs, input_path if input_path != "-" and os.path.isfile(input_path) else None)
     try:
         with _open_in(input_path) as (src, size), _open_out(output_path) as out, \
                 _open_out(dead_letter_path) as dead:
             report = Progress(progress, size, progress_interval) if progress is not None else None
-
-            def chunks() -> Iterator[list[tuple[int, bytes]]]:
-                chunk: list[tuple[int, bytes]] = []
-                for n, line in enumerate(src, 1):
-                    raw = line[:-1] if line.endswith(b"\n") else line
-                    if raw.strip():  # a blank line holds no record
-                        chunk.append((n, raw))
-                        if len(chunk) == CHUNK_LINES:
-                            counts.lines = n
-                            yield chunk
-                            chunk = []
-                    counts.lines = n
-                if chunk:
-                    yield chunk
-
-            records = enriched = dead_letters = 0
-            write = out.write
-            for text, count in runner.run(chunks()):
-                records += 1
-                if count > 0:
-                    enriched += count
-                    write(text + b"\n")
-                elif count < 0:
-                    dead_letters += 1
-                    dead.write(text + b"\n")
-                if records & 1023 == 0:
-                    counts.records, counts.enriched, counts.dead_letters = records, enriched, dead_letters
-                    if report is not None:
-                        report.update(counts, src.tell() if size else 0)
-            counts.records, counts.enriched, counts.dead_letters = records, enriched, dead_letters
+            for merged in runner.run(blocks(src, counts, BLOCK_BYTES)):
+                out.write(merged.enriched_bytes)
+                for letter in merged.dead_letters:
+                    dead.write(letter + b"\n")
+                counts.records += merged.records
+                counts.enriched += merged.enriched
+                counts.dead_letters += len(merged.dead_letters)
+                if report is not None:
+                    report.update(counts, src.tell() if size else 0)
             if report is not None:
                 report.finish(counts)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import subprocess
 import sys
@@ -148,6 +149,8 @@ def spellings(record: dict[str, object]) -> list[bytes]:
         plain.replace(key, b'"device_id":"' + escaped.encode() + b'"'),
         orjson.dumps({**record, "properties": {"device_id": "someone-else"}}),
         b'{"device_id":"someone-else",' + plain[1:],
+        # a plain key first, and the key again, escaped, last (the one that counts)
+        b'{"device_id":"someone-else",' + plain[1:].replace(b'"device_id"', b'"device\\u005fid"'),
         # the real key escaped, a nested one plain
         orjson.dumps({**record, "properties": {"device_id": "someone-else"}}).replace(
             b'"device_id":"' + device_id.encode(), b'"device\\u005fid":"' + device_id.encode()),
@@ -162,7 +165,8 @@ def test_route_sends_every_spelling_of_a_device_to_one_job() -> None:
         assert len({route(line, jobs) for line in [orjson.dumps(record), *spellings(record)]}) == 1
 
 
-def test_jobs_give_the_bytes_of_one_process(tmp_path: Path) -> None:
+def mixed_input() -> list[bytes]:
+    """Generated records, with every spelling of some of their devices and bad and blank lines among them."""
     from tests.integration.test_worker import generate
 
     generated = generate(4000, 120, prefix="jobs", seed=5)
@@ -172,9 +176,64 @@ def test_jobs_give_the_bytes_of_one_process(tmp_path: Path) -> None:
         if i % 50 == 0:  # the device's next records see what these did: a wrong job would show
             mixed += spellings(orjson.loads(line))
         if i % 400 == 0:
-            mixed += [b"", b"not json", b"[1]", b'{"device_id": 7}', b'{"device_id": "\\ud800"}', b"\xff\xfe"]
+            mixed += [b"", b" \r", b"not json", b"[1]", b'{"device_id": 7}', b'{"device_id": "\\ud800"}',
+                      b"\xff\xfe", b'{"device_id":"unclosed', b'{"device_id":"x\\"y","platform":"web","event":"e"}']
+    return mixed
+
+
+@pytest.mark.parametrize("jobs", [2, 3, 7])
+def test_owners_of_a_block_are_the_route_of_each_line(jobs: int) -> None:
+    """`owners` reads most lines by their start and checks the rest on the whole block: for every line that
+    holds a device's record it must agree with `route`, whatever else the block holds. A line that holds
+    none (not JSON, no device ID) touches no state: any job will do."""
+    from streams.replay_jobs import NOBODY, owners, route
+
+    def has_device(line: bytes) -> bool:
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return False
+        return type(record) is dict and type(record.get("device_id")) is str
+
+    mixed = mixed_input()
+    checked = 0
+    for start in range(0, len(mixed), 97):  # blocks of many sizes and mixes
+        for size in (1, 5, 60, 400):
+            block_lines = mixed[start:start + size]
+            got = owners(block_lines, b"\n".join(block_lines), jobs)
+            assert len(got) == len(block_lines)
+            for line, owner in zip(block_lines, got, strict=True):
+                if not line.strip():
+                    assert owner == NOBODY
+                elif has_device(line):
+                    assert owner == route(line, jobs), line
+                    checked += 1
+                else:
+                    assert owner < jobs, line
+    assert checked > 10_000
+
+
+@pytest.mark.parametrize("text", [b"", b"a\n", b"a", b"a\n\nbb\nccc", b"a\nbb\n\n", b"x" * 50 + b"\ny\n" + b"z" * 70])
+def test_blocks_cover_the_input_with_its_line_numbers(text: bytes) -> None:
+    from streams.replay import Counts, blocks
+
+    for size in (1, 2, 7, 1 << 20):
+        counts = Counts()
+        got = list(blocks(io.BytesIO(text), counts, size))
+        assert b"".join(block for _, _, block in got) == text
+        numbered = [(first + i, line) for first, _, block in got
+                    for i, line in enumerate(block.removesuffix(b"\n").split(b"\n"))]
+        assert numbered == list(enumerate(text.splitlines(), 1))
+        ends = list(itertools.accumulate(len(block) for _, _, block in got))
+        assert [offset for _, offset, _ in got] == [0, *ends][:len(got)]
+        assert counts.lines == len(text.splitlines())
+
+
+def test_jobs_give_the_bytes_of_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams import replay as replay_module
+
     source = tmp_path / "in.jsonl"
-    source.write_bytes(b"\n".join(mixed) + b"\n")
+    source.write_bytes(b"\n".join(mixed_input()) + b"\n")
     outputs = {}
     for jobs in (1, 3):
         out, dead = tmp_path / f"out{jobs}.jsonl", tmp_path / f"dead{jobs}.jsonl"
@@ -182,6 +241,21 @@ def test_jobs_give_the_bytes_of_one_process(tmp_path: Path) -> None:
         outputs[jobs] = (out.read_bytes(), dead.read_bytes(), counts)
     assert outputs[1][2].enriched > 3000 and outputs[1][2].dead_letters > 50
     assert outputs[3] == outputs[1]
+    # many blocks, each a few lines: a device's records meet in one job across blocks too
+    monkeypatch.setattr(replay_module, "BLOCK_BYTES", 2000)
+    out, dead = tmp_path / "out-small.jsonl", tmp_path / "dead-small.jsonl"
+    counts = run_replay(str(source), str(out), str(dead), EnrichSettings(), jobs=2)
+    assert (out.read_bytes(), dead.read_bytes(), counts) == outputs[1]
+
+
+def test_jobs_read_stdin_and_write_stdout(tmp_path: Path) -> None:
+    """Input from a pipe cannot be read again by the jobs: its blocks go to them through their queues."""
+    data = b"\n".join(mixed_input()) + b"\n"
+    one = replay("--input", "-", "--output", "-", "--dead-letter", tmp_path / "d1", stdin=data)
+    two = replay("--input", "-", "--output", "-", "--dead-letter", tmp_path / "d2", "--jobs", "2", stdin=data)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and len(one.stdout.splitlines()) > 3000
+    assert (tmp_path / "d2").read_bytes() == (tmp_path / "d1").read_bytes()
 
 
 def test_jobs_refuse_a_state_dir(tmp_path: Path) -> None:
