@@ -150,6 +150,7 @@ def test_internal_errors_become_dead_letters(monkeypatch: pytest.MonkeyPatch) ->
         raise KeyError("a bug")
 
     monkeypatch.setattr(enrich, "apply", broken)
+    monkeypatch.setattr(enrich, "plain_track", broken)  # the engine's hot path for tracks
     outcome = Enricher(EnrichSettings()).step(raw(**W, event="e"), {"line": 1}, MemoryStore())
     assert outcome.records == []
     assert outcome.dead_letter is not None
@@ -163,6 +164,7 @@ def test_unencodable_output_is_a_dead_letter(monkeypatch: pytest.MonkeyPatch) ->
         return state, [{"distinct_id": "\ud800"}]
 
     monkeypatch.setattr(enrich, "apply", with_lone_surrogate)
+    monkeypatch.setattr(enrich, "plain_track", lambda *args: {"distinct_id": "\ud800"})
     outcome = Enricher(EnrichSettings()).step(raw(**W, event="e"), {"line": 1}, MemoryStore())
     assert outcome.dead_letter is not None
     assert orjson.loads(outcome.dead_letter)["reason"] == "unencodable"
