@@ -22,7 +22,10 @@ DEFAULT_MAX_RECORD_BYTES = 1 << 20
 # producer's max_request_size 1 MiB, record overhead included). A larger output could never be delivered and
 # would stop the partition, so it becomes a dead letter instead
 MAX_OUTPUT_BYTES = 1_000_000
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+# format 1 kept the offset of the record that last changed the state, one per source partition for records
+# applied directly and records forwarded alike (they shadowed each other); its offsets are dropped when read
+OLD_STATE_FORMATS = frozenset({1})
 
 
 def decode(raw: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> dict[str, Any]:
@@ -132,8 +135,9 @@ def dead_letter(
 
 
 def encode_state(state: DeviceState, applied: Mapping[int, int] | None = None) -> bytes:
-    """A device's state as stored in RocksDB and its changelog. `applied`: per source partition, the offset of
-    the last raw record whose effect the state holds (the worker skips records up to it after a crash)."""
+    """A device's state as stored in RocksDB and its changelog. `applied`: per input log of its partition
+    (`streams.pipeline.FORWARDED`), the offset of the last record applied when the state was written (the
+    worker skips records up to it after a crash)."""
     return dumps(
         [
             STATE_FORMAT,
@@ -159,7 +163,9 @@ def decode_stored(data: bytes) -> tuple[DeviceState, dict[int, int]]:
         loaded = json.loads(data)  # a customer id beyond 64 bits, kept exact
     fmt, anonymous_id, default_id, login_key, login_value, bound, customer_ids, generated, applied = loaded
     if fmt != STATE_FORMAT:
-        raise ValueError(f"stored state format {fmt} is not {STATE_FORMAT}")
+        if fmt not in OLD_STATE_FORMATS:
+            raise ValueError(f"stored state format {fmt} is not {STATE_FORMAT}")
+        applied = []
     state = DeviceState(
         anonymous_id=anonymous_id,
         default_id=default_id,
@@ -170,6 +176,16 @@ def decode_stored(data: bytes) -> tuple[DeviceState, dict[int, int]]:
         generated=generated,
     )
     return state, {p: o for p, o in applied}
+
+
+def encode_applied(raw: int, foreign: int, forwarded: Mapping[int, int]) -> bytes:
+    """What a table partition's stored states hold of its inputs (`streams.pipeline.Applied`)."""
+    return dumps([raw, foreign, [[q, o] for q, o in sorted(forwarded.items())]])
+
+
+def decode_applied(data: bytes) -> tuple[int, int, dict[int, int]]:
+    raw, foreign, forwarded = orjson.loads(data)
+    return int(raw), int(foreign), {int(q): int(o) for q, o in forwarded}
 
 
 def state_as_json(state: DeviceState) -> dict[str, Any]:

@@ -38,8 +38,9 @@ from aiokafka.structs import TopicPartition
 
 from . import codec
 from .enrich import Enricher
-from .identity import DeviceState, Rejected, device_id_of
-from .murmur2 import murmur2
+from .identity import DeviceState, Reason, Rejected, device_id_of
+from .partitioners import key_hash as partitioner_hash
+from .statekeys import APPLIED_KEY, PLAN_KEY
 from .transactions import PartitionProducers
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ class PartitionDB(Protocol):
 
 # (key, value, headers) of a message to produce
 Message = tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]
+# one input partition's records in a batch: (tp, records); tp None when the batch has none
+Part = tuple[Any, Sequence[KafkaRecord]]
+_NONE: Part = (None, ())
 
 
 def _box(outbox: dict[tuple[str, int], list[Message]], topic: str, partition: int) -> list[Message]:
@@ -94,6 +98,7 @@ class Counters:
     state_writes: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    unreadable_states: int = 0  # stored device states that could not be decoded (their records: dead letters)
     latency_sum: float = 0.0
     last_record_age: float = 0.0
 
@@ -115,22 +120,67 @@ def _merge(into: dict[str, int], more: dict[str, int]) -> None:
         into[k] = into.get(k, 0) + n
 
 
+@dataclass
+class Applied:
+    """How far a table partition's stored device states hold its inputs, stored and changelogged with them
+    (under `APPLIED_KEY`): what a batch read again after a crash skips. Per partition rather than per device:
+    a device's records reach it by two logs, and a record that changed nothing must be skipped too once a
+    later record of the other log has changed the device.
+
+    raw: the next offset of the raw partition not yet applied.
+    forwarded: per raw partition q, the offset (in q) of the last record forwarded from q that was applied;
+      forwards from q arrive in q's order, so anything at or below it is a copy (forwarded again after a crash).
+    foreign: the next offset of the repartition partition not yet applied, for records without our header."""
+
+    raw: int = 0
+    foreign: int = 0
+    forwarded: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def stored(cls, data: Any) -> Applied:
+        if not isinstance(data, bytes):
+            return cls()
+        raw, foreign, forwarded = codec.decode_applied(data)
+        return cls(raw, foreign, forwarded)
+
+    def encoded(self) -> bytes:
+        return codec.encode_applied(self.raw, self.foreign, self.forwarded)
+
+    def snapshot(self, partition: int) -> dict[int, int]:
+        """The marks as a device state stores them (`watermark_key`): the last offset applied per log."""
+        marks = {FORWARDED + q: o for q, o in self.forwarded.items()}
+        if self.raw:
+            marks[partition] = self.raw - 1
+        if self.foreign:
+            marks[-1 - partition] = self.foreign - 1
+        return marks
+
+
+# A device state stores, with itself, how far its partition's inputs had been applied when it was written: the
+# last offset per log, under p for the raw partition p, FORWARDED + q for records forwarded from raw partition q,
+# and -1 - p for records found in repartition partition p without our header. A record at or below its log's
+# mark is in the state already (or changed nothing before it). It is written atomically with the state, where
+# `Applied` is written beside the states of a batch and a crash can leave it behind some of them
+FORWARDED = 1 << 32
+
+
 class PartitionState:
-    """One table partition's device states during a batch: a `StateStore` for the enrich step that also
-    remembers, per device, up to which raw offset (per source partition) its state holds."""
+    """One table partition's device states during a batch: a `StateStore` for the enrich step, and how far
+    the stored states hold the partition's inputs."""
 
     def __init__(self, partition: int, db: PartitionDB, cache: OrderedDict[tuple[int, str], Any],
-                 cache_size: int, counters: Counters) -> None:
+                 cache_size: int, counters: Counters, applied: Applied | None = None) -> None:
         self.partition = partition
         self.db = db
         self.cache = cache
         self.cache_size = cache_size
         self.counters = counters
         self.dirty: dict[str, tuple[DeviceState, dict[int, int]]] = {}
-        self.position: tuple[int, int] = (0, -1)  # (source partition, offset) of the record being applied
+        self.applied = applied if applied is not None else Applied.stored(db.get(APPLIED_KEY))
+        self.forwarded_applied = False
         self.written = 0  # device states made durable in this batch
-        # the last device loaded and its entry: a record asks for its device up to three times (holds, the
-        # step's get, put), and a device with nothing stored would cost a RocksDB read each time
+        # the last device loaded and its entry: a record asks for its device twice (the step's get and put),
+        # and a device with nothing stored would cost a RocksDB read each time
         self._last_id: str | None = None
         self._last: tuple[DeviceState, dict[int, int]] | None = None
 
@@ -155,31 +205,49 @@ class PartitionState:
         data = self.db.get(device_id.encode())
         if not isinstance(data, bytes):
             return None
-        entry = codec.decode_stored(data)
+        try:
+            entry = codec.decode_stored(data)
+        except Exception as e:
+            # reported, and the record kept as a dead letter; the stored bytes stay for an operator to look at.
+            # Never retried: the same bytes would fail again and stop the partition
+            self.counters.unreadable_states += 1
+            log.error("partition %d: a stored device state cannot be read (%s); the device's records become "
+                      "dead letters", self.partition, type(e).__name__)
+            raise Rejected(Reason.UNREADABLE_STATE, "device_id",
+                           f"the device's stored state cannot be read ({type(e).__name__}); the record is kept "
+                           "and the stored state left as it is") from e
         self._remember(device_id, entry)
         return entry
-
-    def holds(self, device_id: str, source_partition: int, offset: int) -> bool:
-        entry = self.load(device_id)
-        return entry is not None and entry[1].get(source_partition, -1) >= offset
 
     def get(self, device_id: str) -> DeviceState | None:
         entry = self.load(device_id)
         return None if entry is None else entry[0]
 
-    def put(self, device_id: str, state: DeviceState) -> None:
+    def holds(self, device_id: str, key: int, offset: int) -> bool:
+        """Whether the device's stored state says it holds the record at `offset` of the log `key`."""
         entry = self.load(device_id)
-        applied = dict(entry[1]) if entry is not None else {}
-        source_partition, offset = self.position
-        applied[source_partition] = offset
-        self.dirty[device_id] = self._last = (state, applied)
+        return entry is not None and entry[1].get(key, -1) >= offset
+
+    def put(self, device_id: str, state: DeviceState) -> None:
+        self.dirty[device_id] = self._last = (state, self.applied.snapshot(self.partition))
         self._last_id = device_id
 
+    @property
+    def changed(self) -> bool:
+        """Whether the batch has something to make durable: changed states, or forwarded records applied. A
+        record forwarded twice (its raw partition read again after a crash) is two records in the repartition
+        log; the second must be known as a copy even when nothing has been written since the first."""
+        return bool(self.dirty) or self.forwarded_applied
+
     def encoded(self) -> list[tuple[bytes, bytes]]:
-        return [(d.encode(), codec.encode_state(s, a)) for d, (s, a) in self.dirty.items()]
+        """The changed states, and how far they hold the inputs."""
+        items = [(d.encode(), codec.encode_state(s, a)) for d, (s, a) in self.dirty.items()]
+        items.append((APPLIED_KEY, self.applied.encoded()))
+        return items
 
     def committed(self) -> None:
         self.written += len(self.dirty)
+        self.forwarded_applied = False
         for device_id, entry in self.dirty.items():
             self._remember(device_id, entry)
         self.dirty.clear()
@@ -190,6 +258,12 @@ class PartitionState:
         self.cache.move_to_end(key)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
+
+
+@dataclass
+class BatchResult:
+    commit: dict[Any, int]  # tp -> the next offset, for what the batch applied
+    rewind: dict[Any, int]  # tp -> the offset to fetch again: records held back for a later batch
 
 
 class BatchFailed(Exception):
@@ -227,6 +301,7 @@ class Pipeline:
         cache_size: int = 100_000,
         transactions: PartitionProducers | None = None,
         group: str = "",
+        key_hash: Callable[[bytes], int] | None = None,
     ) -> None:
         self.enricher = enricher
         self.topics = topics
@@ -242,13 +317,15 @@ class Pipeline:
         # (topic, partition) -> the next offset to process: what the lag metric measures against
         self.positions: dict[tuple[str, int], int] = {}
         self._hash_of: dict[str, int] = {}
+        self.applied: dict[int, Applied] = {}  # per owned table partition, as of the last batch
+        self._key_hash = key_hash or partitioner_hash("murmur2")
 
     def key_hash(self, device_id: str) -> int:
-        """Kafka's default partitioner's hash of the key (murmur2, as the Java client), cached: it is Python
+        """The producers' partitioner's hash of the key (`streams.partitioners`), cached: murmur2 is Python
         and would otherwise run for every record sent."""
         h = self._hash_of.get(device_id)
         if h is None:
-            h = murmur2(device_id.encode()) & 0x7FFFFFFF
+            h = self._key_hash(device_id.encode())
             if len(self._hash_of) > 200_000:
                 self._hash_of.clear()
             self._hash_of[device_id] = h
@@ -261,6 +338,8 @@ class Pipeline:
     def forget_partitions(self, partitions: Iterable[int]) -> None:
         """A partition left this worker: its cached states may go stale under its next owner."""
         gone = set(partitions)
+        for p in gone:
+            self.applied.pop(p, None)
         for key in [k for k in self.cache if k[0] in gone]:
             del self.cache[key]
 
@@ -293,9 +372,16 @@ class Pipeline:
                 await send(batch, topic, partition, count)
         return sent
 
-    async def process(self, batch: Mapping[Any, Sequence[KafkaRecord]]) -> dict[Any, int]:
-        """Apply one fetched batch; returns the offsets to commit (tp -> next offset). Raises when a send
-        fails: nothing of the batch is then written or committed, and the caller seeks back."""
+    async def process(self, batch: Mapping[Any, Sequence[KafkaRecord]],
+                      positions: Mapping[tuple[str, int], int] | None = None,
+                      ends: Mapping[tuple[str, int], int] | None = None,
+                      quarantine: bool = False) -> BatchResult:
+        """Apply one fetched batch; returns the offsets to commit (tp -> next offset) and the records held back
+        for a later batch (tp -> offset to fetch again). Raises when a send fails: nothing of the batch is then
+        written or committed, and the caller seeks back. `positions`: the consumer's position in each input
+        partition, (topic, partition) -> next offset; `ends`: each one's end offset (high watermark) as the
+        consumer last saw it. `quarantine`: every record becomes an `internal_error`
+        dead letter, the state untouched (a record that made its batch fail on its own)."""
         started = time.monotonic()
         t = self.topics
         enricher_step = self.enricher.step
@@ -306,6 +392,8 @@ class Pipeline:
         transactional = self.transactions is not None
         states: dict[int, PartitionState] = {}
         commit: dict[Any, int] = {}
+        rewind: dict[Any, int] = {}
+        plans: dict[int, bytes] = {}
         # this batch's counts, added to the worker's only when the batch completed: a batch done again after
         # a failure or a rebalance is counted once
         counters = Counters()
@@ -313,80 +401,162 @@ class Pipeline:
         enriched_partitions = t.enriched_partitions or t.partitions
         dead_partitions = t.dead_letter_partitions or t.partitions
 
-        # Steps 1 and 2: route, skip what the state holds, enrich
-        for tp, records in batch.items():
-            p = tp.partition
-            state = states.get(p)
-            if state is None:
-                state = states[p] = PartitionState(p, self.db_for_partition(p), self.cache, self.cache_size,
-                                                   self.counters)
-            from_raw = tp.topic == t.raw
+        # Steps 1 and 2: route, skip what the state holds, enrich; per table partition, the raw topic's
+        # records before the repartition topic's
+        for p, (direct, forwarded) in _by_partition(batch, t.raw).items():
+            state = states[p] = PartitionState(p, self.db_for_partition(p), self.cache, self.cache_size,
+                                               self.counters, self.applied.get(p))
+            # kept from batch to batch (dropped with the partition's cache when a batch fails): a batch that
+            # changes no state writes none, and the next state written must hold what it applied too
+            self.applied[p] = state.applied
+            if not transactional:
+                direct, forwarded, plan = self._order(p, state.db, direct, forwarded, positions or {}, ends or {},
+                                                      rewind)
+                if plan is not None:
+                    plans[p] = plan
             owner = p if transactional else 0
             outbox = outboxes.get(owner)
             if outbox is None:
                 outbox = outboxes[owner] = {}
-            for rec in records:
-                counters.records_in += 1
-                raw = rec.value if rec.value is not None else b""
-                if from_raw:
-                    source_partition, offset = p, rec.offset
-                    source = {"topic": t.raw, "partition": p, "offset": rec.offset}
-                else:
-                    source_partition, offset, source = _original_source(rec, t.raw)
-                try:
-                    record = codec.decode(raw, max_bytes)
-                    device_id = device_id_of(record)
-                except Rejected as e:
-                    letter = codec.dead_letter(e, raw, source)
-                    _put(outbox, t.dead_letter, rec.partition % dead_partitions, (None, letter, None))
-                    counters.dead_letters[e.reason.value] = counters.dead_letters.get(e.reason.value, 0) + 1
-                    continue
-                key = device_id.encode()
-                if from_raw and (rec.key != key or self.partition_for(device_id) != p):
-                    header = f"{t.raw}/{p}/{rec.offset}".encode()
-                    _put(outbox, t.repartition, self.partition_for(device_id), (key, raw, [(SOURCE_HEADER, header)]))
-                    counters.forwarded += 1
-                    continue
-                if state.holds(device_id, source_partition, offset):
-                    counters.skipped += 1
-                    continue
-                state.position = (source_partition, offset)
-                outcome = enricher_step(raw, source, state, record)
-                h = self.key_hash(device_id)
-                if outcome.dead_letter is not None:
-                    _put(outbox, t.dead_letter, h % dead_partitions, (key, outcome.dead_letter, None))
-                    reason = outcome.reason or "internal_error"
-                    counters.dead_letters[reason] = counters.dead_letters.get(reason, 0) + 1
-                if outcome.records:
-                    box = _box(outbox, t.enriched, h % enriched_partitions)
-                    for out in outcome.records:
-                        box.append((key, out, None))
-                for kind in outcome.types:
-                    counters.enriched_out[kind] = counters.enriched_out.get(kind, 0) + 1
-            if records:
-                commit[tp] = records[-1].offset + 1
-                self.positions[(tp.topic, p)] = records[-1].offset + 1
-                timestamp = getattr(records[0], "timestamp", None)
-                if timestamp:
-                    counters.last_record_age = max(0.0, time.time() - timestamp / 1000)
+            applied = state.applied
+            for (tp, records), from_raw in ((direct, True), (forwarded, False)):
+                for rec in records:
+                    counters.records_in += 1
+                    raw = rec.value if rec.value is not None else b""
+                    source: dict[str, Any] = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
+                    device_id = None
+                    try:
+                        if from_raw:
+                            if rec.offset < applied.raw:
+                                counters.skipped += 1
+                                continue
+                            applied.raw = rec.offset + 1
+                            watermark, offset = p, rec.offset
+                        else:
+                            origin, source = _original_source(rec)
+                            if origin is None:
+                                if rec.offset < applied.foreign:
+                                    counters.skipped += 1
+                                    continue
+                                applied.foreign = rec.offset + 1
+                                watermark, offset = -1 - p, rec.offset
+                            else:
+                                if origin[1] <= applied.forwarded.get(origin[0], -1):
+                                    counters.skipped += 1
+                                    continue
+                                applied.forwarded[origin[0]] = origin[1]
+                                state.forwarded_applied = True
+                                watermark, offset = FORWARDED + origin[0], origin[1]
+                        if quarantine:
+                            raise Rejected(Reason.INTERNAL_ERROR, "", "the worker failed on this record alone; "
+                                           "kept as it was, the device's state untouched")
+                        record = codec.decode(raw, max_bytes)
+                        device_id = device_id_of(record)
+                        key = device_id.encode()
+                        if from_raw and (rec.key != key or self.partition_for(device_id) != p):
+                            header = f"{t.raw}/{p}/{rec.offset}".encode()
+                            _put(outbox, t.repartition, self.partition_for(device_id),
+                                 (key, raw, [(SOURCE_HEADER, header)]))
+                            counters.forwarded += 1
+                            continue
+                        if state.holds(device_id, watermark, offset):
+                            counters.skipped += 1
+                            continue
+                        outcome = enricher_step(raw, source, state, record)
+                        h = self.key_hash(device_id)
+                        if outcome.dead_letter is not None:
+                            _put(outbox, t.dead_letter, h % dead_partitions, (key, outcome.dead_letter, None))
+                            reason = outcome.reason or "internal_error"
+                            counters.dead_letters[reason] = counters.dead_letters.get(reason, 0) + 1
+                        if outcome.records:
+                            box = _box(outbox, t.enriched, h % enriched_partitions)
+                            for out in outcome.records:
+                                box.append((key, out, None))
+                        for kind in outcome.types:
+                            counters.enriched_out[kind] = counters.enriched_out.get(kind, 0) + 1
+                    except Exception as e:
+                        # bad input found outside the enrich step (a bad device ID, a stored state that cannot be
+                        # read, a forwarded record's header), or a defect of ours: the record is kept, the
+                        # partition goes on
+                        if not isinstance(e, Rejected):
+                            log.error("internal error on a record in partition %d (%s); kept as a dead letter", p,
+                                      type(e).__name__)
+                            e = Rejected(Reason.INTERNAL_ERROR, "", type(e).__name__)
+                        letter = codec.dead_letter(e, raw, source, device_id)
+                        target = (self.key_hash(device_id) if device_id is not None else rec.partition)
+                        _put(outbox, t.dead_letter, target % dead_partitions,
+                             (device_id.encode() if device_id is not None else None, letter, None))
+                        counters.dead_letters[e.reason.value] = counters.dead_letters.get(e.reason.value, 0) + 1
+                if records:
+                    commit[tp] = records[-1].offset + 1
+                    self.positions[(tp.topic, p)] = records[-1].offset + 1
+                    timestamp = getattr(records[0], "timestamp", None)
+                    if timestamp:
+                        counters.last_record_age = max(0.0, time.time() - timestamp / 1000)
 
         if self.transactions is not None:
             await self._commit_transactions(outboxes, states, commit)
         else:
-            await self._commit_at_least_once(outboxes.get(0, {}), states)
+            await self._commit_at_least_once(outboxes.get(0, {}), states, plans)
         counters.batches = 1
         counters.state_writes = sum(s.written for s in states.values())
         counters.latency_sum = time.monotonic() - started
         self.counters.add(counters)
-        return commit
+        return BatchResult(commit, rewind)
+
+    def _order(self, p: int, db: PartitionDB, direct: Part, forwarded: Part, positions: Mapping[tuple[str, int], int],
+               ends: Mapping[tuple[str, int], int], rewind: dict[Any, int]) -> tuple[Part, Part, bytes | None]:
+        """At-least-once: which of partition p's records this batch may apply, and the plan to make durable
+        before its outputs.
+
+        A device's records reach it by two logs, the raw partition and the repartition partition, and the
+        order in which the two interleave decides its state. Outputs are sent before the state is made
+        durable, so after a crash in between the same records are applied again, and must meet the same
+        states: the same `record_id` must carry the same bytes. So once forwarded records reach p, each batch
+        first records how far it goes in both logs (the plan, in the changelog, before any output). Until both
+        logs are past the plan's ends, a later batch applies exactly the plan's records, in the same order
+        (raw ones first), and holds back the rest. A partition that never receives a forwarded record never
+        writes a plan."""
+        t = self.topics
+        raw_next = direct[1][0].offset if direct[1] else positions.get((t.raw, p))
+        forwarded_next = forwarded[1][0].offset if forwarded[1] else positions.get((t.repartition, p))
+        stored = db.get(PLAN_KEY)
+        if not isinstance(stored, bytes):
+            if not forwarded[1]:
+                return direct, forwarded, None
+            # the first forwarded records: batches before wrote no plan, and any raw record they may have sent
+            # outputs for (before a crash) must come before them. Every such record is below the raw log's end
+            raw_high = ends.get((t.raw, p))
+            if raw_high is None or forwarded_next is None:
+                return direct, _upto(forwarded, -1, rewind), None
+            return direct, _upto(forwarded, -1, rewind), _encode_plan(raw_high, forwarded_next)
+        raw_end, forwarded_end = _decode_plan(stored)
+        if raw_next is None or raw_next < raw_end or forwarded_next is None or forwarded_next < forwarded_end:
+            direct = _upto(direct, raw_end, rewind)
+            raw_after = direct[1][-1].offset + 1 if direct[1] else raw_next
+            if raw_after is None or raw_after < raw_end:
+                # the plan's raw records are not all applied yet: its forwarded ones wait for them
+                forwarded = _upto(forwarded, -1, rewind)
+            else:
+                forwarded = _upto(forwarded, forwarded_end, rewind)
+            return direct, forwarded, None
+        raw_after = direct[1][-1].offset + 1 if direct[1] else raw_next
+        forwarded_after = forwarded[1][-1].offset + 1 if forwarded[1] else forwarded_next
+        return direct, forwarded, _encode_plan(raw_after, forwarded_after)
 
     async def _commit_at_least_once(self, outbox: dict[tuple[str, int], list[Message]],
-                                    states: dict[int, PartitionState]) -> None:
+                                    states: dict[int, PartitionState], plans: dict[int, bytes]) -> None:
+        if plans:
+            # durable before any output of the batch: what a batch done again after a crash must apply
+            await _acked(await self.send_all({(self.topics.changelog, p): [(PLAN_KEY, plan, None)]
+                                              for p, plan in plans.items()}))
+            for p, plan in plans.items():
+                states[p].db.write(self.write_batch([(PLAN_KEY, plan)]))
         # Step 3: every output acknowledged before any state that depends on it is made durable
         if outbox:
             await _acked(await self.send_all(outbox))
         # Steps 4 and 5: the changelog, then RocksDB with the changelog offset, per partition
-        changed = {p: s for p, s in states.items() if s.dirty}
+        changed = {p: s for p, s in states.items() if s.changed}
         if changed:
             encoded = {p: s.encoded() for p, s in changed.items()}
             sent = await self.send_all({(self.topics.changelog, p): [(k, v, None) for k, v in items]
@@ -420,7 +590,7 @@ class Pipeline:
                                 state: PartitionState | None, offsets: dict[Any, int]) -> None:
         assert self.transactions is not None
         producer = self.transactions.producer(p)
-        encoded = state.encoded() if state is not None and state.dirty else []
+        encoded = state.encoded() if state is not None and state.changed else []
         if encoded:
             outbox = {**outbox, (self.topics.changelog, p): [(k, v, None) for k, v in encoded]}
         await producer.begin_transaction()
@@ -465,11 +635,43 @@ def _last_offsets(sent: list[tuple[Any, int]], topic: str) -> dict[int, int]:
     return last
 
 
-def _original_source(rec: KafkaRecord, raw_topic: str) -> tuple[int, int, dict[str, Any]]:
+def _original_source(rec: KafkaRecord) -> tuple[tuple[int, int] | None, dict[str, Any]]:
+    """A repartitioned record's origin (raw partition, offset), None when it was not forwarded by us, and its
+    source: the raw record it was forwarded from, else its own place."""
     for name, value in rec.headers or ():
         if name == SOURCE_HEADER:
             topic, partition, offset = value.decode().rsplit("/", 2)
-            return int(partition), int(offset), {"topic": topic, "partition": int(partition), "offset": int(offset)}
-    # not forwarded by us: take it as its own source (its position is then the repartition topic's)
-    source = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
-    return -1 - rec.partition, rec.offset, source
+            return (int(partition), int(offset)), {"topic": topic, "partition": int(partition), "offset": int(offset)}
+    return None, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
+
+
+def _by_partition(batch: Mapping[Any, Sequence[KafkaRecord]], raw_topic: str) -> dict[int, tuple[Part, Part]]:
+    """Per table partition, its raw records and its repartitioned ones; (None, []) where there are none."""
+    out: dict[int, tuple[Part, Part]] = {}
+    for tp, records in batch.items():
+        direct, forwarded = out.get(tp.partition, (_NONE, _NONE))
+        if tp.topic == raw_topic:
+            direct = (tp, records)
+        else:
+            forwarded = (tp, records)
+        out[tp.partition] = (direct, forwarded)
+    return out
+
+
+def _upto(part: Part, end: int, rewind: dict[Any, int]) -> Part:
+    """The part's records before offset `end`; the rest is held back (fetched again later)."""
+    tp, records = part
+    if not records or records[-1].offset < end:
+        return part
+    kept = [r for r in records if r.offset < end]
+    rewind[tp] = records[len(kept)].offset
+    return tp, kept
+
+
+def _encode_plan(raw_end: int, forwarded_end: int) -> bytes:
+    return f"{raw_end},{forwarded_end}".encode()
+
+
+def _decode_plan(data: bytes) -> tuple[int, int]:
+    raw_end, forwarded_end = data.split(b",")
+    return int(raw_end), int(forwarded_end)

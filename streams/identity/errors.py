@@ -40,6 +40,9 @@ class Reason(StrEnum):
     UNENCODABLE = "unencodable"
     # a defect of ours; kept rather than allowed to stop the worker
     INTERNAL_ERROR = "internal_error"
+    # the worker: the device's stored state cannot be read (damaged or of an unknown format); the record is kept
+    # and the device's state left as it is
+    UNREADABLE_STATE = "unreadable_state"
 
 
 class Rejected(Exception):

@@ -1,0 +1,323 @@
+"""The worker's batch step without a broker: a fake producer and consumer around `Pipeline.process`, with
+crashes between a batch's outputs and its state, for what no single run on the real broker can show often
+enough (the integration tests drive the same paths against Kafka).
+
+- Mixed keying: a device's records arrive partly keyed in its own partition and partly unkeyed elsewhere
+  (forwarded through the repartition topic). Whatever the fetch sizes and crashes, nothing is lost and every
+  `record_id` carries the same bytes each time it is written.
+- Stored values that cannot be decoded, and device IDs equal to the table's old internal keys, become dead
+  letters; the batch completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+
+from streams.enrich import Enricher
+from streams.pipeline import SOURCE_HEADER, BatchResult, Pipeline, Topics
+from streams.statekeys import OFFSET_KEY, PLAN_KEY
+
+T = Topics(raw="raw", repartition="raw-repartition", enriched="enriched", dead_letter="dead", changelog="changelog",
+           partitions=3)
+
+
+@dataclass
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    timestamp: int | None = None
+
+
+@dataclass(frozen=True)
+class TP:
+    topic: str
+    partition: int
+
+
+class Crash(Exception):
+    """The fake broker went away in the middle of a batch."""
+
+
+class Meta:
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self.topic, self.partition, self.offset = topic, partition, offset
+
+
+class FakeBatch:
+    """Three messages at most: a batch's changelog spans several record batches, and a crash can leave some
+    of them written and not the others."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: Any, headers: Any) -> object | None:
+        if len(self.messages) >= 3:
+            return None
+        self.messages.append((key, value, list(headers)))
+        return object()
+
+    def close(self) -> None:
+        pass
+
+
+class Broker:
+    """Topics as lists of records; a send to a topic in `fail_on` fails with probability `failure_rate`."""
+
+    def __init__(self, rng: random.Random, failure_rate: float = 0.0) -> None:
+        self.logs: dict[tuple[str, int], list[Record]] = defaultdict(list)
+        self.committed: dict[tuple[str, int], int] = defaultdict(int)
+        self.rng = rng
+        self.failure_rate = failure_rate
+        self.fail_on = {T.changelog, T.enriched}
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    async def send_batch(self, batch: FakeBatch, topic: str, partition: int) -> asyncio.Future[Meta]:
+        if topic in self.fail_on and self.rng.random() < self.failure_rate:
+            raise Crash(topic)
+        log = self.logs[(topic, partition)]
+        first = len(log)
+        for key, value, headers in batch.messages:
+            log.append(Record(topic, partition, len(log), key, value, headers))
+        future: asyncio.Future[Meta] = asyncio.get_running_loop().create_future()
+        future.set_result(Meta(topic, partition, first))
+        return future
+
+
+class DB(dict[bytes, bytes]):
+    def write(self, batch: list[tuple[bytes, bytes]]) -> None:
+        self.update(batch)
+
+
+def pipeline(broker: Broker, dbs: dict[int, DB]) -> Pipeline:
+    async def producer() -> Broker:
+        return broker
+
+    return Pipeline(Enricher(), T, producer, db_for_partition=lambda p: dbs[p], write_batch=list,
+                    changelog_offset_key=OFFSET_KEY, cache_size=50)
+
+
+def run_worker(broker: Broker, rng: random.Random, *, steps: int = 5_000) -> int:
+    """Consume the raw and repartition topics in batches of random sizes until both are read; a failed batch is
+    a crash: a new pipeline (nothing in memory) starts from the committed offsets. Returns the crash count."""
+    dbs: dict[int, DB] = defaultdict(DB)
+    crashes = 0
+
+    async def run() -> None:
+        nonlocal crashes
+        worker = pipeline(broker, dbs)
+        positions = dict(broker.committed)
+        for _ in range(steps):
+            batch: dict[TP, list[Record]] = {}
+            for p in range(T.partitions):
+                for topic in (T.raw, T.repartition):
+                    log = broker.logs[(topic, p)]
+                    start = positions.get((topic, p), 0)
+                    take = log[start:start + rng.randint(0, 4)]
+                    if take:
+                        batch[TP(topic, p)] = take
+                        positions[(topic, p)] = start + len(take)
+            done = all(positions.get((topic, p), 0) >= len(broker.logs[(topic, p)])
+                       for topic in (T.raw, T.repartition) for p in range(T.partitions))
+            if not batch:
+                if done:
+                    return
+                continue
+            try:
+                ends = {(topic, p): len(broker.logs[(topic, p)]) for topic in (T.raw, T.repartition)
+                        for p in range(T.partitions)}
+                result: BatchResult = await worker.process(batch, dict(positions), ends)
+            except Exception:
+                crashes += 1
+                recover(broker, dbs)
+                worker = pipeline(broker, dbs)
+                positions = dict(broker.committed)
+                continue
+            for tp, offset in result.commit.items():
+                broker.committed[(tp.topic, tp.partition)] = offset
+            for tp, offset in result.rewind.items():
+                positions[(tp.topic, tp.partition)] = offset
+        raise AssertionError("the worker did not finish")
+
+    asyncio.run(run())
+    return crashes
+
+
+def recover(broker: Broker, dbs: dict[int, DB]) -> None:
+    """What Faust's table recovery does on restart: the changelog past the stored offset, into RocksDB."""
+    for p in range(T.partitions):
+        db = dbs[p]
+        start = int(db.get(OFFSET_KEY, b"-1")) + 1
+        changelog = broker.logs[(T.changelog, p)]
+        for rec in changelog[start:]:
+            assert rec.key is not None and rec.value is not None
+            db[rec.key] = rec.value
+        if changelog:
+            db[OFFSET_KEY] = str(len(changelog) - 1).encode()
+
+
+def mixed_input(rng: random.Random, devices: int, per_device: int) -> list[tuple[bytes | None, bytes]]:
+    """Each device: a login and tracks, about half sent without key (so in a random partition)."""
+    lines = []
+    for d in range(devices):
+        for i in range(per_device):
+            action = {"action": "login", "id": f"u{d}-{i}"} if i % 3 == 1 else {"event": f"e{i}"}
+            record = {"device_id": f"dev-{d}", "platform": "web", **action}
+            keyed = rng.random() < 0.5
+            lines.append((f"dev-{d}".encode() if keyed else None, orjson.dumps(record)))
+    rng.shuffle(lines)
+    return lines
+
+
+def produce(broker: Broker, lines: list[tuple[bytes | None, bytes]], rng: random.Random) -> None:
+    probe = pipeline(broker, {})
+    for key, value in lines:
+        p = probe.partition_for(key.decode()) if key is not None else rng.randrange(T.partitions)
+        log = broker.logs[(T.raw, p)]
+        log.append(Record(T.raw, p, len(log), key, value))
+
+
+def outputs(broker: Broker) -> dict[str, list[bytes]]:
+    copies: dict[str, list[bytes]] = defaultdict(list)
+    for p in range(T.partitions):
+        for rec in broker.logs[(T.enriched, p)]:
+            assert rec.value is not None
+            copies[orjson.loads(rec.value)["record_id"]].append(rec.value)
+    return copies
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_mixed_keying_loses_nothing_and_repeats_records_byte_for_byte(seed: int) -> None:
+    rng = random.Random(seed)
+    broker = Broker(rng, failure_rate=0.15)
+    lines = mixed_input(rng, devices=12, per_device=6)
+    produce(broker, lines, rng)
+    crashes = run_worker(broker, rng)
+    assert crashes > 0, "the run must crash between outputs and state to test anything"
+
+    copies = outputs(broker)
+    expected = {f"raw:{p}:{rec.offset}:0" for p in range(T.partitions) for rec in broker.logs[(T.raw, p)]}
+    assert set(copies) == expected, f"lost: {sorted(expected - set(copies))[:5]}"
+    differing = {rid: set(values) for rid, values in copies.items() if len(set(values)) > 1}
+    assert not differing, f"{len(differing)} record_ids with different bytes, e.g. {next(iter(differing.items()))}"
+    assert not any(broker.logs[(T.dead_letter, p)] for p in range(T.partitions))
+
+
+def test_without_crashes_each_record_comes_out_once() -> None:
+    rng = random.Random(7)
+    broker = Broker(rng)
+    produce(broker, mixed_input(rng, devices=10, per_device=5), rng)
+    assert run_worker(broker, rng) == 0
+    copies = outputs(broker)
+    assert len(copies) == 50 and all(len(v) == 1 for v in copies.values())
+
+
+def test_forwarded_records_wait_for_the_raw_log_the_first_time_then_every_batch_has_a_plan() -> None:
+    rng = random.Random(1)
+    broker = Broker(rng)
+    dbs: dict[int, DB] = defaultdict(DB)
+    worker = pipeline(broker, dbs)
+    p = worker.partition_for("dev-a")
+    value = orjson.dumps({"device_id": "dev-a", "platform": "web", "event": "e"})
+    forwarded = Record(T.repartition, p, 0, b"dev-a", value, [(SOURCE_HEADER, f"raw/{(p + 1) % 3}/9".encode())])
+    direct = [Record(T.raw, p, o, b"dev-a", value) for o in range(4, 8)]
+    ends = {(T.raw, p): 8, (T.repartition, p): 1}
+
+    # without a plan: the raw log's records up to its end (8) go first; the forwarded one waits
+    result = asyncio.run(worker.process({TP(T.repartition, p): [forwarded], TP(T.raw, p): direct[:1]}, {}, ends))
+    assert result.commit == {TP(T.raw, p): 5} and result.rewind == {TP(T.repartition, p): 0}
+    changelog = broker.logs[(T.changelog, p)]
+    assert (changelog[0].key, changelog[0].value) == (PLAN_KEY, b"8,0") and dbs[p][PLAN_KEY] == b"8,0"
+    # still short of 8: the forwarded record waits again
+    result = asyncio.run(worker.process({TP(T.repartition, p): [forwarded], TP(T.raw, p): direct[1:3]},
+                                        {(T.raw, p): 7, (T.repartition, p): 1}, ends))
+    assert result.commit == {TP(T.raw, p): 7} and result.rewind == {TP(T.repartition, p): 0}
+    # the last raw record of the plan, then the forwarded one, under a new plan written before their outputs
+    result = asyncio.run(worker.process({TP(T.repartition, p): [forwarded], TP(T.raw, p): direct[3:]},
+                                        {(T.raw, p): 8, (T.repartition, p): 1}, ends))
+    assert result.commit == {TP(T.raw, p): 8} and result.rewind == {TP(T.repartition, p): 0}
+    result = asyncio.run(worker.process({TP(T.repartition, p): [forwarded]}, {(T.raw, p): 8, (T.repartition, p): 1},
+                                        ends))
+    assert result.commit == {TP(T.repartition, p): 1} and not result.rewind
+    assert dbs[p][PLAN_KEY] == b"8,1"
+    enriched = [orjson.loads(r.value or b"") for r in broker.logs[(T.enriched, p)]]
+    assert [r["record_id"] for r in enriched] == [*(f"raw:{p}:{o}:0" for o in range(4, 8)), f"raw:{(p + 1) % 3}:9:0"]
+
+
+def test_a_pending_plan_holds_back_what_came_after_it() -> None:
+    """After a crash, raw records past the plan wait until the plan's forwarded records are applied."""
+    rng = random.Random(2)
+    broker = Broker(rng)
+    dbs: dict[int, DB] = defaultdict(DB)
+    worker = pipeline(broker, dbs)
+    p = worker.partition_for("dev-a")
+    dbs[p][PLAN_KEY] = b"5,1"
+    value = orjson.dumps({"device_id": "dev-a", "platform": "web", "event": "e"})
+    raw = [Record(T.raw, p, o, b"dev-a", value) for o in (4, 5, 6)]
+    result = asyncio.run(worker.process({TP(T.raw, p): raw}, {(T.repartition, p): 0, (T.raw, p): 7}))
+    assert result.commit == {TP(T.raw, p): 5} and result.rewind == {TP(T.raw, p): 5}
+    forwarded = Record(T.repartition, p, 0, b"dev-a", value, [(SOURCE_HEADER, b"raw/0/3")])
+    result = asyncio.run(worker.process({TP(T.repartition, p): [forwarded], TP(T.raw, p): raw[1:]},
+                                        {(T.repartition, p): 1, (T.raw, p): 7}))
+    assert result.commit == {TP(T.repartition, p): 1} and result.rewind == {TP(T.raw, p): 5}
+    result = asyncio.run(worker.process({TP(T.raw, p): raw[1:]}, {(T.repartition, p): 1, (T.raw, p): 7}))
+    assert result.commit == {TP(T.raw, p): 7} and not result.rewind
+    assert dbs[p][PLAN_KEY] == b"7,1"
+
+
+@pytest.mark.parametrize("stored", [b"1234", b"[9, null]", b"\xff\xfe", b"[1,2,3,4,5,6,7,8,9]"])
+def test_a_stored_state_that_cannot_be_read_is_a_dead_letter_not_a_stall(stored: bytes) -> None:
+    broker = Broker(random.Random(0))
+    dbs: dict[int, DB] = defaultdict(DB)
+    worker = pipeline(broker, dbs)
+    records = {}
+    for device in ("__faust\x00offset__", "dev-b"):
+        p = worker.partition_for(device)
+        dbs[p][device.encode()] = stored
+        value = orjson.dumps({"device_id": device, "platform": "web", "event": "e"})
+        records.setdefault(TP(T.raw, p), []).append(Record(T.raw, p, len(records.get(TP(T.raw, p), [])),
+                                                           device.encode(), value))
+    asyncio.run(worker.process(records, {}))
+    letters = [orjson.loads(r.value or b"") for p in range(T.partitions) for r in broker.logs[(T.dead_letter, p)]]
+    assert sorted(d["device_id"] for d in letters) == ["__faust\x00offset__", "dev-b"]
+    assert {(d["reason"], d["field"]) for d in letters} == {("unreadable_state", "device_id")}
+    assert worker.counters.unreadable_states == 2
+    assert not any(broker.logs[(T.enriched, p)] for p in range(T.partitions))
+
+
+def test_a_device_named_like_fausts_offset_key_is_an_ordinary_device() -> None:
+    broker = Broker(random.Random(0))
+    dbs: dict[int, DB] = defaultdict(DB)
+    worker = pipeline(broker, dbs)
+    device = "__faust\x00offset__"
+    p = worker.partition_for(device)
+    value = orjson.dumps({"device_id": device, "platform": "web", "action": "login", "id": "u1"})
+    asyncio.run(worker.process({TP(T.raw, p): [Record(T.raw, p, 0, device.encode(), value)]}, {}))
+    (out,) = broker.logs[(T.enriched, p)]
+    assert orjson.loads(out.value or b"")["login_id"] == "u1"
+    assert OFFSET_KEY in dbs[p] and device.encode() in dbs[p]
+
+
+def test_quarantine_keeps_every_record_as_an_internal_error() -> None:
+    broker = Broker(random.Random(0))
+    worker = pipeline(broker, defaultdict(DB))
+    value = orjson.dumps({"device_id": "dev-c", "platform": "web", "event": "e"})
+    p = worker.partition_for("dev-c")
+    result = asyncio.run(worker.process({TP(T.raw, p): [Record(T.raw, p, 0, b"dev-c", value)]}, {},
+                                        quarantine=True))
+    assert result.commit == {TP(T.raw, p): 1}
+    (letter,) = [orjson.loads(r.value or b"") for q in range(T.partitions) for r in broker.logs[(T.dead_letter, q)]]
+    assert letter["reason"] == "internal_error" and letter["raw"] == value.decode()
+    assert not any(broker.logs[(T.changelog, q)] for q in range(T.partitions))
