@@ -21,18 +21,23 @@ from typing import Any, cast
 
 import faust
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import IllegalStateError, TopicAlreadyExistsError
+from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
 from faust.tables import TableManager
 from faust.tables.recovery import Recovery
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.types import TP
 from mode.utils.objects import cached_property
 from rocksdict import WriteBatch
 
 from .config import Settings
+from .devicestore import DeviceTable
 from .enrich import Enricher
 from .gcpolicy import tune_gc
+from .partitioners import key_hash
 from .pipeline import BatchFailed, Pipeline, Topics
+from .retries import Retries
+from .statekeys import OFFSET_KEY
 from .transactions import PartitionProducers, transactional_producer
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,8 @@ class BatchConsumer(AIOKafkaConsumer):
     revokes anything, so no batch straddles a rebalance."""
 
     pipeline: Pipeline
+    retries: Retries
+    kafka_trouble = False  # whether the batch step's last failure was Kafka's
     # per partition, the consumer's position at a moment when every record before it had been handed on
     settled_positions: dict[Any, int]
 
@@ -135,29 +142,80 @@ class BatchConsumer(AIOKafkaConsumer):
                         # applied twice. Fetch it again under the new assignment
                         rewind.update({tp: recs[0].offset for tp, recs in batch.items()})
                     else:
+                        positions = {(tp.topic, tp.partition): o for tp, o in fetch_positions(self).items()}
+                        ends = self._ends(batch)
                         try:
-                            offsets = await self.pipeline.process(batch)
+                            if self.retries.isolate(self.kafka_trouble):
+                                # this batch failed whole too often on something other than Kafka
+                                await self._isolate(batch, positions, ends, rewind)
+                            else:
+                                result = await self.pipeline.process(batch, positions, ends)
+                                rewind.update(result.rewind)
+                                await self._commit_batch(result.commit)
                         except asyncio.CancelledError:
                             raise
                         except Exception as e:
                             # a send, a transaction or a write failed: what of the batch was not committed
                             # is done again (exactly-once: the partitions whose transaction failed)
                             failed = e.tps if isinstance(e, BatchFailed) else set(batch)
+                            cause = e.cause if isinstance(e, BatchFailed) else e
+                            self.kafka_trouble = isinstance(cause, TimeoutError | KafkaError | OSError)
                             self.pipeline.counters.failed_batches += 1
-                            log.error("batch failed (%s: %s); it will be processed again", type(e).__name__, e)
+                            pause = self.retries.failed()
+                            log.error("batch failed (%s: %s); it will be processed again in %.1fs",
+                                      type(cause).__name__, cause, pause)
                             self.pipeline.forget_partitions(tp.partition for tp in failed)
                             rewind.update({tp: batch[tp][0].offset for tp in failed})
                             if self.pipeline.transactions is not None:
                                 # the failed partitions' producers are closed (perhaps fenced: is this worker
                                 # still their owner?): the group's answer reopens those it owns
                                 self._thread._ensure_consumer()._coordinator.request_rejoin()
-                            await asyncio.sleep(1.0)
+                            await asyncio.sleep(pause)
                         else:
-                            if self.pipeline.transactions is None:
-                                # exactly-once committed them in the batch's transactions
-                                await self._commit_offsets(offsets)
+                            self.retries.succeeded()
             if rewind:
                 await self._rewind(rewind)
+
+    async def _commit_batch(self, offsets: Mapping[Any, int]) -> None:
+        if offsets and self.pipeline.transactions is None:
+            # exactly-once committed them in the batch's transactions
+            await self._commit_offsets(offsets)
+
+    def _ends(self, batch: Mapping[Any, Sequence[Any]]) -> dict[tuple[str, int], int]:
+        """The high watermark of the batch's partitions' raw and repartition logs, as last fetched."""
+        t = self.pipeline.topics
+        ends = {}
+        for p in {tp.partition for tp in batch}:
+            for topic in (t.raw, t.repartition):
+                with contextlib.suppress(Exception):
+                    high = self.highwater(TP(topic, p))
+                    if high is not None:
+                        ends[(topic, p)] = high
+        return ends
+
+    async def _isolate(self, batch: Mapping[Any, Sequence[Any]], positions: Mapping[tuple[str, int], int],
+                       ends: Mapping[tuple[str, int], int],
+                       rewind: dict[Any, int]) -> None:  # pragma: no cover - exercised against the broker
+        """Apply the batch one record at a time; a record that fails alone (not on Kafka) is kept as an
+        `internal_error` dead letter, and the partition goes on."""
+        log.error("a batch failed %d times in a row; its records are tried one at a time", self.retries.failures)
+        for tp, records in sorted(batch.items(), key=lambda item: (item[0].partition,
+                                                                    item[0].topic != self.pipeline.topics.raw)):
+            for i, rec in enumerate(records):
+                try:
+                    result = await self.pipeline.process({tp: [rec]}, positions, ends)
+                except BatchFailed as e:
+                    if isinstance(e.cause, TimeoutError | KafkaError | OSError):
+                        raise
+                    result = await self.pipeline.process({tp: [rec]}, positions, ends, quarantine=True)
+                except (TimeoutError, KafkaError, OSError):
+                    raise
+                except Exception:
+                    result = await self.pipeline.process({tp: [rec]}, positions, ends, quarantine=True)
+                await self._commit_batch(result.commit)
+                if result.rewind:
+                    rewind[tp] = records[i].offset
+                    break
 
     async def _rewind(self, offsets: Mapping[Any, int]) -> None:
         assigned = self.assignment()
@@ -274,7 +332,13 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         # off: with --processing-guarantee exactly_once the batch step commits its own transactions
         processing_guarantee="at_least_once",
         TableManager=StreamsTableManager,
+        Table=DeviceTable,
+        # the URL the group's other workers route device lookups to (Faust's assignor shares it)
+        canonical_url=settings.advertised_url or f"http://{settings.web_bind}:{settings.web_port}",
         logging_config=None,
+        # only STREAMS_* variables configure the worker: Faust would otherwise read BROKER_URL, WEB_PORT,
+        # PROCESSING_GUARANTEE... from the environment and let them override what is passed here
+        env={},
     )
     cast(Any, app.transport).Consumer = BatchConsumer
 
@@ -320,14 +384,16 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         producer,
         db_for_partition=lambda p: cast(Any, table.data)._db_for_partition(p),
         write_batch=make_batch,
-        changelog_offset_key=b"__faust\0offset__",
+        changelog_offset_key=OFFSET_KEY,
         cache_size=settings.cache_devices,
+        key_hash=key_hash(settings.partitioner),
         transactions=(PartitionProducers(settings.group, transactional_producer(settings.brokers,
                                                                                   settings.kafka_options()))
                       if settings.exactly_once else None),
         group=settings.group,
     )
     BatchConsumer.pipeline = pipeline
+    BatchConsumer.retries = Retries(isolate_after=settings.batch_retries)
     app.streams_pipeline = pipeline
     app.streams_settings = settings
     app.streams_table = table

@@ -7,6 +7,7 @@ Lives here: argument parsing and the exit codes; each command calls into its mod
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -101,12 +102,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return topics.run(args, settings)
     if args.command == "worker":
+        drop_faust_environment()
         from . import web
         from .app import run_worker
 
         return run_worker(settings, web.install)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def drop_faust_environment() -> None:
+    """Only STREAMS_* variables configure the worker. Faust reads FAUST_* and F_* variables when it is
+    imported (its web port, data dir, event loop: a Kubernetes service named `faust-web` injects
+    FAUST_WEB_PORT=tcp://...), before any setting of ours applies; the app is built with an empty
+    environment for the rest (`streams.app`)."""
+    for name in [n for n in os.environ if n.startswith(("FAUST_", "F_"))]:
+        print(f"streams worker: ignoring {name} (the worker is configured by STREAMS_* variables only)",
+              file=sys.stderr)
+        del os.environ[name]
 
 
 def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:

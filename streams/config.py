@@ -43,6 +43,16 @@ class Settings:
     web_port: int = setting(6066, "the worker's HTTP port (metrics, device lookup)", groups=("worker", "state"))
     web_bind: str = setting("127.0.0.1", "the address the worker's HTTP server listens on",
                             groups=("worker", "state"))
+    advertised_url: str = setting("", "the URL the other workers reach this one's HTTP server at, to route "
+                                  "lookups to the owner of a device (default: http://WEB_BIND:WEB_PORT); set it "
+                                  "when workers run on several hosts")
+    partitioner: str = setting(
+        "murmur2", "how the raw topic's producers place keyed records, and so the device table: murmur2 (the Java "
+        "client's default, Kafka Streams, librdkafka's murmur2_random) or crc32 (librdkafka's default "
+        "consistent_random: confluent-kafka, kcat, the Go, .NET and Node clients)",
+        choices=["murmur2", "crc32"], groups=("worker", "kafka"))
+    batch_retries: int = setting(3, "tries of a batch that fails on something other than Kafka before its "
+                                 "records are tried one at a time (one that fails alone becomes a dead letter)")
     processing_guarantee: str = setting(
         "at_least_once", "at_least_once: a crash may repeat outputs, byte for byte (same record_id); "
         "exactly_once: outputs, state and input offsets commit in one Kafka transaction per partition",

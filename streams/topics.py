@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from . import config
 from .config import Settings
+from .partitioners import aiokafka_partitioner
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "seed.jsonl"
 REPLICATION = 1
@@ -152,7 +153,7 @@ async def group_assignment(settings: Settings) -> tuple[str, list[set[int]]]:
 def producer(settings: Settings) -> Any:
     """Not started; every message acknowledged by all in-sync replicas, no duplicates on retry."""
     return AIOKafkaProducer(bootstrap_servers=settings.brokers, acks="all", enable_idempotence=True, linger_ms=5,
-                            **settings.kafka_options())
+                            partitioner=aiokafka_partitioner(settings.partitioner), **settings.kafka_options())
 
 
 def device_key(value: bytes) -> bytes | None:

@@ -13,15 +13,17 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from faust.web import Request, Response, View
+from yarl import URL
 
 from . import codec
-from .app import StreamsApp, from_environment
+from .app import TABLE, StreamsApp, from_environment
+from .pipeline import FORWARDED
+from .statekeys import INTERNAL
 
 STARTED = time.time()
 
 
 def install(app: StreamsApp) -> None:
-    table = app.streams_table
 
     @app.page("/metrics")
     class Metrics(View):
@@ -30,13 +32,41 @@ def install(app: StreamsApp) -> None:
 
     @app.page("/devices/{device_id}")
     class Device(View):
-        @app.table_route(table=table, match_info="device_id")  # type: ignore[arg-type]
         async def get(self, request: Request, device_id: str) -> Response:
+            owner = owner_url(app, app.streams_pipeline.partition_for(device_id))
+            if owner is not None and owner != str(app.conf.canonical_url) and ROUTED not in request.headers:
+                return await route(app, self, request, owner)
             found = lookup(app, device_id)
             if found is None:
                 return self.json({"device_id": device_id, "error": "no identity state stored for this device "
                                   "(never seen, or only records that change nothing)"}, status=404)
             return self.json(found)
+
+
+# set on a lookup one worker sends another: the receiver answers it itself, even when the group has moved the
+# device meanwhile, so that two workers with different views of the assignment never send it back and forth
+ROUTED = "X-Streams-Routed"
+
+
+def owner_url(app: StreamsApp, partition: int) -> str | None:
+    """The advertised URL of the worker that holds the table partition, as the group's last assignment says."""
+    changelog = app.streams_pipeline.topics.changelog
+    for url, topics in app.router.table_metadata(TABLE).items():
+        if partition in topics.get(changelog, ()):
+            return str(url)
+    return None
+
+
+async def route(app: StreamsApp, view: View, request: Request, owner: str) -> Response:
+    """Ask the owner, and answer what it answers. The device's partition is the producers' partitioner's
+    (`--partitioner`), which Faust's own table router does not know."""
+    target = URL(owner).with_path(request.url.raw_path, encoded=True).with_query(request.url.query)
+    try:
+        async with app.http_client.get(target, headers={ROUTED: "1"}) as response:
+            return view.text(await response.text(), content_type=response.content_type, status=response.status)
+    except OSError as e:
+        return view.json({"error": f"the worker that holds this device ({owner}) does not answer: "
+                          f"{type(e).__name__}"}, status=503)
 
 
 def lookup(app: StreamsApp, device_id: str) -> dict[str, Any] | None:
@@ -52,7 +82,16 @@ def lookup(app: StreamsApp, device_id: str) -> dict[str, Any] | None:
         entry = codec.decode_stored(data)
     state, applied = entry
     return {"device_id": device_id, "partition": partition, **codec.state_as_json(state),
-            "applied_offsets": {str(p): o for p, o in sorted(applied.items())}}
+            "applied_offsets": {_log(key): o for key, o in sorted(applied.items())}}
+
+
+def _log(key: int) -> str:
+    """A watermark key (`streams.pipeline.FORWARDED`) as people read it."""
+    if key >= FORWARDED:
+        return f"forwarded from {key - FORWARDED}"
+    if key < 0:
+        return f"repartition {-1 - key}"
+    return str(key)
 
 
 def render_metrics(app: StreamsApp) -> str:
@@ -86,6 +125,11 @@ def render_metrics(app: StreamsApp) -> str:
            [({}, round(c.last_record_age, 3))])
     metric("cache_hits_total", "counter", "device-state cache hits", [({}, c.cache_hits)])
     metric("cache_misses_total", "counter", "device-state cache misses (read from RocksDB)", [({}, c.cache_misses)])
+    metric("unreadable_states_total", "counter", "stored device states that could not be decoded (the records "
+           "of those devices became unreadable_state dead letters)", [({}, c.unreadable_states)])
+    metric("batch_failures_in_a_row", "gauge", "consecutive failures of the batch step (0: the last batch "
+           "succeeded); the pause before the next try doubles from 0.5 s up to 30 s",
+           [({}, _failures_in_a_row(app))])
     metric("consumer_lag", "gauge", "records not yet processed, per input partition", _lag(app))
     metric("state_devices", "gauge", "devices with stored state in this worker's partitions (RocksDB estimate)",
            [({}, _devices(app))])
@@ -119,11 +163,17 @@ def _devices(app: StreamsApp) -> int:
     total = 0
     for db in list(getattr(store, "_dbs", {}).values()):
         try:
-            # less the key where Faust keeps the changelog offset
-            total += max(int(db.property_int_value("rocksdb.estimate-num-keys") or 0) - 1, 0)
+            # an estimate, less the internal keys, which sort after every device ID
+            internal = sum(1 for _ in db.keys(from_key=INTERNAL))
+            total += max(int(db.property_int_value("rocksdb.estimate-num-keys") or 0) - internal, 0)
         except Exception:
             continue
     return total
+
+
+def _failures_in_a_row(app: StreamsApp) -> int:
+    retries = getattr(app.consumer, "retries", None)
+    return retries.failures if retries is not None else 0
 
 
 def _escape(value: str) -> str:

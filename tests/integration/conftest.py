@@ -203,7 +203,7 @@ class Worker:
             if not port_open:
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                     s.settimeout(0.5)
-                    port_open = s.connect_ex(("127.0.0.1", self.settings.web_port)) == 0
+                    port_open = s.connect_ex((self.settings.web_bind, self.settings.web_port)) == 0
             if port_open:
                 state, assignments = group_assignment(self.settings)
                 held = set().union(*assignments) if assignments else set()
