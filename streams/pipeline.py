@@ -140,7 +140,12 @@ class Applied:
     def stored(cls, data: Any) -> Applied:
         if not isinstance(data, bytes):
             return cls()
-        raw, foreign, forwarded = codec.decode_applied(data)
+        try:
+            raw, foreign, forwarded = codec.decode_applied(data)
+        except Exception as e:
+            # never a reason to stop the partition: the device states keep their own marks
+            log.error("the partition's applied offsets cannot be read (%s); starting from none", type(e).__name__)
+            return cls()
         return cls(raw, foreign, forwarded)
 
     def encoded(self) -> bytes:
@@ -520,8 +525,8 @@ class Pipeline:
         t = self.topics
         raw_next = direct[1][0].offset if direct[1] else positions.get((t.raw, p))
         forwarded_next = forwarded[1][0].offset if forwarded[1] else positions.get((t.repartition, p))
-        stored = db.get(PLAN_KEY)
-        if not isinstance(stored, bytes):
+        stored = _decode_plan(db.get(PLAN_KEY))
+        if stored is None:
             if not forwarded[1]:
                 return direct, forwarded, None
             # the first forwarded records: batches before wrote no plan, and any raw record they may have sent
@@ -530,7 +535,7 @@ class Pipeline:
             if raw_high is None or forwarded_next is None:
                 return direct, _upto(forwarded, -1, rewind), None
             return direct, _upto(forwarded, -1, rewind), _encode_plan(raw_high, forwarded_next)
-        raw_end, forwarded_end = _decode_plan(stored)
+        raw_end, forwarded_end = stored
         if raw_next is None or raw_next < raw_end or forwarded_next is None or forwarded_next < forwarded_end:
             direct = _upto(direct, raw_end, rewind)
             raw_after = direct[1][-1].offset + 1 if direct[1] else raw_next
@@ -672,6 +677,14 @@ def _encode_plan(raw_end: int, forwarded_end: int) -> bytes:
     return f"{raw_end},{forwarded_end}".encode()
 
 
-def _decode_plan(data: bytes) -> tuple[int, int]:
-    raw_end, forwarded_end = data.split(b",")
-    return int(raw_end), int(forwarded_end)
+def _decode_plan(data: Any) -> tuple[int, int] | None:
+    if not isinstance(data, bytes):
+        return None
+    try:
+        raw_end, forwarded_end = data.split(b",")
+        return int(raw_end), int(forwarded_end)
+    except ValueError:
+        # damaged: taken as no plan (the first forwarded records then wait for the raw log's end, as the first
+        # time), never as a reason to stop the partition
+        log.error("the partition's batch plan cannot be read; starting a new one")
+        return None

@@ -22,7 +22,7 @@ import pytest
 
 from streams.enrich import Enricher
 from streams.pipeline import SOURCE_HEADER, BatchResult, Pipeline, Topics
-from streams.statekeys import OFFSET_KEY, PLAN_KEY
+from streams.statekeys import APPLIED_KEY, OFFSET_KEY, PLAN_KEY
 
 T = Topics(raw="raw", repartition="raw-repartition", enriched="enriched", dead_letter="dead", changelog="changelog",
            partitions=3)
@@ -321,3 +321,21 @@ def test_quarantine_keeps_every_record_as_an_internal_error() -> None:
     (letter,) = [orjson.loads(r.value or b"") for q in range(T.partitions) for r in broker.logs[(T.dead_letter, q)]]
     assert letter["reason"] == "internal_error" and letter["raw"] == value.decode()
     assert not any(broker.logs[(T.changelog, q)] for q in range(T.partitions))
+
+
+@pytest.mark.parametrize("key", [APPLIED_KEY, PLAN_KEY])
+def test_damaged_internal_keys_do_not_stop_the_partition(key: bytes) -> None:
+    broker = Broker(random.Random(0))
+    dbs: dict[int, DB] = defaultdict(DB)
+    worker = pipeline(broker, dbs)
+    p = worker.partition_for("dev-d")
+    dbs[p][key] = b"\x00garbage"
+    value = orjson.dumps({"device_id": "dev-d", "platform": "web", "event": "e"})
+    forwarded = Record(T.repartition, p, 0, b"dev-d", value, [(SOURCE_HEADER, b"raw/0/1")])
+    batch = {TP(T.raw, p): [Record(T.raw, p, 0, b"dev-d", value)], TP(T.repartition, p): [forwarded]}
+    ends = {(T.raw, p): 1, (T.repartition, p): 1}
+    result = asyncio.run(worker.process(batch, {}, ends))
+    assert result.commit == {TP(T.raw, p): 1}
+    result = asyncio.run(worker.process({TP(T.repartition, p): [forwarded]}, {(T.raw, p): 1}, ends))
+    assert result.commit == {TP(T.repartition, p): 1}
+    assert len(broker.logs[(T.enriched, p)]) == 2
