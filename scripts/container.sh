@@ -102,8 +102,9 @@ debian_mirror() {
     local f uri=""
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
         [[ -f "$f" ]] || continue
+        # "deb [options] URI SUITE COMPONENTS..."
         uri="$(awk -v s="$SUITE" '$1 == "deb" && $0 !~ /security/ {
-                   for (i = 2; i <= NF; i++) if ($i !~ /^\[/) { if ($(i + 1) == s) { print $i; exit } break } }' "$f")"
+                   sub(/\[[^]]*\]/, ""); if ($3 == s) { print $2; exit } }' "$f")"
         [[ -n "$uri" ]] && break
     done
     if [[ -z "$uri" ]]; then
@@ -145,19 +146,23 @@ build_debian() {
 }
 
 # The host's local certificate authorities go into the Python base (deploy/python/Containerfile says why).
-readonly LOCAL_CA_DIR=/usr/local/share/ca-certificates
+local_cas() {
+    [[ -d /usr/local/share/ca-certificates ]] || return 0
+    find /usr/local/share/ca-certificates -name '*.crt' -type f | sort
+}
 
 cmd_base() {
     build_debian
     local hash context started=$SECONDS
-    hash="$( { cat "$REPO_ROOT/deploy/python/Containerfile"; find "$LOCAL_CA_DIR" -name '*.crt' -type f -exec cat {} + 2>/dev/null; } \
-            | sha256sum | cut -c1-16)"
+    local cas=()
+    mapfile -t cas < <(local_cas)
+    hash="$(cat "$REPO_ROOT/deploy/python/Containerfile" "${cas[@]}" | sha256sum | cut -c1-16)"
     fresh "$BASE_IMAGE" "$hash" && return 0
     context="$CACHE/python-context"
     rm -rf "$context"
     mkdir -p "$context/local-ca"
     cp "$REPO_ROOT/deploy/python/Containerfile" "$context/"
-    find "$LOCAL_CA_DIR" -name '*.crt' -type f -exec cp {} "$context/local-ca/" \; 2>/dev/null || true
+    ((${#cas[@]} == 0)) || cp "${cas[@]}" "$context/local-ca/"
     log "building $BASE_IMAGE (Debian's python3 3.11)"
     pod build --network host "${ULIMITS[@]}" --build-arg DEBIAN_IMAGE="$DEBIAN_IMAGE" -t "$BASE_IMAGE" \
         "$context" >"$CACHE/base-build.log" 2>&1 \
