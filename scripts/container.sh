@@ -11,6 +11,7 @@
 #   images           the images and their sizes
 #   podman ARGS...   podman with the global flags this machine needs
 #   compose ARGS...  podman-compose on docker-compose.yml with those flags and the local images
+#                    (project "streams" unless COMPOSE_PROJECT_NAME or -p says otherwise)
 #   up [-p PROJECT]  the stack in the order docker compose would start it: kafka, once healthy the worker,
 #                    once healthy the sample (waited for: it exits once sent)
 #   down [-p PROJECT]  stop the stack and delete its volumes
@@ -54,7 +55,9 @@ readonly ULIMITS=(--ulimit nofile=20000:20000 --ulimit nproc=4096:4096)
 log() { printf 'container: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
-pod() { podman "${PODMAN_FLAGS[@]}" "$@"; }
+# Without systemd Podman schedules no healthchecks and says so on every container it creates or removes:
+# that line is left out (`podman healthcheck run` still runs a check on demand).
+pod() { podman "${PODMAN_FLAGS[@]}" "$@" 2> >(grep -v 'unable to get systemd connection' >&2); }
 
 # --------------------------------------------------------------------------
 # install
@@ -139,7 +142,7 @@ build_debian() {
     fi
     # apt's downloads are not part of an image
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -c . | pod import - "$DEBIAN_IMAGE" >/dev/null
+    tar -C "$rootfs" -c . | pod import -q - "$DEBIAN_IMAGE" >/dev/null
     rm -rf "$rootfs"
     mark_fresh "$DEBIAN_IMAGE" "$hash"
     log "built $DEBIAN_IMAGE in $((SECONDS - started))s"
@@ -225,7 +228,9 @@ cmd_images() {
 # otherwise.
 cmd_compose() {
     [[ -x "$VENV_BIN/podman-compose" ]] || die "no $VENV_BIN/podman-compose: run scripts/container.sh install"
-    KAFKA_IMAGE="${KAFKA_IMAGE:-$LOCAL_KAFKA_IMAGE}" STREAMS_IMAGE="$WORKER_IMAGE" \
+    # -p PROJECT in the arguments wins over the project name
+    COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-streams}" \
+        KAFKA_IMAGE="${KAFKA_IMAGE:-$LOCAL_KAFKA_IMAGE}" STREAMS_IMAGE="$WORKER_IMAGE" \
         "$VENV_BIN/podman-compose" --podman-args="${PODMAN_FLAGS[*]}" -f "$REPO_ROOT/docker-compose.yml" "$@"
 }
 
@@ -256,7 +261,7 @@ wait_healthy() {
 }
 
 project_arg() {
-    if [[ "${1:-}" == -p && -n "${2:-}" ]]; then printf '%s\n' "$2"; else printf 'streams\n'; fi
+    if [[ "${1:-}" == -p && -n "${2:-}" ]]; then printf '%s\n' "$2"; else printf '%s\n' "${COMPOSE_PROJECT_NAME:-streams}"; fi
 }
 
 cmd_up() {
