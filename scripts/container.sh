@@ -307,7 +307,7 @@ main() {
         build) cmd_build ;;
         images) cmd_images ;;
         # exec: signals (SIGTERM to a foreground `podman run`) reach podman, which passes them on
-        podman) exec podman "${PODMAN_FLAGS[@]}" "$@" ;;
+        podman) exec podman "${PODMAN_FLAGS[@]}" "$@" 2> >(grep -v 'unable to get systemd connection' >&2) ;;
         compose) cmd_compose "$@" ;;
         up) cmd_up "$@" ;;
         down) cmd_down "$@" ;;
