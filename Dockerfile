@@ -16,8 +16,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install -q --upgrade pip "setuptools>=68" wheel
 WORKDIR /src
-# The dependencies alone first, read from pyproject.toml: this layer is rebuilt only when they change,
-# not on every change of the code.
+# The dependencies alone first, read from pyproject.toml: this layer is rebuilt when pyproject.toml
+# changes, not on every change of the code.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
       > requirements.txt \
