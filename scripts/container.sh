@@ -17,8 +17,8 @@
 #   down [-p PROJECT]  stop the stack and delete its volumes
 #
 # Environment (defaults in brackets):
-#   STREAMS_IMAGE        the worker's image                  [localhost/streams:latest]
-#   STREAMS_BASE_IMAGE   its base (BASE_IMAGE of the build)   [localhost/streams-python:3.11-bookworm]
+#   WORKER_IMAGE         the worker's image                  [localhost/streams:latest]
+#   BASE_IMAGE           its base (the build argument)        [localhost/streams-python:3.11-bookworm]
 #   KAFKA_IMAGE          for `compose`: the broker's image    [localhost/streams-kafka:4.3.1]
 #   DEBIAN_MIRROR        debootstrap's mirror                 [the Debian mirror apt uses here]
 #   CONTAINER_CACHE      stamps, debootstrap's tree, contexts [<repo>/.cache/container]
@@ -39,8 +39,8 @@ readonly REPO_ROOT
 readonly CACHE="${CONTAINER_CACHE:-$REPO_ROOT/.cache/container}"
 readonly KAFKA_LIBS="${KAFKA_CACHE:-$REPO_ROOT/.cache/kafka}/$KAFKA_VERSION/libs"
 readonly DEBIAN_IMAGE=localhost/debian:bookworm-minbase
-readonly BASE_IMAGE="${STREAMS_BASE_IMAGE:-localhost/streams-python:3.11-bookworm}"
-readonly WORKER_IMAGE="${STREAMS_IMAGE:-localhost/streams:latest}"
+readonly BASE_IMAGE="${BASE_IMAGE:-localhost/streams-python:3.11-bookworm}"
+readonly WORKER_IMAGE="${WORKER_IMAGE:-localhost/streams:latest}"
 readonly LOCAL_KAFKA_IMAGE=localhost/streams-kafka:$KAFKA_VERSION
 readonly VENV_BIN="$REPO_ROOT/.venv/bin"
 readonly PODMAN_COMPOSE_VERSION=1.6.0
@@ -229,8 +229,9 @@ cmd_images() {
 cmd_compose() {
     [[ -x "$VENV_BIN/podman-compose" ]] || die "no $VENV_BIN/podman-compose: run scripts/container.sh install"
     # -p PROJECT in the arguments wins over the project name
-    COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-streams}" \
-        KAFKA_IMAGE="${KAFKA_IMAGE:-$LOCAL_KAFKA_IMAGE}" STREAMS_IMAGE="$WORKER_IMAGE" \
+    # (env: WORKER_IMAGE and BASE_IMAGE are read-only variables here, which bash refuses to assign)
+    env COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-streams}" \
+        KAFKA_IMAGE="${KAFKA_IMAGE:-$LOCAL_KAFKA_IMAGE}" WORKER_IMAGE="$WORKER_IMAGE" BASE_IMAGE="$BASE_IMAGE" \
         "$VENV_BIN/podman-compose" --podman-args="${PODMAN_FLAGS[*]}" -f "$REPO_ROOT/docker-compose.yml" "$@"
 }
 
