@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench chaos clean
+.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench chaos images clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ chaos: install
 
 kafka:
 	bash scripts/kafka.sh start
+
+## the container images with Podman (installs podman, runc, debootstrap and podman-compose when missing)
+images: install
+	bash scripts/container.sh build
 
 kafka-stop:
 	bash scripts/kafka.sh stop

@@ -27,9 +27,13 @@
 #   KAFKA_STOP_TIMEOUT     seconds before SIGKILL    [30]
 #   KAFKA_RUNTIME          auto | jar | docker       [auto]
 #
-# Every listener binds 127.0.0.1 only (with Docker: ports published on
-# 127.0.0.1 only). SASL_PLAINTEXT accepts PLAIN, SCRAM-SHA-256 and
+# Every listener binds 127.0.0.1 only (with Docker too: the compose file's
+# services use the host's network). SASL_PLAINTEXT accepts PLAIN, SCRAM-SHA-256 and
 # SCRAM-SHA-512 for user "streams" / "streams-secret".
+#
+# With Docker, `start` starts only the kafka service of docker-compose.yml;
+# `stop` and `reset` take the whole compose stack down (the worker too, if it
+# was started with `docker compose up`).
 
 set -euo pipefail
 
