@@ -334,7 +334,7 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         TableManager=StreamsTableManager,
         Table=DeviceTable,
         # the URL the group's other workers route device lookups to (Faust's assignor shares it)
-        canonical_url=settings.advertised_url or f"http://{settings.web_bind}:{settings.web_port}",
+        canonical_url=settings.web_url,
         logging_config=None,
         # only STREAMS_* variables configure the worker: Faust would otherwise read BROKER_URL, WEB_PORT,
         # PROCESSING_GUARANTEE... from the environment and let them override what is passed here

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -44,8 +45,8 @@ class Settings:
     web_bind: str = setting("127.0.0.1", "the address the worker's HTTP server listens on",
                             groups=("worker", "state"))
     advertised_url: str = setting("", "the URL the other workers reach this one's HTTP server at, to route "
-                                  "lookups to the owner of a device (default: http://WEB_BIND:WEB_PORT); set it "
-                                  "when workers run on several hosts")
+                                  "lookups to the owner of a device (default: http://WEB_BIND:WEB_PORT, the host's "
+                                  "name for a bind to 0.0.0.0)")
     partitioner: str = setting(
         "murmur2", "how the raw topic's producers place keyed records, and so the device table: murmur2 (the Java "
         "client's default, Kafka Streams, librdkafka's murmur2_random) or crc32 (librdkafka's default "
@@ -96,6 +97,17 @@ class Settings:
             default_platform=self.default_platform,
             max_record_bytes=self.max_record_bytes,
         )
+
+    @property
+    def web_url(self) -> str:
+        """The URL the other workers reach this one's HTTP server at. A wildcard bind reaches nobody by that
+        address: then the host's name (which a pod's DNS, or a compose service, resolves to it)."""
+        if self.advertised_url:
+            return self.advertised_url
+        host = self.web_bind
+        if host in ("", "0.0.0.0", "::", "[::]"):
+            host = socket.gethostname()
+        return f"http://{host}:{self.web_port}"
 
     @property
     def exactly_once(self) -> bool:

@@ -53,3 +53,10 @@ def test_no_device_id_encodes_to_an_internal_key(device_id: str) -> None:
     except UnicodeEncodeError:  # a lone surrogate: the codec refuses such input before (not_json)
         return
     assert not is_internal(key)
+
+
+def test_a_wildcard_bind_advertises_the_hosts_name() -> None:
+    import socket
+
+    assert Settings(web_bind="0.0.0.0", web_port=6066).web_url == f"http://{socket.gethostname()}:6066"
+    assert Settings(web_bind="127.0.0.2", web_port=6067).web_url == "http://127.0.0.2:6067"
