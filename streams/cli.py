@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    settings = config.Settings.from_env().with_args(args)
+    try:
+        settings = config.Settings.from_env().with_args(args)
+    except config.SettingError as e:
+        print(f"streams {args.command}: {e}", file=sys.stderr)
+        return 2
     if args.command == "replay":
         return run_replay(args, settings)
     if args.command == "bench":

@@ -139,12 +139,22 @@ class Settings:
         for f in fields(cls):
             name = env_name(f.name)
             if name in environ:
-                values[f.name] = _convert(f, environ[name])
+                try:
+                    values[f.name] = _convert(f, environ[name])
+                except ValueError:
+                    raise SettingError(f"{name}={environ[name]!r} is not a whole number") from None
+                choices = f.metadata["choices"]
+                if choices and values[f.name] is not None and values[f.name] not in choices:
+                    raise SettingError(f"{name}={environ[name]!r}: one of {', '.join(choices)}")
         return cls(**values)
 
     def with_args(self, args: argparse.Namespace) -> Settings:
         given = {f.name: getattr(args, f.name) for f in fields(self) if getattr(args, f.name, None) is not None}
         return replace(self, **given)
+
+
+class SettingError(ValueError):
+    """A STREAMS_* variable that holds no valid value: said at start, rather than taken as a default."""
 
 
 def env_name(name: str) -> str:

@@ -60,3 +60,18 @@ def test_a_wildcard_bind_advertises_the_hosts_name() -> None:
 
     assert Settings(web_bind="0.0.0.0", web_port=6066).web_url == f"http://{socket.gethostname()}:6066"
     assert Settings(web_bind="127.0.0.2", web_port=6067).web_url == "http://127.0.0.2:6067"
+
+
+@pytest.mark.parametrize(("name", "value"), [("STREAMS_PROCESSING_GUARANTEE", "exactly-once"),
+                                             ("STREAMS_PARTITIONER", "consistent_random"),
+                                             ("STREAMS_PARTITIONS", "four")])
+def test_a_setting_with_no_valid_value_is_refused_at_start(name: str, value: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    run = subprocess.run([sys.executable, "-m", "streams", "worker"], env={"PATH": "/usr/bin", name: value},
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert name in run.stderr and value in run.stderr
