@@ -39,7 +39,7 @@ from aiokafka.structs import TopicPartition
 from . import codec
 from .enrich import Enricher
 from .identity import DeviceState, Rejected, device_id_of
-from .murmur2 import murmur2
+from .keyhash import KeyHashes
 from .transactions import PartitionProducers
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class KafkaRecord(Protocol):
 class PartitionDB(Protocol):
     """What the pipeline needs of one partition's RocksDB database (rocksdict.Rdict)."""
 
-    def get(self, key: bytes) -> Any: ...
+    def get(self, key: Any) -> Any: ...  # a key, or a list of keys (one multi-get: a list of values)
 
     def write(self, batch: Any) -> None: ...
 
@@ -115,9 +115,16 @@ def _merge(into: dict[str, int], more: dict[str, int]) -> None:
         into[k] = into.get(k, 0) + n
 
 
+# a cache lookup's answer when the device is not in the cache (None there means: nothing stored)
+_MISSING: Any = object()
+
+
 class PartitionState:
     """One table partition's device states during a batch: a `StateStore` for the enrich step that also
-    remembers, per device, up to which raw offset (per source partition) its state holds."""
+    remembers, per device, up to which raw offset (per source partition) its state holds.
+
+    The shared cache also remembers devices with nothing stored (value None): at a million devices most
+    records are of such devices (a track stores nothing), and each would otherwise cost a RocksDB read."""
 
     def __init__(self, partition: int, db: PartitionDB, cache: OrderedDict[tuple[int, str], Any],
                  cache_size: int, counters: Counters) -> None:
@@ -146,18 +153,34 @@ class PartitionState:
         if entry is not None:
             return entry
         key = (self.partition, device_id)
-        cached = self.cache.get(key)
-        if cached is not None:
+        cached = self.cache.get(key, _MISSING)
+        if cached is not _MISSING:
             self.counters.cache_hits += 1
             self.cache.move_to_end(key)
             return cached  # type: ignore[no-any-return]
         self.counters.cache_misses += 1
         data = self.db.get(device_id.encode())
-        if not isinstance(data, bytes):
-            return None
-        entry = codec.decode_stored(data)
+        entry = codec.decode_stored(data) if isinstance(data, bytes) else None
         self._remember(device_id, entry)
         return entry
+
+    def prefetch(self, device_ids: Iterable[str]) -> None:
+        """Read, in one RocksDB multi-get, the states of those devices that are neither in the batch's writes
+        nor in the cache (the devices of a batch, before it runs), and cache them."""
+        partition, cache, dirty = self.partition, self.cache, self.dirty
+        wanted = [d for d in dict.fromkeys(device_ids) if d not in dirty and (partition, d) not in cache]
+        if not wanted:
+            return
+        # more than the cache holds would evict what was just read: read them when they come instead
+        wanted = wanted[:self.cache_size]
+        try:
+            keys = [d.encode() for d in wanted]
+        except UnicodeEncodeError:
+            return  # a lone surrogate: such a record is refused before any state is read
+        self.counters.cache_misses += len(wanted)
+        decode = codec.decode_stored
+        for device_id, data in zip(wanted, self.db.get(keys), strict=True):
+            self._remember(device_id, decode(data) if isinstance(data, bytes) else None)
 
     def holds(self, device_id: str, source_partition: int, offset: int) -> bool:
         entry = self.load(device_id)
@@ -184,7 +207,7 @@ class PartitionState:
             self._remember(device_id, entry)
         self.dirty.clear()
 
-    def _remember(self, device_id: str, entry: tuple[DeviceState, dict[int, int]]) -> None:
+    def _remember(self, device_id: str, entry: tuple[DeviceState, dict[int, int]] | None) -> None:
         key = (self.partition, device_id)
         self.cache[key] = entry
         self.cache.move_to_end(key)
@@ -236,23 +259,39 @@ class Pipeline:
         self.offset_key = changelog_offset_key
         self.transactions = transactions  # exactly-once: one transactional producer per owned partition
         self.group = group
+        # (partition, device ID) -> (state, applied offsets), or None: nothing stored (see PartitionState)
         self.cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
         self.cache_size = cache_size
         self.counters = Counters()
         # (topic, partition) -> the next offset to process: what the lag metric measures against
         self.positions: dict[tuple[str, int], int] = {}
-        self._hash_of: dict[str, int] = {}
+        self.key_hashes = KeyHashes(200_000)
 
     def key_hash(self, device_id: str) -> int:
         """Kafka's default partitioner's hash of the key (murmur2, as the Java client), cached: it is Python
         and would otherwise run for every record sent."""
-        h = self._hash_of.get(device_id)
-        if h is None:
-            h = murmur2(device_id.encode()) & 0x7FFFFFFF
-            if len(self._hash_of) > 200_000:
-                self._hash_of.clear()
-            self._hash_of[device_id] = h
-        return h
+        return self.key_hashes.get(device_id)
+
+    def prepare(self, batch: Mapping[Any, Sequence[KafkaRecord]], states: dict[int, PartitionState]) -> None:
+        """Before a batch runs: hash its devices together and read their states with one multi-get per
+        partition, from the records' keys (a raw record is keyed by its device ID). Only caches are filled:
+        a record keyed otherwise finds its device hashed and read when it comes."""
+        keys: dict[int, list[str]] = {}
+        for tp, records in batch.items():
+            # a key that is no UTF-8 is no device ID: what it decodes to (with U+FFFD) is read in vain, and
+            # the record is refused or forwarded
+            keys.setdefault(tp.partition, []).extend(
+                [rec.key.decode(errors="replace") for rec in records if rec.key is not None])
+        self.key_hashes.prepare(d for found in keys.values() for d in found)
+        n = self.topics.partitions
+        for p, found in keys.items():
+            state = states.get(p)
+            if state is None:
+                state = states[p] = PartitionState(p, self.db_for_partition(p), self.cache, self.cache_size,
+                                                   self.counters)
+            hash_of = self.key_hashes.get
+            # only the devices that belong here: a record in the wrong partition is forwarded, not applied
+            state.prefetch(d for d in found if hash_of(d) % n == p)
 
     def partition_for(self, device_id: str) -> int:
         """The partition of the table (and of the raw topic) this device belongs to."""
@@ -312,6 +351,7 @@ class Pipeline:
         max_bytes = self.enricher.settings.max_record_bytes
         enriched_partitions = t.enriched_partitions or t.partitions
         dead_partitions = t.dead_letter_partitions or t.partitions
+        self.prepare(batch, states)
 
         # Steps 1 and 2: route, skip what the state holds, enrich
         for tp, records in batch.items():
