@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench chaos images clean
+.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench bench-scale chaos images \
+	clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,13 @@ conformance: install
 ## the benchmark: ceiling, stock-Faust baseline, worker, latency, replay, correctness (.cache/bench/last.md)
 bench: install
 	$(BIN)/python scripts/bench.py
+
+## the scale runs (~20 min, minutes more the first time to generate the inputs; .cache/bench/last-scale.md):
+## 1M records over 1M device IDs, 10M devices logged in and then 1M records over them, two workers against
+## one; each beside the ceiling, with the worker's peak RSS, the output checked against replay's
+## (BENCH_ARGS=--brokers 127.0.0.1:PORT for a broker elsewhere)
+bench-scale: install
+	$(BIN)/python scripts/bench.py --scale $(BENCH_ARGS)
 
 ## the fault test: 200k records, 24 SIGKILLs and a broker restart; output and state must equal replay's
 ## in each delivery mode (GUARANTEES= picks one): at-least-once allows identical duplicates, exactly-once none

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar
@@ -661,16 +661,18 @@ class Result:
         return None if self.cpu_seconds is None else self.cpu_seconds / self.events * 1e6
 
 
-async def wait_consumed(kafka: Kafka, child: Child, group: str, source: str, records: int, outputs: list[str],
-                        expected_out: int | None) -> None:
+async def wait_consumed(kafka: Kafka, child: Child | list[Child], group: str, source: str, records: int,
+                        outputs: list[str], expected_out: int | None) -> None:
     """Until the group has committed all `records` of `source` and the outputs hold `expected_out` records
-    (when known). Fails when the child exits, or nothing moves for STALL_SECONDS."""
+    (when known). Fails when the child (any of them) exits, or nothing moves for STALL_SECONDS."""
     last_state: tuple[int, int] | None = None
     last_move = time.monotonic()
+    children = child if isinstance(child, list) else [child]
+    child = children[0]
     while True:
-        if not child.alive():
-            raise BenchError(f"{child.name} exited with code {child.returncode}; the end of {child.log}:\n"
-                             f"{child.tail()}")
+        for c in children:
+            if not c.alive():
+                raise BenchError(f"{c.name} exited with code {c.returncode}; the end of {c.log}:\n{c.tail()}")
         committed = await kafka.committed(group, source)
         out = await kafka.count(outputs)
         if committed >= records and (expected_out is None or out >= expected_out):
@@ -715,8 +717,12 @@ class ReplayRun:
     dead: Path
 
 
-async def run_replay(names: Names, label: str, src: Path, state_dir: Path | None = None, jobs: int = 1) -> ReplayRun:
+async def run_replay(names: Names, label: str, src: Path, state_dir: Path | None = None, jobs: int = 1,
+                     discard: bool = False) -> ReplayRun:
+    """`discard`: the enriched output to /dev/null (only its counts are wanted)."""
     out, dead = names.run_dir / f"replay-{label}.jsonl", names.run_dir / f"replay-{label}.dead.jsonl"
+    if discard:
+        out = Path(os.devnull)
     argv = [PYTHON, "-m", "streams", "replay", "--input", str(src), "--output", str(out), "--dead-letter", str(dead)]
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir)]
@@ -761,11 +767,11 @@ async def passthrough(brokers: str, source: str, target: str, group: str) -> Non
         await consumer.stop()
 
 
-async def measure_ceiling(kafka: Kafka, names: Names, raw: str, records: int) -> Result:
-    out, group = names.topic("ceiling.out"), names.group("ceiling")
+async def measure_ceiling(kafka: Kafka, names: Names, raw: str, records: int, label: str = "ceiling") -> Result:
+    out, group = names.topic(f"{label}.out"), names.group(label)
     await kafka.create_topics([out])
-    child = Child("ceiling", [PYTHON, __file__, "--passthrough", kafka.brokers, raw, out, group], clean_env(),
-                  names.run_dir / "ceiling.log")
+    child = Child(label, [PYTHON, __file__, "--passthrough", kafka.brokers, raw, out, group], clean_env(),
+                  names.run_dir / f"{label}.log")
     await wait_consumed(kafka, child, group, raw, records, [out], records)
     result = await consumer_result(kafka, child, "ceiling: bare aiokafka passthrough", "all", records, [out],
                                    f"no logic: fetch {BATCH_RECORDS:,}, send each, commit after acks")
@@ -802,10 +808,11 @@ async def measure_baseline(kafka: Kafka, names: Names, raw: str, records: int, e
 
 
 def worker_child(kafka: Kafka, names: Names, label: str, raw: str, enriched: str, dead: str,
-                 guarantee: str = "at_least_once") -> Child:
+                 guarantee: str = "at_least_once", group: str | None = None, state: str | None = None) -> Child:
+    """A worker with its own group and state directory, named after `label` unless `group`/`state` say."""
     settings = {
         "brokers": kafka.brokers, "raw_topic": raw, "enriched_topic": enriched, "dead_letter_topic": dead,
-        "group": names.group(label), "state_dir": str(names.run_dir / f"{label}-state"),
+        "group": names.group(group or label), "state_dir": str(names.run_dir / f"{state or label}-state"),
         "web_port": str(free_port()), "partitions": str(PARTITIONS), "log_level": "warning",
         "processing_guarantee": guarantee,
     }
@@ -1348,6 +1355,270 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             shutil.rmtree(names.run_dir, ignore_errors=True)
 
 
+# -- make bench-scale: millions of devices -------------------------------------------------------------------
+
+SCALE_WIDE_DEVICES = 1_000_000  # (a) as many device IDs as records: most states absent or beyond any cache
+SCALE_STATE_DEVICES = 10_000_000  # (b) devices in state before the measured records
+
+
+_PLATFORM_NAMES = list(PLATFORM_WEIGHTS)
+_PLATFORM_CUM = list(itertools.accumulate(PLATFORM_WEIGHTS.values()))
+
+
+def scale_device(seed: int, i: int) -> Device:
+    """Device number `i` of a population too large to hold (10M `Device`s would take gigabytes): drawn from a
+    hash of (seed, i), so the preload and the records over it agree without keeping the devices. IDs shaped
+    as `make_device_id`'s, the device number at the end keeping them apart."""
+    h = int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=32).digest(), "little")
+    platform_name = _PLATFORM_NAMES[bisect.bisect(_PLATFORM_CUM, (h & 0xFFFF) / 0x10000 * _PLATFORM_CUM[-1])]
+    h >>= 16
+    if platform_name == "web":
+        device_id = (f"{h & (1 << 56) - 1:014x}-{h >> 56 & (1 << 64) - 1:016x}-{h >> 120 & 0xFFFFFFFF:08x}-"
+                     f"{('1296000', '2073600', '3686400')[h >> 152 & 1]}-{i:x}")
+    else:
+        device_id = (f"{T0_MS - h % (90 * 86_400_000)}-{h >> 40 & 0xFFFFFF:07d}-{h >> 64 & (1 << 60) - 1:015x}-"
+                     f"{i:08d}")
+    return Device(device_id, platform_name, str(60_000_000_000_000_000 + i * 7919), "$identity_login_id")
+
+
+def generate_preload(path: Path, devices: int, seed: int) -> Path:
+    """One login per device of the population: every device then has a stored state."""
+    if path.exists():
+        return path
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb", buffering=1 << 20) as f:
+        for i in range(devices):
+            d = scale_device(seed, i)
+            f.write(orjson.dumps({"device_id": d.device_id, "platform": d.platform, "action": "login",
+                                  "id": d.user, "time": T0_MS - 86_400_000 + i}) + b"\n")
+    partial.rename(path)
+    return path
+
+
+def generate_over(path: Path, records: int, devices: int, seed: int) -> Path:
+    """`records` records over the population of `generate_preload(devices, seed)`, with `generate`'s mix and
+    skew; only the devices drawn are built."""
+    if path.exists():
+        return path
+    rng = random.Random(seed + 1)
+    weights = list(itertools.accumulate(rng.lognormvariate(0.0, 1.0) for _ in range(devices)))
+    picks = rng.choices(range(devices), cum_weights=weights, k=records)
+    del weights
+    devs: dict[int, Device] = {}
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb", buffering=1 << 20) as f:
+        for i, d in enumerate(picks):
+            device = devs.get(d)
+            if device is None:
+                device = devs[d] = scale_device(seed, d)
+            t = T0_MS + i * 7 + rng.randrange(7)
+            line = bad_record(rng, device, t) if rng.random() < BAD_RATE else orjson.dumps(
+                valid_record(rng, device, t))
+            f.write(line + b"\n")
+    partial.rename(path)
+    return path
+
+
+async def measure_workers(kafka: Kafka, names: Names, label: str, raw: str, events: int, expected_out: int,
+                          count: int = 1, *, group: str | None = None, state: str | None = None,
+                          committed: int | None = None, digest: bool = True, name: str = "",
+                          note: str = "") -> tuple[Result, Digest | None]:
+    """`count` worker processes in one consumer group on `raw`, until the group has committed `committed`
+    records of it (default `events`: a fresh group) and the outputs hold `expected_out` records; `events`
+    input records are measured. Events/s over the outputs' append span, CPU of all the processes in that
+    window, peak RSS of the largest; and the outputs' digest (`digest`)."""
+    enriched, dead = names.topic(f"{label}.enriched"), names.topic(f"{label}.dead-letter")
+    await kafka.create_topics([enriched, dead])
+    group = group or label
+    children = [worker_child(kafka, names, f"{label}-{i}" if count > 1 else label, raw, enriched, dead,
+                             group=group, state=f"{state or label}-{i}" if count > 1 else state or label)
+                for i in range(count)]
+    await wait_consumed(kafka, children, names.group(group), raw, committed or events, [enriched, dead],
+                        expected_out)
+    first, last = await append_span(kafka.brokers, [enriched, dead])
+    cpu = sum(c.cpu_at(last) - c.cpu_at(first) for c in children)
+    for c in children:
+        c.stop()
+    result = Result(name or label, "all", events, last - first, cpu, max(c.peak_rss_mib for c in children), note)
+    return result, await topic_digest(kafka.brokers, raw, enriched, dead) if digest else None
+
+
+def verdict_line(expected: Digest, actual: Digest | None, what: str, failures: list[str]) -> str:
+    assert actual is not None
+    verdict = compare(expected, actual, what)
+    if not verdict.ok:
+        failures.append(f"{what}: " + " ".join(verdict.lines))
+    return ("PASS: " if verdict.ok else "**FAIL**: ") + " ".join(verdict.lines)
+
+
+async def bench_scale(brokers: str, keep: bool, records: int, state_devices: int, seed: int) -> int:
+    """(a) `records` over as many device IDs; (b) `state_devices` devices logged in first (through the
+    worker, a restart, then) `records` over them; (c) two workers against one on (a)'s input."""
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    stamp = f"bench-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
+    names = Names(stamp, BENCH_DIR / stamp)
+    names.run_dir.mkdir(parents=True, exist_ok=True)
+    took: dict[str, float] = {}
+    kafka: Kafka | None = None
+    failures: list[str] = []
+    try:
+        with timed("inputs", "generating the scale inputs (cached under .cache/bench; the first time takes "
+                   "minutes)", took):
+            wide_in = await asyncio.to_thread(
+                generate, input_path("wide", records, records, seed + 1), records, records, seed + 1)
+            preload_in = await asyncio.to_thread(
+                generate_preload, input_path("preload", state_devices, state_devices, seed + 3), state_devices,
+                seed + 3)
+            over_in = await asyncio.to_thread(
+                generate_over, input_path("over", records, state_devices, seed + 3), records, state_devices,
+                seed + 3)
+
+        with timed("replay", "replay: the reference outputs", took):
+            wide_ref = await run_replay(names, "wide", wide_in)
+            wide_state = await run_replay(names, "wide-state", wide_in, names.run_dir / "replay-wide-state")
+            wide_same = wide_state.output.read_bytes() == wide_ref.output.read_bytes()
+            wide_state.output.unlink()
+            preload = await run_replay(names, "preload", preload_in, names.run_dir / "replay-state-10m",
+                                       discard=True)
+            over_ref = await run_replay(names, "over", over_in, names.run_dir / "replay-state-10m")
+            wide_digest = await asyncio.to_thread(file_digest, wide_ref)
+            over_digest = await asyncio.to_thread(file_digest, over_ref)
+            if not wide_same:
+                failures.append("replay --state-dir gave other bytes than replay in memory")
+
+        kafka = Kafka(brokers)
+        await kafka.start()
+        wide_raw, over_raw, state_raw = names.topic("wide.raw"), names.topic("over.raw"), names.topic("state.raw")
+        with timed("load", "loading the raw topics", took):
+            await kafka.create_topics([wide_raw, over_raw, state_raw])
+            await load_topic(brokers, wide_raw, wide_in)
+            await load_topic(brokers, over_raw, over_in)  # the ceiling of (b) reads the same records
+            loaded, load_seconds = await load_topic(brokers, state_raw, preload_in)
+
+        # (a) and (c)
+        wide_out = wide_ref.enriched + wide_ref.dead_letters
+        with timed("a-ceiling", f"(a) the ceiling on {records:,} records over {records:,} devices", took):
+            a_ceiling = await measure_ceiling(kafka, names, wide_raw, records, "a-ceiling")
+            a_ceiling.name = "(a) ceiling: bare aiokafka passthrough"
+        with timed("a-worker", "(a) the worker", took):
+            a_worker, digest = await measure_workers(
+                kafka, names, "a-worker", wide_raw, records, wide_out, name="(a) worker, one process",
+                note=f"{records:,} records over {records:,} device IDs")
+            a_line = verdict_line(wide_digest, digest, "(a) worker", failures)
+        with timed("c-workers", "(c) two workers in one group", took):
+            c_workers, digest = await measure_workers(
+                kafka, names, "c-workers", wide_raw, records, wide_out, count=2,
+                name="(c) two worker processes, one group", note="the same input; CPU of both, RSS of the larger")
+            c_line = verdict_line(wide_digest, digest, "(c) two workers", failures)
+
+        # (b)
+        with timed("b-ceiling", f"(b) the ceiling on the {records:,} records over {state_devices:,} devices", took):
+            b_ceiling = await measure_ceiling(kafka, names, over_raw, records, "b-ceiling")
+            b_ceiling.name = "(b) ceiling: bare aiokafka passthrough"
+        with timed("b-preload", f"(b) the worker logs in {state_devices:,} devices", took):
+            # 10M records: counted, not digested (that would take minutes and gigabytes)
+            b_preload, _ = await measure_workers(
+                kafka, names, "b-preload", state_raw, state_devices, preload.enriched + preload.dead_letters,
+                group="b-worker", state="b-worker", digest=False,
+                name=f"(b) worker, loading: one login each for {state_devices:,} devices",
+                note="every record a new device and a state write")
+            counted = (await kafka.count([names.topic("b-preload.enriched")]),
+                       await kafka.count([names.topic("b-preload.dead-letter")]))
+            preload_line = (f"{counted[0]:,} enriched records and {counted[1]:,} dead letters; replay "
+                            f"{preload.enriched:,} and {preload.dead_letters:,} (counted, not compared record "
+                            "by record)")
+            if counted != (preload.enriched, preload.dead_letters):
+                failures.append(f"(b) loading: {preload_line}")
+        with timed("b-worker", f"(b) the worker (restarted on its state) on {records:,} records", took):
+            await load_topic(brokers, state_raw, over_in)
+            b_worker, digest = await measure_workers(
+                kafka, names, "b-worker", state_raw, records, over_ref.enriched + over_ref.dead_letters,
+                group="b-worker", state="b-worker", committed=state_devices + records,
+                name=f"(b) worker, {state_devices:,} devices in state",
+                note=f"restarted on the state the loading left; {records:,} records over those devices")
+            b_line = verdict_line(over_digest, digest, "(b) worker", failures)
+
+        empty_in = names.run_dir / "empty.jsonl"
+        empty_in.touch()
+        startup_cpu = (await run_replay(names, "empty", empty_in)).cpu_seconds
+
+        def replay_result(name: str, run: ReplayRun, note: str) -> Result:
+            seconds = run.records / run.rate if run.rate else 0.0
+            return Result(name, "all", run.records, seconds, max(0.0, run.cpu_seconds - startup_cpu),
+                          run.peak_rss_mib, note)
+
+        results = [
+            a_ceiling, a_worker, c_workers, b_ceiling, b_preload, b_worker,
+            replay_result(f"replay, {records:,} device IDs", wide_ref, "state in memory"),
+            replay_result(f"replay --state-dir, {records:,} device IDs", wide_state, "RocksDB behind a "
+                          "100,000-device cache"),
+            replay_result(f"replay --state-dir, loading {state_devices:,} devices", preload, "one login each"),
+            replay_result(f"replay --state-dir, {state_devices:,} devices in state", over_ref,
+                          f"{records:,} records over them"),
+        ]
+        report = [
+            f"## make bench-scale: {time.strftime('%Y-%m-%d %H:%M')}, seed {seed}",
+            "",
+            *table(results),
+            "",
+            f"- (a) **worker / ceiling: {ratio(a_worker.rate, a_ceiling.rate)}** of the events/s "
+            f"({ratio(a_worker.cpu_us, a_ceiling.cpu_us)}x its CPU per event); peak RSS "
+            f"{a_worker.peak_rss_mib:,.0f} MiB.",
+            f"- (b) **worker / ceiling: {ratio(b_worker.rate, b_ceiling.rate)}** of the events/s with "
+            f"{state_devices:,} devices in state ({ratio(b_worker.cpu_us, b_ceiling.cpu_us)}x its CPU per event); "
+            f"**peak RSS {b_worker.peak_rss_mib:,.0f} MiB** (while loading them: {b_preload.peak_rss_mib:,.0f} MiB).",
+            f"- (c) **two workers / one: {ratio(c_workers.rate, a_worker.rate)}** of the events/s "
+            f"({fmt(c_workers.rate)} against {fmt(a_worker.rate)}), "
+            f"{ratio(c_workers.cpu_us, a_worker.cpu_us)}x the CPU per event; two workers / ceiling "
+            f"{ratio(c_workers.rate, a_ceiling.rate)}.",
+            f"- Load: {loaded:,} logins into {state_raw} in {load_seconds:.1f}s ({loaded / load_seconds:,.0f}/s).",
+            "",
+            "Correctness:",
+            f"- (a) {a_line}",
+            f"- (b) {b_line}",
+            f"- (c) {c_line}",
+            f"- (b) loading: {preload_line}",
+            f"- replay --state-dir, {records:,} device IDs, gave the bytes of replay in memory: "
+            f"{'yes' if wide_same else 'NO'}.",
+            "",
+            "How: as `make bench` (events/s over the outputs' broker append times, CPU from /proc in that window, "
+            "peak RSS = VmHWM). (b)'s worker logs every device in, is stopped (SIGTERM) and started again on "
+            "the same group and state directory, then the records are appended to its raw topic; its output "
+            "is compared with replay's of the same records after replay --state-dir has loaded the same "
+            "logins. Each ceiling runs on its own copy of the measured records.",
+            "",
+            f"Machine: {machine()}; load average {load_before[0]:.2f} at the start, "
+            f"{os.getloadavg()[0]:.2f} at the end. {versions()}.",
+            f"Took {time.monotonic() - started:,.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in took.items()) + ".",
+        ]
+        if TROUBLE.errors:
+            report[2:2] = [f"**WARNING: the bench's Kafka clients logged errors during: "
+                           f"{', '.join(f'{k} ({n:,})' for k, n in TROUBLE.errors.items())}: those steps' "
+                           "figures are not to be trusted; run again.**", ""]
+        text = "\n".join(report) + "\n"
+        print(text)
+        (BENCH_DIR / "last-scale.md").write_text(text)
+        for failure in failures:
+            print(f"bench: FAIL: {failure}", file=sys.stderr)
+        return 1 if failures else 0
+    except BenchError as e:
+        print(f"bench: FAIL: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for child in Child.registry:
+            child.stop()
+        if kafka is not None:
+            try:
+                deleted = await kafka.delete_run_topics(stamp)
+                step(f"deleted {len(deleted)} topics of this run")
+            except Exception as e:
+                step(f"could not delete the topics {stamp}*: {type(e).__name__}: {e}")
+            await kafka.close()
+        if not keep:
+            shutil.rmtree(names.run_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1361,12 +1632,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-rate", type=int, default=5000, help="records/s of the latency run")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--keep", action="store_true", help="keep this run's directory under .cache/bench")
+    parser.add_argument("--scale", action="store_true",
+                        help="the scale runs instead (make bench-scale): --records over as many device IDs, then "
+                        "--state-devices logged in first and --records over them, and two workers against one")
+    parser.add_argument("--state-devices", type=int, default=SCALE_STATE_DEVICES,
+                        help=f"devices in state for --scale (default {SCALE_STATE_DEVICES:,})")
     parser.add_argument("--passthrough", nargs=4, metavar=("BROKERS", "SOURCE", "TARGET", "GROUP"),
                         help=argparse.SUPPRESS)  # the ceiling's child process
     args = parser.parse_args(argv)
     if args.passthrough:
         asyncio.run(passthrough(*args.passthrough))
         return 0
+    if args.scale:
+        BENCH_DIR.mkdir(parents=True, exist_ok=True)
+        TROUBLE.install()
+        return asyncio.run(with_signals(bench_scale(args.brokers, args.keep, args.records or SCALE_WIDE_DEVICES,
+                                                    args.state_devices, args.seed)))
     records = args.records or (200_000 if args.quick else 1_000_000)
     devices = args.devices or (20_000 if args.quick else 100_000)
     plan = Plan(records=records, devices=devices,
@@ -1379,11 +1660,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def bench_with_signals(plan: Plan, brokers: str, keep: bool) -> int:
+    return await with_signals(bench(plan, brokers, keep))
+
+
+async def with_signals(run: Awaitable[int]) -> int:
     """SIGTERM cancels the run like Ctrl-C does, so the finally clause stops the children and the topics."""
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await bench(plan, brokers, keep)
+    return await run
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ transaction over its Faust table). It never touches a file, a socket or a clock.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -74,15 +75,17 @@ class Enricher:
     def __init__(self, settings: EnrichSettings | None = None) -> None:
         self.settings = settings or EnrichSettings()
         # states of devices with nothing stored: immutable and the same for every store, so one object per
-        # device serves its records (and its cached identity stamp) until the device changes
-        self._fresh: dict[str, DeviceState] = {}
+        # device serves its records (and its cached identity stamp) until the device changes. An OrderedDict,
+        # not a dict: removing a plain dict's first entry leaves a dead slot that every later `next(iter(d))`
+        # walks past, so each eviction cost more than the last (78% of the worker's CPU at 1M devices)
+        self._fresh: OrderedDict[str, DeviceState] = OrderedDict()
 
     def fresh_state(self, device_id: str) -> DeviceState:
         fresh = self._fresh
         state = fresh.get(device_id)
         if state is None:
             if len(fresh) >= FRESH_STATES:
-                del fresh[next(iter(fresh))]  # the oldest: a FIFO bound is enough for a cache of defaults
+                fresh.popitem(last=False)  # the oldest: a FIFO bound is enough for a cache of defaults
             state = fresh[device_id] = DeviceState.new(device_id)
         return state
 

@@ -39,7 +39,7 @@ from aiokafka.structs import TopicPartition
 from . import codec
 from .enrich import Enricher
 from .identity import DeviceState, Reason, Rejected, device_id_of
-from .partitioners import key_hash as partitioner_hash
+from .keyhash import KeyHashes
 from .statekeys import APPLIED_KEY, PLAN_KEY
 from .transactions import PartitionProducers
 
@@ -62,7 +62,7 @@ class KafkaRecord(Protocol):
 class PartitionDB(Protocol):
     """What the pipeline needs of one partition's RocksDB database (rocksdict.Rdict)."""
 
-    def get(self, key: bytes) -> Any: ...
+    def get(self, key: Any) -> Any: ...  # a key, or a list of keys (one multi-get: a list of values)
 
     def write(self, batch: Any) -> None: ...
 
@@ -169,9 +169,16 @@ class Applied:
 FORWARDED = 1 << 32
 
 
+# a cache lookup's answer when the device is not in the cache (None there means: nothing stored)
+_MISSING: Any = object()
+
+
 class PartitionState:
     """One table partition's device states during a batch: a `StateStore` for the enrich step, and how far
-    the stored states hold the partition's inputs."""
+    the stored states hold the partition's inputs.
+
+    The shared cache also remembers devices with nothing stored (value None): at a million devices most
+    records are of such devices (a track stores nothing), and each would otherwise cost a RocksDB read."""
 
     def __init__(self, partition: int, db: PartitionDB, cache: OrderedDict[tuple[int, str], Any],
                  cache_size: int, counters: Counters, applied: Applied | None = None) -> None:
@@ -201,17 +208,20 @@ class PartitionState:
         if entry is not None:
             return entry
         key = (self.partition, device_id)
-        cached = self.cache.get(key)
-        if cached is not None:
+        cached = self.cache.get(key, _MISSING)
+        if cached is not _MISSING:
             self.counters.cache_hits += 1
             self.cache.move_to_end(key)
             return cached  # type: ignore[no-any-return]
         self.counters.cache_misses += 1
         data = self.db.get(device_id.encode())
-        if not isinstance(data, bytes):
-            return None
+        entry = self._decode(device_id, data) if isinstance(data, bytes) else None
+        self._remember(device_id, entry)
+        return entry
+
+    def _decode(self, device_id: str, data: bytes) -> tuple[DeviceState, dict[int, int]]:
         try:
-            entry = codec.decode_stored(data)
+            return codec.decode_stored(data)
         except Exception as e:
             # reported, and the record kept as a dead letter; the stored bytes stay for an operator to look at.
             # Never retried: the same bytes would fail again and stop the partition
@@ -221,8 +231,31 @@ class PartitionState:
             raise Rejected(Reason.UNREADABLE_STATE, "device_id",
                            f"the device's stored state cannot be read ({type(e).__name__}); the record is kept "
                            "and the stored state left as it is") from e
-        self._remember(device_id, entry)
-        return entry
+
+    def prefetch(self, device_ids: Iterable[str]) -> None:
+        """Read, in one RocksDB multi-get, the states of those devices that are neither in the batch's writes
+        nor in the cache (the devices of a batch, before it runs), and cache them."""
+        partition, cache, dirty = self.partition, self.cache, self.dirty
+        wanted = [d for d in dict.fromkeys(device_ids) if d not in dirty and (partition, d) not in cache]
+        if not wanted:
+            return
+        # more than the cache holds would evict what was just read: read them when they come instead
+        wanted = wanted[:self.cache_size]
+        try:
+            keys = [d.encode() for d in wanted]
+        except UnicodeEncodeError:
+            return  # a lone surrogate: such a record is refused before any state is read
+        self.counters.cache_misses += len(wanted)
+        decode = codec.decode_stored
+        for device_id, data in zip(wanted, self.db.get(keys), strict=True):
+            if not isinstance(data, bytes):
+                self._remember(device_id, None)
+                continue
+            try:
+                entry = decode(data)
+            except Exception:
+                continue  # not cached: the record's own read reports it (an unreadable_state dead letter)
+            self._remember(device_id, entry)
 
     def get(self, device_id: str) -> DeviceState | None:
         entry = self.load(device_id)
@@ -257,7 +290,7 @@ class PartitionState:
             self._remember(device_id, entry)
         self.dirty.clear()
 
-    def _remember(self, device_id: str, entry: tuple[DeviceState, dict[int, int]]) -> None:
+    def _remember(self, device_id: str, entry: tuple[DeviceState, dict[int, int]] | None) -> None:
         key = (self.partition, device_id)
         self.cache[key] = entry
         self.cache.move_to_end(key)
@@ -306,7 +339,7 @@ class Pipeline:
         cache_size: int = 100_000,
         transactions: PartitionProducers | None = None,
         group: str = "",
-        key_hash: Callable[[bytes], int] | None = None,
+        partitioner: str = "murmur2",
     ) -> None:
         self.enricher = enricher
         self.topics = topics
@@ -316,25 +349,36 @@ class Pipeline:
         self.offset_key = changelog_offset_key
         self.transactions = transactions  # exactly-once: one transactional producer per owned partition
         self.group = group
+        # (partition, device ID) -> (state, applied offsets), or None: nothing stored (see PartitionState)
         self.cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
         self.cache_size = cache_size
         self.counters = Counters()
         # (topic, partition) -> the next offset to process: what the lag metric measures against
         self.positions: dict[tuple[str, int], int] = {}
-        self._hash_of: dict[str, int] = {}
+        self.key_hashes = KeyHashes(200_000, partitioner)
         self.applied: dict[int, Applied] = {}  # per owned table partition, as of the last batch
-        self._key_hash = key_hash or partitioner_hash("murmur2")
 
     def key_hash(self, device_id: str) -> int:
         """The producers' partitioner's hash of the key (`streams.partitioners`), cached: murmur2 is Python
         and would otherwise run for every record sent."""
-        h = self._hash_of.get(device_id)
-        if h is None:
-            h = self._key_hash(device_id.encode())
-            if len(self._hash_of) > 200_000:
-                self._hash_of.clear()
-            self._hash_of[device_id] = h
-        return h
+        return self.key_hashes.get(device_id)
+
+    def prepare(self, batch: Mapping[Any, Sequence[KafkaRecord]], states: dict[int, PartitionState]) -> None:
+        """Before a batch runs: hash its devices together and read their states with one multi-get per
+        partition, from the records' keys (a raw record is keyed by its device ID). Only caches are filled:
+        a record keyed otherwise finds its device hashed and read when it comes."""
+        keys: dict[int, list[str]] = {}
+        for tp, records in batch.items():
+            # a key that is no UTF-8 is no device ID: what it decodes to (with U+FFFD) is read in vain, and
+            # the record is refused or forwarded
+            keys.setdefault(tp.partition, []).extend(
+                [rec.key.decode(errors="replace") for rec in records if rec.key is not None])
+        self.key_hashes.prepare(d for found in keys.values() for d in found)
+        n = self.topics.partitions
+        for p, found in keys.items():
+            hash_of = self.key_hashes.get
+            # only the devices that belong here: a record in the wrong partition is forwarded, not applied
+            states[p].prefetch(d for d in found if hash_of(d) % n == p)
 
     def partition_for(self, device_id: str) -> int:
         """The partition of the table (and of the raw topic) this device belongs to."""
@@ -405,15 +449,19 @@ class Pipeline:
         max_bytes = self.enricher.settings.max_record_bytes
         enriched_partitions = t.enriched_partitions or t.partitions
         dead_partitions = t.dead_letter_partitions or t.partitions
-
-        # Steps 1 and 2: route, skip what the state holds, enrich; per table partition, the raw topic's
-        # records before the repartition topic's
-        for p, (direct, forwarded) in _by_partition(batch, t.raw).items():
+        parts = _by_partition(batch, t.raw)
+        for p in parts:
             state = states[p] = PartitionState(p, self.db_for_partition(p), self.cache, self.cache_size,
                                                self.counters, self.applied.get(p))
             # kept from batch to batch (dropped with the partition's cache when a batch fails): a batch that
             # changes no state writes none, and the next state written must hold what it applied too
             self.applied[p] = state.applied
+        self.prepare(batch, states)
+
+        # Steps 1 and 2: route, skip what the state holds, enrich; per table partition, the raw topic's
+        # records before the repartition topic's
+        for p, (direct, forwarded) in parts.items():
+            state = states[p]
             if not transactional:
                 direct, forwarded, plan = self._order(p, state.db, direct, forwarded, positions or {}, ends or {},
                                                       rewind)

@@ -285,3 +285,33 @@ def test_state_is_written_as_the_replay_goes(tmp_path: Path, monkeypatch: pytest
     run_replay(str(source), str(tmp_path / "out"), str(tmp_path / "dead"), EnrichSettings(),
                state_dir=str(tmp_path / "state"))
     assert len(flushes) >= 5  # at 1,000, 2,000, 3,000, 4,000 and the end
+
+
+@pytest.mark.parametrize("cache", [1, 7, 100_000])
+def test_state_dir_with_devices_beyond_the_cache_gives_the_bytes_of_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: int) -> None:
+    """States read ahead in one multi-get per block of lines (some IDs spelled so that the read-ahead misses
+    or misreads them), written every few hundred lines, and evicted from a cache far smaller than the devices:
+    the bytes of an in-memory replay, in one run and in two runs over one state directory."""
+    from streams import replay as replay_module
+
+    monkeypatch.setattr(replay_module, "FLUSH_EVERY", 300)
+    monkeypatch.setattr(replay_module, "PREFETCH_LINES", 64)
+    mixed = mixed_input()
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(mixed) + b"\n")
+    memory = tmp_path / "memory.jsonl", tmp_path / "memory.dead"
+    run_replay(str(source), str(memory[0]), str(memory[1]), EnrichSettings())
+    one = tmp_path / "one.jsonl", tmp_path / "one.dead"
+    run_replay(str(source), str(one[0]), str(one[1]), EnrichSettings(), state_dir=str(tmp_path / "s1"),
+               cache_devices=cache)
+    assert one[0].read_bytes() == memory[0].read_bytes() and one[1].read_bytes() == memory[1].read_bytes()
+    half = len(mixed) // 2
+    pieces = []
+    for i, part in enumerate((mixed[:half], mixed[half:])):
+        src, out, dead = tmp_path / f"p{i}.jsonl", tmp_path / f"p{i}.out", tmp_path / f"p{i}.dead"
+        src.write_bytes(b"\n".join(part) + b"\n")
+        run_replay(str(src), str(out), str(dead), EnrichSettings(), state_dir=str(tmp_path / "s2"),
+                   cache_devices=cache)
+        pieces.append(out.read_bytes())
+    assert b"".join(pieces) == memory[0].read_bytes()
