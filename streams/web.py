@@ -15,7 +15,8 @@ from typing import Any, cast
 from faust.web import Request, Response, View
 
 from . import codec
-from .app import StreamsApp, from_environment
+from .app import MarkerAwareRecovery, StreamsApp, from_environment
+from .restore import RestoreCounters
 
 STARTED = time.time()
 
@@ -86,11 +87,24 @@ def render_metrics(app: StreamsApp) -> str:
            [({}, round(c.last_record_age, 3))])
     metric("cache_hits_total", "counter", "device-state cache hits", [({}, c.cache_hits)])
     metric("cache_misses_total", "counter", "device-state cache misses (read from RocksDB)", [({}, c.cache_misses)])
+    restored = _restore_counters(app)
+    metric("restored_records_total", "counter", "changelog records written to this worker's RocksDB: 'active' "
+           "rebuilding a partition it took over, 'standby' keeping a copy of another worker's",
+           [({"role": r}, n) for r, n in sorted(restored.records.items())])
+    metric("restore_seconds_sum", "counter", "time spent writing restored changelog records",
+           [({}, round(restored.seconds, 6))])
+    metric("restored_offset", "gauge", "offset of the last changelog record restored, per changelog partition",
+           [({"role": r, "partition": str(p)}, o) for (r, p), o in sorted(restored.offsets.items())])
     metric("consumer_lag", "gauge", "records not yet processed, per input partition", _lag(app))
     metric("state_devices", "gauge", "devices with stored state in this worker's partitions (RocksDB estimate)",
            [({}, _devices(app))])
     metric("uptime_seconds", "gauge", "seconds since the worker started", [({}, round(time.time() - STARTED, 1))])
     return "\n".join(out) + "\n"
+
+
+def _restore_counters(app: StreamsApp) -> RestoreCounters:
+    recovery = cast(Any, app.tables).recovery
+    return recovery.restore_counters if isinstance(recovery, MarkerAwareRecovery) else RestoreCounters()
 
 
 def _lag(app: StreamsApp) -> list[tuple[dict[str, str], float]]:
