@@ -278,6 +278,8 @@ class MarkerAwareRecovery(Recovery):
         await super()._seek_offsets(consumer, tps, offsets, title)
         if title == "active":
             self._reading = True
+            for tp in tps:
+                self.restore_counters.started_after[tp.partition] = offsets[tp]
 
     def _set_recovery_ended(self) -> None:
         self._reading = False
@@ -288,6 +290,7 @@ class MarkerAwareRecovery(Recovery):
         for tp in revoked:
             self.restore_counters.offsets.pop(("active", tp.partition), None)
             self.restore_counters.offsets.pop(("standby", tp.partition), None)
+            self.restore_counters.started_after.pop(tp.partition, None)
         await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
 
 

@@ -52,6 +52,9 @@ class RestoreCounters:
     batches: int = 0
     seconds: float = 0.0
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    # per partition, the changelog offset its last rebuild as an active partition started after (-1: the
+    # beginning): a partition taken over from a standby copy starts where that copy had got to
+    started_after: dict[int, int] = field(default_factory=dict)
 
 
 def write_records(store: PartitionStore, partition: int, records: Sequence[ChangelogRecord]) -> int:

@@ -95,6 +95,9 @@ def render_metrics(app: StreamsApp) -> str:
            [({}, round(restored.seconds, 6))])
     metric("restored_offset", "gauge", "offset of the last changelog record restored, per changelog partition",
            [({"role": r, "partition": str(p)}, o) for (r, p), o in sorted(restored.offsets.items())])
+    metric("restore_started_after", "gauge", "per partition owned, the changelog offset its last rebuild started "
+           "after (-1: from the beginning; a partition taken over from a standby copy starts where the copy was)",
+           [({"partition": str(p)}, o) for p, o in sorted(restored.started_after.items())])
     metric("consumer_lag", "gauge", "records not yet processed, per input partition", _lag(app))
     metric("state_devices", "gauge", "devices with stored state in this worker's partitions (RocksDB estimate)",
            [({}, _devices(app))])
