@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench chaos clean
+.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench bench-recovery chaos clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ conformance: install
 ## the benchmark: ceiling, stock-Faust baseline, worker, latency, replay, correctness (.cache/bench/last.md)
 bench: install
 	$(BIN)/python scripts/bench.py
+
+## state rebuild and failover: 1M device states rebuilt from the changelog (batched and Faust's own path), then
+## kill -9 of one of two workers with and without a standby (.cache/bench-recovery/last.md; RECOVERY_ARGS= adds flags)
+RECOVERY_ARGS ?=
+bench-recovery: install
+	$(BIN)/python scripts/bench_recovery.py $(RECOVERY_ARGS)
 
 ## the fault test: 200k records, 24 SIGKILLs and a broker restart; output and state must equal replay's
 ## in each delivery mode (GUARANTEES= picks one): at-least-once allows identical duplicates, exactly-once none
