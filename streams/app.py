@@ -263,8 +263,14 @@ class MarkerAwareRecovery(Recovery):
             counters.records[role] += len(fresh)
             counters.batches += 1
             counters.seconds += time.monotonic() - started
-            counters.offsets[(role, tp.partition)] = offsets[tp]
+            if role == "active":
+                counters.offsets[tp.partition] = offsets[tp]
         return True
+
+    def standby_positions(self) -> dict[int, int]:
+        """Per standby partition, the changelog offset its copy holds (one with nothing new to read too)."""
+        return {tp.partition: offset for tp in list(self.standby_tps)
+                if (offset := self.standby_offsets.get(tp)) is not None}
 
     def settle(self) -> None:
         """Called by the consumer each time every record it fetched has been handed on: the recovery ends
@@ -288,8 +294,7 @@ class MarkerAwareRecovery(Recovery):
     async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any, generation_id: int = 0) -> None:
         self._reading = False
         for tp in revoked:
-            self.restore_counters.offsets.pop(("active", tp.partition), None)
-            self.restore_counters.offsets.pop(("standby", tp.partition), None)
+            self.restore_counters.offsets.pop(tp.partition, None)
             self.restore_counters.started_after.pop(tp.partition, None)
         await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
 

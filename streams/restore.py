@@ -45,13 +45,13 @@ class PartitionStore(Protocol):
 @dataclass
 class RestoreCounters:
     """Changelog records written to this worker's RocksDB, by role ("active": rebuilding a partition this
-    worker now owns; "standby": keeping a copy of another worker's), and per changelog partition the offset
-    of the last one (what a standby has caught up to)."""
+    worker now owns; "standby": keeping a copy of another worker's), and per partition rebuilt the offset of
+    the last one."""
 
     records: dict[str, int] = field(default_factory=lambda: {"active": 0, "standby": 0})
     batches: int = 0
     seconds: float = 0.0
-    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    offsets: dict[int, int] = field(default_factory=dict)
     # per partition, the changelog offset its last rebuild as an active partition started after (-1: the
     # beginning): a partition taken over from a standby copy starts where that copy had got to
     started_after: dict[int, int] = field(default_factory=dict)

@@ -93,8 +93,10 @@ def render_metrics(app: StreamsApp) -> str:
            [({"role": r}, n) for r, n in sorted(restored.records.items())])
     metric("restore_seconds_sum", "counter", "time spent writing restored changelog records",
            [({}, round(restored.seconds, 6))])
-    metric("restored_offset", "gauge", "offset of the last changelog record restored, per changelog partition",
-           [({"role": r, "partition": str(p)}, o) for (r, p), o in sorted(restored.offsets.items())])
+    metric("restored_offset", "gauge", "changelog offset a partition's local copy holds: 'active' of the last "
+           "record of its rebuild, 'standby' of the last record a standby copy applied",
+           [({"role": "active", "partition": str(p)}, o) for p, o in sorted(restored.offsets.items())]
+           + [({"role": "standby", "partition": str(p)}, o) for p, o in sorted(_standby_positions(app).items())])
     metric("restore_started_after", "gauge", "per partition owned, the changelog offset its last rebuild started "
            "after (-1: from the beginning; a partition taken over from a standby copy starts where the copy was)",
            [({"partition": str(p)}, o) for p, o in sorted(restored.started_after.items())])
@@ -108,6 +110,11 @@ def render_metrics(app: StreamsApp) -> str:
 def _restore_counters(app: StreamsApp) -> RestoreCounters:
     recovery = cast(Any, app.tables).recovery
     return recovery.restore_counters if isinstance(recovery, MarkerAwareRecovery) else RestoreCounters()
+
+
+def _standby_positions(app: StreamsApp) -> dict[int, int]:
+    recovery = cast(Any, app.tables).recovery
+    return recovery.standby_positions() if isinstance(recovery, MarkerAwareRecovery) else {}
 
 
 def _lag(app: StreamsApp) -> list[tuple[dict[str, str], float]]:

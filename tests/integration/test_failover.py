@@ -4,8 +4,8 @@ the output still equals replay's. And a worker with an empty state directory reb
 changelog that ends in a transaction marker and holds an aborted transaction.
 
 What the survivor restored is read from its /metrics: `streams_restored_records_total` (changelog records
-written to its RocksDB, by role), `streams_restored_offset` (per standby partition, the last offset applied)
-and `streams_restore_started_after` (per owned partition, where its last rebuild started).
+written to its RocksDB, by role), `streams_restored_offset` (per standby partition, the offset its copy
+holds) and `streams_restore_started_after` (per owned partition, where its last rebuild started).
 """
 
 from __future__ import annotations
@@ -136,7 +136,6 @@ def test_the_survivor_takes_over_from_its_standby_copies(topics: Settings, start
     assert all(last_record[p] > 0 for p in moved), ends
     wait_until("b's standby copies of a's partitions catch up",
                lambda: all(standby_offsets(b).get(p, -1) >= last_record[p] for p in moved), [a, b])
-    assert restored(b, "standby") > 0
 
     # a dies in the middle of the second part
     sender = produce_slowly(topics, rest, chunks=8, pause=0.3)
