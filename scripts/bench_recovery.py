@@ -225,7 +225,10 @@ async def last_records(brokers: str, topic: str) -> dict[int, int]:
         last = {tp.partition: -1 for tp in tps}
         for tp in tps:
             consumer.seek(tp, max(0, ends[tp] - 5000))
-        while any(await consumer.position(tp) < ends[tp] for tp in tps):
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp] for tp in tps])
+
+        while await behind():
             for tp, recs in (await consumer.getmany(timeout_ms=500)).items():
                 if recs:
                     last[tp.partition] = max(last[tp.partition], recs[-1].offset)
