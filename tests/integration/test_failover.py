@@ -158,9 +158,15 @@ def test_the_survivor_takes_over_from_its_standby_copies(topics: Settings, start
     moved = raw_partitions(a)
     assert len(moved) == 2 and not moved & raw_partitions(b), (moved, raw_partitions(b))
 
-    # b keeps a copy of a's partitions: it catches up with their changelog
-    last_record = last_records(topics, changelog(topics))
-    assert all(last_record[p] > 0 for p in moved), last_record
+    # b keeps a copy of a's partitions: it catches up with their changelog, once a has written it (a batch's
+    # outputs are acknowledged before its changelog records are sent)
+    last_record: dict[int, int] = {}
+
+    def written() -> bool:
+        nonlocal last_record
+        previous, last_record = last_record, last_records(topics, changelog(topics))
+        return previous == last_record and all(last_record[p] > 0 for p in moved)
+    wait_until("a's changelog records written", written, [a, b])
     wait_until("b's standby copies of a's partitions catch up",
                lambda: all(standby_offsets(b).get(p, -1) >= last_record[p] for p in moved), [a, b])
 
