@@ -6,8 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench bench-scale chaos images \
-	clean
+.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench bench-scale \
+	bench-recovery chaos images clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ bench: install
 ## (BENCH_ARGS=--brokers 127.0.0.1:PORT for a broker elsewhere)
 bench-scale: install
 	$(BIN)/python scripts/bench.py --scale $(BENCH_ARGS)
+
+## state rebuild and failover: 1M device states rebuilt from the changelog (batched and Faust's own path), then
+## kill -9 of one of two workers with and without a standby (.cache/bench-recovery/last.md; RECOVERY_ARGS= adds flags)
+RECOVERY_ARGS ?=
+bench-recovery: install
+	$(BIN)/python scripts/bench_recovery.py $(RECOVERY_ARGS)
 
 ## the fault test: 200k records, 24 SIGKILLs and a broker restart; output and state must equal replay's
 ## in each delivery mode (GUARANTEES= picks one): at-least-once allows identical duplicates, exactly-once none

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -30,11 +31,13 @@ from faust.types import TP
 from mode.utils.objects import cached_property
 from rocksdict import WriteBatch
 
+from . import restore
 from .config import Settings
 from .devicestore import DeviceTable
 from .enrich import Enricher
 from .gcpolicy import tune_gc
 from .pipeline import BatchFailed, Pipeline, Topics
+from .restore import RestoreCounters
 from .retries import Retries
 from .statekeys import OFFSET_KEY
 from .transactions import PartitionProducers, transactional_producer
@@ -78,7 +81,8 @@ class ConsumerThread(AIOKafkaConsumerThread):
 class BatchConsumer(AIOKafkaConsumer):
     """Faust's aiokafka consumer, draining the raw and repartition topics a fetched batch at a time.
 
-    Records of other topics (the table's changelog, during recovery and for standbys) take Faust's own path.
+    Records of the table's changelog (during recovery and for standbys) go straight to RocksDB
+    (`MarkerAwareRecovery.restore_fetched`); any other record takes Faust's own path.
     A batch holds `batch_lock` from processing to commit, and a rebalance takes the lock before Faust
     revokes anything, so no batch straddles a rebalance."""
 
@@ -110,9 +114,11 @@ class BatchConsumer(AIOKafkaConsumer):
         app = self.app
         callback = self.callback
         mine = {self.pipeline.topics.raw, self.pipeline.topics.repartition}
+        recovery = cast(MarkerAwareRecovery, cast(Any, app.tables).recovery)
         while not (self.should_stop or fetcher.should_stop):
             # every record fetched so far has been handed on: what the table recovery may count as read
             self.settled_positions = fetch_positions(self)
+            recovery.settle()
             generation = app.consumer_generation_id
             records, active = await self._wait_next_records(timeout=1.0)
             if not records or self.should_stop:
@@ -128,7 +134,8 @@ class BatchConsumer(AIOKafkaConsumer):
                     else:
                         # fetched just before its partition was paused or revoked: fetch it again later
                         rewind[tp] = recs[0].offset
-                else:
+                elif (active is not None and tp not in active) or not recovery.restore_fetched(tp, recs):
+                    # paused (a rebalance is under way) or not the table's: Faust decides what becomes of them
                     for rec in recs:
                         await callback(self._to_message(tp, rec))
             if batch:
@@ -259,13 +266,22 @@ class StreamsApp(faust.App):
 
 
 class MarkerAwareRecovery(Recovery):
-    """Faust's table recovery, which also knows a changelog that ends in a transaction marker.
+    """Faust's table recovery, which also knows a changelog that ends in a transaction marker, and which
+    writes fetched changelog records straight to RocksDB (`streams.restore`) instead of through Faust's
+    event path.
 
     Recovery is done when the last record read is the one before the partition's end offset; with
     transactions, the last offsets are commit markers (and records of aborted transactions) that a consumer
     never sees as records, so Faust's own check waits for ever unless its own exactly-once mode is on. Here
     a partition also counts as read when the consumer's position has passed its end and every record
     fetched has been handed on (`BatchConsumer.settled_positions`) and applied."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.restore_counters = RestoreCounters()
+        # the active partitions' highwaters and start offsets are built and the reading has begun: only then
+        # may `settle` end a recovery (before, they are the previous rebalance's)
+        self._reading = False
 
     def need_recovery(self) -> bool:
         remaining = self.active_remaining()
@@ -275,6 +291,69 @@ class MarkerAwareRecovery(Recovery):
             return True
         positions = getattr(self.app.consumer, "settled_positions", {})
         return any(n > 0 and positions.get(tp, -1) <= self.active_highwaters[tp] for tp, n in remaining.items())
+
+    def restore_fetched(self, tp: Any, records: Sequence[Any]) -> bool:
+        """Apply the fetched changelog records of an active partition in recovery or of a standby, in one
+        RocksDB write batch; False when `tp` is neither (then they take Faust's own path)."""
+        if not restore.BATCHED:
+            return False
+        if tp in self.active_tps:
+            role, offsets = "active", self.active_offsets
+            self._active_events_received_at[tp] = time.monotonic()  # else Faust warns of a stalled partition
+        elif tp in self.standby_tps:
+            role, offsets = "standby", self.standby_offsets
+        else:
+            return False
+        table = self.tp_to_table.get(tp)
+        if table is None:
+            return False
+        fresh = restore.newer_than(records, offsets.get(tp))
+        if fresh:
+            buffered = self.buffers.get(table)
+            if buffered:
+                # records that took Faust's path before this one: theirs are older, so they are written first
+                table.apply_changelog_batch(buffered)
+                buffered.clear()
+            started = time.monotonic()
+            offsets[tp] = restore.write_records(cast(Any, table).data, tp.partition, fresh)
+            counters = self.restore_counters
+            counters.records[role] += len(fresh)
+            counters.batches += 1
+            counters.seconds += time.monotonic() - started
+            if role == "active":
+                counters.offsets[tp.partition] = offsets[tp]
+        return True
+
+    def standby_positions(self) -> dict[int, int]:
+        """Per standby partition, the changelog offset its copy holds (one with nothing new to read too)."""
+        return {tp.partition: offset for tp in list(self.standby_tps)
+                if (offset := self.standby_offsets.get(tp)) is not None}
+
+    def settle(self) -> None:
+        """Called by the consumer each time every record it fetched has been handed on: the recovery ends
+        as soon as it is complete, not at the next 5-second tick of Faust's changelog reader."""
+        if self._reading and self.in_recovery and not self.need_recovery():
+            self.flush_buffers()
+            self._set_recovery_ended()
+            self.signal_recovery_end.set()
+
+    async def _seek_offsets(self, consumer: Any, tps: Any, offsets: Any, title: str) -> None:
+        await super()._seek_offsets(consumer, tps, offsets, title)
+        if title == "active":
+            self._reading = True
+            for tp in tps:
+                self.restore_counters.started_after[tp.partition] = offsets[tp]
+
+    def _set_recovery_ended(self) -> None:
+        self._reading = False
+        super()._set_recovery_ended()
+
+    async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any, generation_id: int = 0) -> None:
+        self._reading = False
+        for tp in revoked:
+            self.restore_counters.offsets.pop(tp.partition, None)
+            self.restore_counters.started_after.pop(tp.partition, None)
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
 
 
 class StreamsTableManager(TableManager):
@@ -326,7 +405,8 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         # a worker that died gives its partitions up after this long (Faust's default is 60 s)
         broker_session_timeout=settings.session_timeout,
         broker_heartbeat_interval=max(1.0, settings.session_timeout / 4),
-        table_standby_replicas=0,
+        # each partition's states kept by as many other workers (it needs as many more in the group to show)
+        table_standby_replicas=settings.standby_replicas,
         # Faust's own exactly-once (a producer buffer per partition, a transaction open at all times) stays
         # off: with --processing-guarantee exactly_once the batch step commits its own transactions
         processing_guarantee="at_least_once",

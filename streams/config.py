@@ -60,6 +60,9 @@ class Settings:
         choices=["at_least_once", "exactly_once"])
     batch_records: int = setting(10_000, "most records the worker fetches and applies as one batch")
     session_timeout: int = setting(10, "seconds after which a silent worker's partitions go to the others")
+    standby_replicas: int = setting(1, "other workers that keep a copy of each partition's device states "
+                                    "(from its changelog), so that one can take the partition over at once "
+                                    "when its owner dies; 0: the taker rebuilds it from the changelog")
     default_platform: str | None = setting(None, "platform of records that carry none",
                                            choices=sorted(PLATFORMS), groups=("worker", "replay"))
     login_customer_id_type: str = setting("userid", "customer-ID type that logs in and out ('' = none)",

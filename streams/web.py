@@ -16,8 +16,9 @@ from faust.web import Request, Response, View
 from yarl import URL
 
 from . import codec
-from .app import TABLE, StreamsApp, from_environment
+from .app import TABLE, MarkerAwareRecovery, StreamsApp, from_environment
 from .pipeline import FORWARDED
+from .restore import RestoreCounters
 from .statekeys import INTERNAL
 
 STARTED = time.time()
@@ -130,11 +131,34 @@ def render_metrics(app: StreamsApp) -> str:
     metric("batch_failures_in_a_row", "gauge", "consecutive failures of the batch step (0: the last batch "
            "succeeded); the pause before the next try doubles from 0.5 s up to 30 s",
            [({}, _failures_in_a_row(app))])
+    restored = _restore_counters(app)
+    metric("restored_records_total", "counter", "changelog records written to this worker's RocksDB: 'active' "
+           "rebuilding a partition it took over, 'standby' keeping a copy of another worker's",
+           [({"role": r}, n) for r, n in sorted(restored.records.items())])
+    metric("restore_seconds_sum", "counter", "time spent writing restored changelog records",
+           [({}, round(restored.seconds, 6))])
+    metric("restored_offset", "gauge", "changelog offset a partition's local copy holds: 'active' of the last "
+           "record of its rebuild, 'standby' of the last record a standby copy applied",
+           [({"role": "active", "partition": str(p)}, o) for p, o in sorted(restored.offsets.items())]
+           + [({"role": "standby", "partition": str(p)}, o) for p, o in sorted(_standby_positions(app).items())])
+    metric("restore_started_after", "gauge", "per partition owned, the changelog offset its last rebuild started "
+           "after (-1: from the beginning; a partition taken over from a standby copy starts where the copy was)",
+           [({"partition": str(p)}, o) for p, o in sorted(restored.started_after.items())])
     metric("consumer_lag", "gauge", "records not yet processed, per input partition", _lag(app))
     metric("state_devices", "gauge", "devices with stored state in this worker's partitions (RocksDB estimate)",
            [({}, _devices(app))])
     metric("uptime_seconds", "gauge", "seconds since the worker started", [({}, round(time.time() - STARTED, 1))])
     return "\n".join(out) + "\n"
+
+
+def _restore_counters(app: StreamsApp) -> RestoreCounters:
+    recovery = cast(Any, app.tables).recovery
+    return recovery.restore_counters if isinstance(recovery, MarkerAwareRecovery) else RestoreCounters()
+
+
+def _standby_positions(app: StreamsApp) -> dict[int, int]:
+    recovery = cast(Any, app.tables).recovery
+    return recovery.standby_positions() if isinstance(recovery, MarkerAwareRecovery) else {}
 
 
 def _lag(app: StreamsApp) -> list[tuple[dict[str, str], float]]:
