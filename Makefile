@@ -43,7 +43,7 @@ conformance: install
 bench: install
 	$(BIN)/python scripts/bench.py
 
-## the scale runs (~20 min, minutes more the first time to generate the inputs; .cache/bench/last-scale.md):
+## the scale runs (~18 min, minutes more the first time to generate the inputs; .cache/bench/last-scale.md):
 ## 1M records over 1M device IDs, 10M devices logged in and then 1M records over them, two workers against
 ## one; each beside the ceiling, with the worker's peak RSS, the output checked against replay's
 ## (BENCH_ARGS=--brokers 127.0.0.1:PORT for a broker elsewhere)

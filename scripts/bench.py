@@ -19,6 +19,13 @@ Throughput of a consumer = input records / (last - first output record's broker 
 topics are created with message.timestamp.type=LogAppendTime, so the broker's clock stamps them.
 
     .venv/bin/python scripts/bench.py [--records N] [--devices D] [--quick] [--keep]
+
+`--scale` (make bench-scale) runs the scale runs instead, each beside its own ceiling and checked against
+replay: (a) --records (default 1,000,000) over as many device IDs; (b) --state-devices (default 10,000,000)
+logged in through the worker, which is restarted on its state, then --records over them; (c) two workers in
+one group against one on (a)'s input. Report in .cache/bench/last-scale.md.
+
+    .venv/bin/python scripts/bench.py --scale [--records N] [--state-devices N] [--brokers HOST:PORT] [--keep]
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ class Backend(Protocol):
     def write(self, items: Iterable[tuple[str, bytes]]) -> None: ...
 
 
+# a cache lookup's answer when the device is not in the cache (None there means: nothing stored)
+_MISSING: Any = object()
+
+
 class CachedStore:
     def __init__(self, backend: Backend, cache_size: int = 100_000) -> None:
         self.backend = backend
@@ -38,9 +42,11 @@ class CachedStore:
         state = self.dirty.get(device_id)
         if state is not None:
             return state
-        if device_id in self.clean:
-            self.clean.move_to_end(device_id)
-            return self.clean[device_id]
+        clean = self.clean
+        cached = clean.get(device_id, _MISSING)
+        if cached is not _MISSING:
+            clean.move_to_end(device_id)
+            return cached  # type: ignore[no-any-return]
         data = self.backend.read(device_id)
         state = None if data is None else codec.decode_state(data)
         self._remember(device_id, state)
@@ -61,7 +67,9 @@ class CachedStore:
         wanted = wanted[:self.cache_size]
         decode = codec.decode_state
         for device_id, data in zip(wanted, self.backend.read_many(wanted), strict=True):
-            self._remember(device_id, None if data is None else decode(data))
+            clean[device_id] = None if data is None else decode(data)  # new keys: at the end already
+        for _ in range(len(clean) - self.cache_size):
+            clean.popitem(last=False)
 
     def flush(self) -> list[tuple[str, bytes]]:
         """Write every changed device once; returns what was written (the worker changelogs it)."""
