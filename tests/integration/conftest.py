@@ -3,7 +3,9 @@
 Lives here: the `kafka` session fixture (a broker on 127.0.0.1:9092, started with `scripts/kafka.sh start`
 when none answers, and stopped at the end only then; the session fails when it cannot start one), the
 `topics` fixture (fresh topic names, group and state dir as a `config.Settings`, the raw topic created with 4
-partitions, everything the test made deleted afterwards), `Worker` (`python -m streams worker` with those
+partitions, everything the test made deleted afterwards), the same on three brokers (`kafka_cluster`, started
+with `scripts/kafka.sh cluster-start` by the first test that asks for it; `cluster` brings every node back up
+after a test that killed one; `cluster_topics`), `Worker` (`python -m streams worker` with those
 settings as STREAMS_* variables), `wait_for_outputs` (polls the enriched and dead-letter topics until they
 hold N records), `replay_outputs` (what `python -m streams replay` makes of the same input) and the
 comparisons the tests share.
