@@ -1135,11 +1135,24 @@ class GroupChaos:
         log(f"kill #{number}: restarting the broker (bash scripts/kafka.sh restart) under both workers")
         with self.feeder.gate:
             took = self.broker.restart()
-        back = self.group_ready()
-        self.broker_events.append(f"restarted in {took:.1f}s before worker kill #{number}; group back at work "
-                                  f"{fmt_s(back)} after")
-        if back is None:
-            self.findings.append(Finding(True, "after the broker restart the group did not come back"))
+        # back at work: the group's committed offsets reach what the raw topic held when the broker answered
+        started, target, back = time.monotonic(), None, None
+        while back is None and time.monotonic() - started < BROKER_RECOVERY_TIMEOUT:
+            if self.exited_by_itself():
+                break
+            with contextlib.suppress(Exception):
+                now = run_async(offsets(self.settings, self.repartition), timeout=30)
+                target = target or now
+                if all(now.committed.get(p, -1) >= end for p, end in target.raw_end.items()):
+                    back = time.monotonic() - started
+                    break
+            time.sleep(0.5)
+        survived = all(slot.worker is not None and slot.worker.alive for slot in self.slots)
+        self.broker_events.append(f"restarted in {took:.1f}s under both workers before worker kill #{number}; "
+                                  f"{'both survived it' if survived else 'a worker did NOT survive it'}, the "
+                                  f"group's commits caught up {fmt_s(back)} after")
+        if back is None or self.group_ready() is None:
+            self.findings.append(Finding(True, "after the broker restart the group did not come back to work"))
 
     def node_back(self) -> None:
         if self.cluster is None or self.node_down is None:
@@ -1272,7 +1285,7 @@ def group_report(checks: list[Check], chaos: GroupChaos, records: int, devices_s
     w(f"kills survived        {len(backs)} of {len(chaos.history)} SIGKILLs of either worker ({per_slot}; {deleted} "
       f"restart{'s' if deleted != 1 else ''} with the state directory deleted); group whole again after "
       + (f"{backs[0]:.1f}-{backs[-1]:.1f}s (median {backs[len(backs) // 2]:.1f}s)" if backs else "-"))
-    w(f"{'broker' if chaos.cluster is None else 'cluster'}               " + "; ".join(chaos.broker_events or ["-"]))
+    w(f"{'broker' if chaos.cluster is None else 'cluster':<22}" + "; ".join(chaos.broker_events or ["-"]))
     selfexits = sum(1 for f in chaos.findings if "exited by itself" in f.text)
     w(f"exits by themselves   {selfexits}")
     stops = ", ".join(f"{name}: exit {c} after {t:.1f}s{' (forced)' if forced else ''}"
