@@ -366,7 +366,8 @@ async def prepare_topics(settings: Settings) -> Layout:
 
 
 async def _prepare_topics(settings: Settings) -> Layout:
-    admin = kafka_topics.Admin(bootstrap_servers=settings.brokers, **settings.kafka_options())
+    admin = kafka_topics.Admin(bootstrap_servers=settings.brokers, request_timeout_ms=15_000,
+                               **settings.kafka_options())
     await admin.start()
     try:
         counts = await _partition_counts(admin)

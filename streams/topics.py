@@ -86,11 +86,19 @@ class Admin(AIOKafkaAdminClient):  # type: ignore[misc]
         raise NodeNotReadyError(f"none of the brokers {sorted(nodes)} answers")
 
     async def _send_to_controller(self, request: Any) -> Any:
+        # aiokafka waits for the controller its metadata names until the request times out, also when that
+        # broker is down. With KRaft the metadata names any live broker, and any broker forwards controller
+        # requests (CreateTopics) to the controller quorum: when the one named does not answer, ask another.
+        # (A broker of an older cluster that is not the controller answers NOT_CONTROLLER, which is retried.)
         controller = self._client.cluster.controller
         if controller is None or not await self._client.ready(controller.nodeId):
-            # with KRaft any broker forwards to the controller quorum: fresh metadata names one that is up
             await self._client.force_metadata_update()
-        return await super()._send_to_controller(request)
+            controller = self._client.cluster.controller
+        if controller is not None and await self._client.ready(controller.nodeId):
+            node_id = controller.nodeId
+        else:
+            node_id = await self.reachable_node()
+        return await self._client.send(node_id, request)
 
 
 async def retrying(call: Callable[[], Awaitable[T]], patience: float) -> T:
