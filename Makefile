@@ -6,8 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset bench bench-scale \
-	bench-recovery chaos images clean
+.PHONY: install run test lint unit integration conformance kafka kafka-stop kafka-reset cluster cluster-stop bench \
+	bench-scale bench-recovery chaos images clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,11 +56,21 @@ RECOVERY_ARGS ?=
 bench-recovery: install
 	$(BIN)/python scripts/bench_recovery.py $(RECOVERY_ARGS)
 
-## the fault test: 200k records, 24 SIGKILLs and a broker restart; output and state must equal replay's
-## in each delivery mode (GUARANTEES= picks one): at-least-once allows identical duplicates, exactly-once none
+## the fault tests; output and state must equal replay's in each delivery mode (GUARANTEES= picks one):
+## at-least-once allows identical duplicates, exactly-once none. CHAOS= picks the kinds:
+##   single   one worker, 200k records, 24 SIGKILLs and a broker restart
+##   group    two workers, either one SIGKILLed at random (12 times), a broker restart under both
+##   cluster  the same on the three-broker cluster, one broker SIGKILLed and started again
 GUARANTEES ?= at_least_once exactly_once
+CHAOS ?= single group cluster
+GROUP_CHAOS := --group --records 60000 --kills 12
 chaos: install
-	set -e; for g in $(GUARANTEES); do $(BIN)/python scripts/chaos.py --processing-guarantee $$g; done
+	set -e; for k in $(CHAOS); do for g in $(GUARANTEES); do case $$k in \
+	  single) $(BIN)/python scripts/chaos.py --processing-guarantee $$g ;; \
+	  group) $(BIN)/python scripts/chaos.py $(GROUP_CHAOS) --processing-guarantee $$g ;; \
+	  cluster) $(BIN)/python scripts/chaos.py $(GROUP_CHAOS) --cluster --processing-guarantee $$g ;; \
+	  *) echo "unknown chaos kind $$k (single, group, cluster)"; exit 2 ;; \
+	esac; done; done
 
 kafka:
 	bash scripts/kafka.sh start
@@ -74,6 +84,13 @@ kafka-stop:
 
 kafka-reset:
 	bash scripts/kafka.sh reset
+
+## the three-broker cluster (127.0.0.1:19092,29092,39092) the replication tests and `make chaos` use
+cluster:
+	bash scripts/kafka.sh cluster-start
+
+cluster-stop:
+	bash scripts/kafka.sh cluster-stop
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis data

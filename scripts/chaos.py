@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import queue
 import random
@@ -52,13 +53,13 @@ from typing import Any, TextIO
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from streams import codec
 from streams import topics as kafka_topics
 from streams.config import Settings, env_name
 from streams.enrich import Enricher, MemoryStore
 from streams.identity import DeviceState
+from streams.statekeys import is_internal
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAOS_DIR = ROOT / ".cache" / "chaos"
@@ -287,9 +288,12 @@ class TrackingStore(MemoryStore):
         super().__init__()
         self.line = -1
         self.last_change: dict[str, int] = {}
+        # MemoryStore makes `put` the dict's own __setitem__, an instance attribute that a method here would
+        # not override
+        self.put = self.tracking_put
 
-    def put(self, device_id: str, state: DeviceState) -> None:
-        super().put(device_id, state)
+    def tracking_put(self, device_id: str, state: DeviceState) -> None:
+        self.states[device_id] = state
         self.last_change[device_id] = self.line
 
 
@@ -346,8 +350,8 @@ def build_reference(path: Path, lines: Sequence[bytes], run_dir: Path) -> Refere
 # -- the broker --------------------------------------------------------------------------------------------
 
 
-def kafka_sh(command: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(KAFKA_SH), command], cwd=ROOT, capture_output=True, text=True,
+def kafka_sh(command: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(KAFKA_SH), command, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -394,7 +398,8 @@ class Broker:
 
 @contextlib.asynccontextmanager
 async def admin_client(brokers: str) -> Any:
-    admin = AIOKafkaAdminClient(bootstrap_servers=brokers, request_timeout_ms=15_000)
+    # the project's admin client: it asks a broker that answers, also while one of the cluster is down
+    admin = kafka_topics.Admin(bootstrap_servers=brokers, request_timeout_ms=15_000)
     await admin.start()
     try:
         yield admin
@@ -983,6 +988,331 @@ class Chaos:
         self.feeder.join(30)
 
 
+# -- 3b. group chaos: two workers, and a broker restarted or (with the cluster) a broker killed ---------------
+
+
+class ClusterBroker:
+    """The three-node cluster of scripts/kafka.sh cluster-*: started when down, left as it was found; one node
+    killed with SIGKILL and started again while the workers run."""
+
+    def __init__(self) -> None:
+        self.was_up = self.up()
+
+    @staticmethod
+    def up() -> bool:
+        return kafka_sh("cluster-status", timeout=120).returncode == 0
+
+    @staticmethod
+    def brokers() -> str:
+        return kafka_sh("cluster-brokers", timeout=60).stdout.strip()
+
+    def ensure_up(self) -> None:
+        if self.up():
+            return
+        log("starting the three-broker cluster (bash scripts/kafka.sh cluster-start)")
+        run = kafka_sh("cluster-start", timeout=1800)
+        if run.returncode != 0:
+            raise HarnessError(f"`bash scripts/kafka.sh cluster-start` failed ({run.returncode}):\n"
+                               f"{run.stderr[-3000:]}")
+
+    def kill(self, node: int) -> None:
+        run = kafka_sh("cluster-kill", str(node), timeout=120)
+        if run.returncode != 0:
+            raise HarnessError(f"`bash scripts/kafka.sh cluster-kill {node}` failed:\n{run.stderr[-3000:]}")
+
+    def start(self, node: int) -> float:
+        started = time.monotonic()
+        run = kafka_sh("cluster-start-node", str(node), timeout=600)
+        if run.returncode != 0:
+            raise HarnessError(f"`bash scripts/kafka.sh cluster-start-node {node}` failed:\n{run.stderr[-3000:]}")
+        return time.monotonic() - started
+
+    def leave_as_found(self) -> None:
+        if self.was_up:
+            if not self.up():
+                log("the cluster was up at the start: starting its nodes again")
+                kafka_sh("cluster-start", timeout=1800)
+        else:
+            log("the cluster was down at the start: stopping it (bash scripts/kafka.sh cluster-stop)")
+            kafka_sh("cluster-stop", timeout=300)
+
+
+@dataclass
+class Slot:
+    """One of the two workers: its state directory, and the process of its current life."""
+
+    name: str
+    state_dir: str
+    log_path: Path
+    worker: WorkerProcess | None = None
+    lives: int = 0
+    killed: int = 0
+
+
+@dataclass
+class GroupKill:
+    number: int
+    slot: str
+    lived: float
+    delete_state: bool
+    exited_early: bool
+    back_after: float | None  # the group had two members holding every partition again
+
+
+class GroupChaos:
+    """Two workers in one group; SIGKILL to either one at random moments while the input flows, and each time
+    it starts again at once (once with its state directory deleted). Once in the run the broker is restarted
+    under both (single broker), or one node of the cluster is killed with SIGKILL and started again a few
+    worker kills later (cluster). At the end both are stopped with SIGTERM."""
+
+    def __init__(self, settings: Settings, run_dir: Path, feeder: Feeder, kills: int, seed: int,
+                 broker: Broker | None, cluster: ClusterBroker | None) -> None:
+        self.settings = settings
+        self.run_dir = run_dir
+        self.feeder = feeder
+        self.kills = kills
+        self.broker = broker
+        self.cluster = cluster
+        self.rng = random.Random(f"chaos-group-{seed}")
+        self.slots = [Slot(name, str(run_dir / f"state-{name}"), run_dir / f"worker-{name}.log") for name in "ab"]
+        self.repartition = f"{settings.group}-{settings.raw_topic}-repartition"
+        self.history: list[GroupKill] = []
+        self.findings: list[Finding] = []
+        self.processes: list[WorkerProcess] = []
+        self.broker_events: list[str] = []
+        self.node_down: int | None = None
+        self.kills_while_node_down = 0
+        self.caught_up = False
+        self.stop_results: dict[str, tuple[int, float, bool]] = {}
+
+    def start(self, slot: Slot, note: str) -> None:
+        slot.lives += 1
+        # a fresh port per life: the killed worker's port may not be free again at once
+        settings = replace(self.settings, state_dir=slot.state_dir, web_port=free_port())
+        slot.worker = WorkerProcess(settings, slot.log_path, slot.lives, f"worker {slot.name}, {note}")
+        self.processes.append(slot.worker)
+
+    def exited_by_itself(self) -> bool:
+        gone = [s for s in self.slots if s.worker is not None and not s.worker.alive]
+        for slot in gone:
+            assert slot.worker is not None
+            self.findings.append(Finding(True, (
+                f"worker {slot.name} (life #{slot.lives}) exited by itself with code {slot.worker.proc.poll()}"
+                f"{f' while node {self.node_down} was down' if self.node_down else ''}; its last log lines:\n"
+                f"{indent(slot.worker.tail())}")))
+            slot.worker = None
+        return bool(gone)
+
+    def group_ready(self, timeout: float = READY_TIMEOUT) -> float | None:
+        """Seconds until both workers fetch and the group is stable with two members that hold every raw
+        partition between them; None when that did not happen (or a worker exited)."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.exited_by_itself():
+                return None
+            # each worker reports a lag for the raw partitions it holds and fetches (its tables restored)
+            held = [set(raw_lag(scrape(s.worker.settings.web_port), self.settings.raw_topic))
+                    for s in self.slots if s.worker is not None]
+            if all(held) and set().union(*held) == set(range(PARTITIONS)) and not held[0] & held[1]:
+                try:
+                    state, members = run_async(kafka_topics.group_assignment(self.settings), timeout=40)
+                except Exception:
+                    state, members = "unknown", []
+                if state == "Stable" and len(members) == 2 and all(members):
+                    return time.monotonic() - started
+            time.sleep(0.5)
+        return None
+
+    def broker_event(self, number: int) -> None:
+        if self.cluster is not None:
+            node = self.rng.randint(1, 3)
+            log(f"kill #{number}: killing node {node} of the cluster (SIGKILL) under both workers")
+            self.cluster.kill(node)
+            self.node_down = node
+            self.broker_events.append(f"node {node} killed (SIGKILL) before worker kill #{number}")
+            return
+        assert self.broker is not None
+        time.sleep(self.rng.uniform(0.5, 2.0))
+        log(f"kill #{number}: restarting the broker (bash scripts/kafka.sh restart) under both workers")
+        with self.feeder.gate:
+            took = self.broker.restart()
+        # back at work: the group's committed offsets reach what the raw topic held when the broker answered
+        started, target, back = time.monotonic(), None, None
+        while back is None and time.monotonic() - started < BROKER_RECOVERY_TIMEOUT:
+            if self.exited_by_itself():
+                break
+            with contextlib.suppress(Exception):
+                now = run_async(offsets(self.settings, self.repartition), timeout=30)
+                target = target or now
+                if all(now.committed.get(p, -1) >= end for p, end in target.raw_end.items()):
+                    back = time.monotonic() - started
+                    break
+            time.sleep(0.5)
+        survived = all(slot.worker is not None and slot.worker.alive for slot in self.slots)
+        self.broker_events.append(f"restarted in {took:.1f}s under both workers before worker kill #{number}; "
+                                  f"{'both survived it' if survived else 'a worker did NOT survive it'}, the "
+                                  f"group's commits caught up {fmt_s(back)} after")
+        if back is None or self.group_ready() is None:
+            self.findings.append(Finding(True, "after the broker restart the group did not come back to work"))
+
+    def node_back(self) -> None:
+        if self.cluster is None or self.node_down is None:
+            return
+        node, self.node_down = self.node_down, None
+        took = self.cluster.start(node)
+        self.broker_events.append(f"node {node} started again in {took:.1f}s, after {self.kills_while_node_down} "
+                                  f"worker kills and restarts while it was down")
+        log(f"node {node} back after {took:.1f}s")
+
+    def run(self) -> None:
+        for slot in self.slots:
+            self.start(slot, "first start")
+        if self.group_ready() is None:
+            self.findings.append(Finding(True, "the two workers never formed a stable group"))
+            self.feeder.submit(len(self.feeder.lines), 0.0)
+            return
+        event_at = self.rng.randrange(1, max(2, self.kills - 2))
+        deletes = {self.rng.randrange(2, max(3, self.kills))}
+        quota = len(self.feeder.lines) // (self.kills + 1)
+        for number in range(self.kills):
+            self.feeder.submit(quota, self.rng.uniform(2.0, 6.0))
+            time.sleep(self.rng.uniform(1.0, 5.0))
+            if number == event_at:
+                self.broker_event(number + 1)
+            if self.node_down is not None and number >= event_at + 3:
+                self.node_back()
+            slot = self.rng.choice(self.slots)
+            if slot.worker is None:  # it exited by itself and was reported: start it again
+                self.start(slot, "after exiting by itself")
+                continue
+            exited_early = not slot.worker.alive
+            if exited_early:
+                self.exited_by_itself()
+            else:
+                slot.worker.kill()
+            slot.killed += 1
+            lived = time.monotonic() - slot.worker.started if slot.worker is not None else 0.0
+            delete_state = number in deletes
+            if delete_state:
+                shutil.rmtree(slot.state_dir, ignore_errors=True)
+            self.start(slot, "after SIGKILL" + (", state directory deleted" if delete_state else ""))
+            if self.node_down is not None:
+                self.kills_while_node_down += 1
+            back = self.group_ready()
+            self.history.append(GroupKill(number, slot.name, lived, delete_state, exited_early, back))
+            log(f"kill #{number + 1}/{self.kills}: worker {slot.name} (life #{slot.lives - 1}) after {lived:.1f}s"
+                f"{' [state deleted]' if delete_state else ''}"
+                f"{f' [node {self.node_down} down]' if self.node_down else ''}; group back after {fmt_s(back)}; "
+                f"produced {self.feeder.produced:,}")
+            if back is None:
+                self.findings.append(Finding(True, f"after kill #{number + 1} the group did not come back"))
+                for other in self.slots:
+                    if other.worker is None:
+                        self.start(other, "after exiting by itself")
+        self.node_back()
+        self.final()
+
+    def final(self) -> None:
+        self.feeder.submit(len(self.feeder.lines), 2.0)  # the rest
+        if not self.feeder.wait_idle(600):
+            raise HarnessError("the input was not all produced after 10 min")
+        self.caught_up = self.wait_caught_up()
+        for slot in self.slots:
+            if slot.worker is None:
+                continue
+            code, took, forced = slot.worker.terminate(STOP_TIMEOUT)
+            self.stop_results[slot.name] = (code, took, forced)
+            if code != 0 or forced:
+                self.findings.append(Finding(True, (
+                    f"worker {slot.name}: SIGTERM gave exit code {code} after {took:.1f}s"
+                    f"{' (SIGKILL was needed)' if forced else ''}; its last log lines:\n{indent(slot.worker.tail())}")))
+
+    def wait_caught_up(self) -> bool:
+        """Until every input record is committed, both workers report no lag, and the output topics stopped
+        growing (two polls 2 s apart agree)."""
+        deadline = time.monotonic() + CATCH_UP_TIMEOUT
+        progress_at, last_committed = time.monotonic(), -1
+        previous: Offsets | None = None
+        while time.monotonic() < deadline:
+            if self.exited_by_itself():
+                return False
+            try:
+                now = run_async(offsets(self.settings, self.repartition), timeout=30)
+            except Exception as e:
+                log(f"offsets: {type(e).__name__}: {e}")
+                time.sleep(2)
+                continue
+            committed = sum(max(0, c) for c in now.committed.values())
+            if committed != last_committed:
+                progress_at, last_committed = time.monotonic(), committed
+            lags = [raw_lag(scrape(s.worker.settings.web_port), self.settings.raw_topic)
+                    for s in self.slots if s.worker is not None]
+            done = (sum(now.raw_end.values()) == len(self.feeder.lines) and now.lag() == 0
+                    and not any(v for lag in lags for v in lag.values()))
+            if done and previous is not None and previous.outputs_end == now.outputs_end:
+                return True
+            previous = now if done else None
+            if time.monotonic() - progress_at > STALL_TIMEOUT:
+                self.findings.append(Finding(True, f"no progress for {STALL_TIMEOUT:.0f}s, lag {now.lag()}"))
+                return False
+            time.sleep(2)
+        self.findings.append(Finding(True, f"the workers did not catch up within {CATCH_UP_TIMEOUT:.0f}s"))
+        return False
+
+    def stop_everything(self) -> None:
+        self.feeder.stop()
+        for slot in self.slots:
+            if slot.worker is not None and slot.worker.alive:
+                log(f"stopping worker {slot.name} (pid {slot.worker.proc.pid})")
+                slot.worker.kill()
+        self.feeder.join(30)
+
+
+def group_report(checks: list[Check], chaos: GroupChaos, records: int, devices_seen: int, wall: float,
+                 settings: Settings, seed: int, code: str, out: TextIO) -> bool:
+    def w(text: str = "") -> None:
+        print(text, file=out)
+
+    failed = any(c.failed for c in checks) or any(f.fatal for f in chaos.findings)
+    where = "a three-broker cluster (replication factor 3, min ISR 2)" if chaos.cluster else "a single broker"
+    w()
+    w(f"== group chaos: {settings.raw_topic}, {PARTITIONS} partitions, group {settings.group}, 2 workers on "
+      f"{where}, seed {seed}, {len(chaos.history)} kills, {settings.processing_guarantee}; worker code {code}")
+    for line in result_lines(checks, records, devices_seen):
+        w(line)
+    backs = sorted(k.back_after for k in chaos.history if k.back_after is not None)
+    per_slot = ", ".join(f"{s.name}: {s.killed}" for s in chaos.slots)
+    deleted = sum(1 for k in chaos.history if k.delete_state)
+    w(f"kills survived        {len(backs)} of {len(chaos.history)} SIGKILLs of either worker ({per_slot}; {deleted} "
+      f"restart{'s' if deleted != 1 else ''} with the state directory deleted); group whole again after "
+      + (f"{backs[0]:.1f}-{backs[-1]:.1f}s (median {backs[len(backs) // 2]:.1f}s)" if backs else "-"))
+    w(f"{'broker' if chaos.cluster is None else 'cluster':<22}" + "; ".join(chaos.broker_events or ["-"]))
+    selfexits = sum(1 for f in chaos.findings if "exited by itself" in f.text)
+    w(f"exits by themselves   {selfexits}")
+    stops = ", ".join(f"{name}: exit {c} after {t:.1f}s{' (forced)' if forced else ''}"
+                      for name, (c, t, forced) in chaos.stop_results.items())
+    w(f"final SIGTERM         {stops or '-'}; caught up: {'yes' if chaos.caught_up else 'NO'}")
+    w(f"wall time             {wall:.0f}s")
+    for f in chaos.findings:
+        w()
+        w(("FAILURE: " if f.fatal else "note: ") + f.text)
+    for check in checks:
+        for kind, texts in check.problems.items():
+            if texts:
+                w()
+                w(f"FAILURE: {check.name}: {check.counts.get(kind, 0):,} {kind}; the first:")
+                for text in texts:
+                    w(f"  - {text}")
+    w()
+    if failed:
+        w("FAIL")
+    elif settings.exactly_once:
+        w("PASS: nothing lost, invented or duplicated, dead letters and states as replay's")
+    else:
+        w("PASS: nothing lost or invented, every duplicate identical, dead letters and states as replay's")
+    return not failed
+
+
 def error_kind(line: str) -> str:
     """A log line without its time, pid and numbers: lines that say the same thing count as one kind."""
     text = re.sub(r"^\[[^]]*\] \[\d+\] ", "", line)
@@ -1178,6 +1508,8 @@ def check_states(changelog: Sequence[Any], ref: Reference, placed: Sequence[tupl
     for r in sorted(changelog, key=lambda r: (r.partition, r.offset)):
         if r.key is None:
             continue
+        if is_internal(r.key):
+            continue  # the partition's own keys (applied offsets, batch plan), not a device's state
         if r.value is None:
             latest.pop(r.key, None)  # a tombstone: the table deleted the key
         else:
@@ -1209,7 +1541,9 @@ def check_states(changelog: Sequence[Any], ref: Reference, placed: Sequence[tupl
                       f"      replay: {orjson.dumps(want).decode()}")
         last = ref.last_change[device_id]
         where = placed[last]
-        if where is not None and applied != {where[0]: where[1]}:
+        # the state's mark for its raw partition: the last raw record applied when it was written (the marks of
+        # forwarded records' source partitions may stand beside it)
+        if where is not None and applied.get(where[0]) != where[1]:
             c.problem("applied offsets", f"{device_id}: the state says it reflects {applied}, the last raw record "
                       f"that changed it is p{where[0]}@{where[1]} (input line {last + 1}: {brief(lines[last], 200)})")
         if where is not None and partition != where[0]:
@@ -1258,8 +1592,35 @@ def code_version() -> str:
     return f"{head or '?'}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
+def result_lines(checks: Sequence[Check], records: int, devices_seen: int) -> list[str]:
+    """The report's lines on what came out: losses, inventions, duplicates; the states last."""
+    enriched, dead, states = checks
+    wrong = "not what the engine makes of its raw record"
+
+    def n(check: Check, key: str) -> int:
+        return check.counts.get(key, 0)
+
+    lines: list[str] = []
+    lines.append(f"records in            {records:,} raw records over {devices_seen:,} devices "
+                 f"(replay: {n(enriched, 'expected'):,} enriched, {n(dead, 'expected'):,} dead letters)")
+    lines.append(f"enriched out          {n(enriched, 'distinct'):,} distinct / "
+                 f"{n(enriched, 'distinct') + n(enriched, 'copies'):,} with duplicates")
+    lines.append(f"dead letters          {n(dead, 'distinct'):,} distinct / {n(dead, 'distinct') + n(dead, 'copies'):,}"
+                 f" with duplicates")
+    lines.append(f"lost                  {n(enriched, 'lost'):,} enriched, {n(dead, 'lost'):,} dead letters")
+    lines.append(f"invented / wrong      {n(enriched, 'invented') + n(dead, 'invented'):,} / "
+                 f"{n(enriched, wrong) + n(dead, wrong):,} (out of order: {n(enriched, 'out of order'):,})")
+    lines.append(f"duplicated            {n(enriched, 'copies'):,} enriched copies of "
+                 f"{n(enriched, 'duplicated_ids'):,} records, {n(dead, 'copies'):,} dead-letter copies")
+    lines.append(f"differing duplicates  {n(enriched, 'differing duplicates') + n(dead, 'differing duplicates'):,}")
+    lines.append(f"state mismatches      {n(states, 'state mismatches'):,} of {n(states, 'expected'):,} devices with "
+                 f"state ({n(states, 'stored'):,} stored, {n(states, 'changelog_records'):,} changelog records; "
+                 f"applied-offset mismatches {n(states, 'applied offsets'):,}, wrong partition "
+                 f"{n(states, 'wrong partition'):,})")
+    return lines
+
+
 def report(o: Outcome, settings: Settings, out: TextIO) -> None:
-    enriched, dead, states = o.checks
     chaos = o.chaos
     kills = [life for life in chaos.lives if life.plan.mode != "final"]
     # a kill is survived when the next start came back; a start killed on purpose during start-up counts with
@@ -1268,13 +1629,10 @@ def report(o: Outcome, settings: Settings, out: TextIO) -> None:
     startup_kills = sum(1 for life in kills if life.plan.mode == "startup")
     deleted = sum(1 for life in chaos.lives if life.plan.delete_state)
     mid_stream = sum(1 for life in kills if life.uncommitted)
-    def n(check: Check, key: str) -> int:
-        return check.counts.get(key, 0)
 
     def w(text: str = "") -> None:
         print(text, file=out)
 
-    wrong = "not what the engine makes of its raw record"
     if chaos.broker_survived:
         broker_fate = f"worker survived it, back at work after {fmt_s(chaos.broker_recovery)}"
     else:
@@ -1284,25 +1642,14 @@ def report(o: Outcome, settings: Settings, out: TextIO) -> None:
     w()
     w(f"== chaos: {settings.raw_topic}, {PARTITIONS} partitions, group {settings.group}, seed {o.seed}, "
       f"{len(kills)} kills, {settings.processing_guarantee}; worker code {o.code}")
-    w(f"records in            {o.records:,} raw records over {o.devices_seen:,} devices "
-      f"(replay: {n(enriched, 'expected'):,} enriched, {n(dead, 'expected'):,} dead letters)")
-    w(f"enriched out          {n(enriched, 'distinct'):,} distinct / "
-      f"{n(enriched, 'distinct') + n(enriched, 'copies'):,} with duplicates")
-    w(f"dead letters          {n(dead, 'distinct'):,} distinct / {n(dead, 'distinct') + n(dead, 'copies'):,}"
-      f" with duplicates")
-    w(f"lost                  {n(enriched, 'lost'):,} enriched, {n(dead, 'lost'):,} dead letters")
-    w(f"invented / wrong      {n(enriched, 'invented') + n(dead, 'invented'):,} / "
-      f"{n(enriched, wrong) + n(dead, wrong):,} (out of order: {n(enriched, 'out of order'):,})")
-    w(f"duplicated            {n(enriched, 'copies'):,} enriched copies of {n(enriched, 'duplicated_ids'):,} "
-      f"records, {n(dead, 'copies'):,} dead-letter copies")
-    w(f"differing duplicates  {n(enriched, 'differing duplicates') + n(dead, 'differing duplicates'):,}")
+    results = result_lines(o.checks, o.records, o.devices_seen)
+    for line in results[:-1]:
+        w(line)
     w(f"kills survived        {len(kills) - not_back} of {len(kills)} SIGKILLs ({mid_stream} with unprocessed input "
       f"at the kill, {startup_kills} during start-up, {deleted} restarts with the state directory deleted)")
     w(f"broker restarts       {len(chaos.broker.restarts)} (" + ", ".join(f"{t:.1f}s" for t in chaos.broker.restarts)
       + f"; {broker_fate})")
-    w(f"state mismatches      {n(states, 'state mismatches'):,} of {n(states, 'expected'):,} devices with state "
-      f"({n(states, 'stored'):,} stored, {n(states, 'changelog_records'):,} changelog records; applied-offset "
-      f"mismatches {n(states, 'applied offsets'):,}, wrong partition {n(states, 'wrong partition'):,})")
+    w(results[-1])
     w(f"final SIGTERM         {stopped}; caught up: {'yes' if chaos.caught_up else 'NO'}")
     w(f"wall time             {o.wall:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in o.phases.items()) + ")")
     w()
@@ -1359,7 +1706,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--processing-guarantee", choices=["at_least_once", "exactly_once"], default="at_least_once",
                         help="the worker's delivery mode; exactly_once also fails on any duplicate "
                              "(default at_least_once)")
+    parser.add_argument("--group", action="store_true",
+                        help="two workers in one group, either one killed at random, and the broker restarted once")
+    parser.add_argument("--cluster", action="store_true",
+                        help="with --group: on the three-broker cluster (scripts/kafka.sh cluster-start), one node "
+                             "killed with SIGKILL and started again instead of the broker restart")
     args = parser.parse_args(argv)
+    if args.cluster and not args.group:
+        parser.error("--cluster goes with --group")
     if args.records < 100 or args.kills < 1:
         parser.error("--records must be at least 100 and --kills at least 1")
     args.devices = args.devices or max(1, args.records // 10)
@@ -1399,6 +1753,9 @@ def timed(phases: dict[str, float], name: str, step: Callable[[], Any]) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # the harness's own Kafka clients log every refused connection while a broker is down: the report says
+    # what matters
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     started = time.monotonic()
     phases: dict[str, float] = {}
     stamp = f"{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
@@ -1418,6 +1775,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chaos: {e}", file=sys.stderr)
         return 2
     log(f"reference: {ref.replay_summary}; {len(ref.states):,} devices with state")
+
+    if args.group:
+        return main_group(args, settings, run_dir, lines, ref, started)
 
     broker: Broker | None = None
     chaos: Chaos | None = None
@@ -1477,7 +1837,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         cleanup(settings, run_dir, broker, args.keep)
 
 
-def cleanup(settings: Settings, run_dir: Path, broker: Broker | None, keep: bool) -> None:
+def main_group(args: argparse.Namespace, settings: Settings, run_dir: Path, lines: list[bytes], ref: Reference,
+               started: float) -> int:
+    """make chaos's group runs: two workers, either one killed at random, and a broker restarted (single
+    broker) or killed and started again (the three-broker cluster)."""
+    broker: Broker | ClusterBroker | None = None
+    chaos: GroupChaos | None = None
+    try:
+        with terminate_as_exit():
+            if args.cluster:
+                broker = cluster = ClusterBroker()
+                cluster.ensure_up()
+                settings = replace(settings, brokers=cluster.brokers())
+                chaos_broker: Broker | None = None
+            else:
+                broker = chaos_broker = Broker()
+                broker.ensure_up()
+                cluster = None
+            run_async(kafka_topics.ensure_topics(settings, PARTITIONS))
+            feeder = Feeder(settings, lines)
+            feeder.start()
+            chaos = GroupChaos(settings, run_dir, feeder, args.kills, args.seed, chaos_broker, cluster)
+            code = code_version()
+            try:
+                chaos.run()
+            finally:
+                chaos.stop_everything()
+            if feeder.error is not None or not feeder.finished:
+                raise HarnessError(f"the input was not all produced ({feeder.produced:,} of {len(lines):,}): "
+                                   f"{feeder.error!r}")
+            log("reading the enriched, dead-letter and changelog topics")
+            enriched = read_topic(settings, settings.enriched_topic)
+            dead = read_topic(settings, settings.dead_letter_topic)
+            changelog = read_topic(settings, f"{settings.group}-devices-changelog")
+            placed = line_index(feeder.placed)
+            checks = [check_enriched(enriched, ref, placed, settings.raw_topic),
+                      check_dead_letters(dead, ref, placed, settings.raw_topic),
+                      check_states(changelog, ref, feeder.placed, lines)]
+            if settings.exactly_once:
+                no_duplicates(checks[:2])
+            devices_seen = len({k for k in feeder.keys if k is not None})
+            wall = time.monotonic() - started
+            with open(run_dir / "report.txt", "w") as f:
+                group_report(checks, chaos, len(lines), devices_seen, wall, settings, args.seed, code, f)
+            ok = group_report(checks, chaos, len(lines), devices_seen, wall, settings, args.seed, code, sys.stdout)
+            if ok and not args.keep:
+                for name in ("replay.jsonl", "replay-dead.jsonl"):
+                    (run_dir / name).unlink(missing_ok=True)
+            return 0 if ok else 1
+    except HarnessError as e:
+        print(f"chaos: {e}", file=sys.stderr)
+        if chaos is not None:
+            for finding in chaos.findings:
+                print(("FAILURE: " if finding.fatal else "note: ") + finding.text, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chaos: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if chaos is not None:
+            chaos.stop_everything()
+        cleanup(settings, run_dir, broker, args.keep)
+
+
+def cleanup(settings: Settings, run_dir: Path, broker: Broker | ClusterBroker | None, keep: bool) -> None:
     """Delete the run's topics and state directory (unless --keep), and leave the broker as it was found."""
     if broker is None:
         return
@@ -1487,6 +1910,8 @@ def cleanup(settings: Settings, run_dir: Path, broker: Broker | None, keep: bool
             deleted = run_async(delete_topics(settings.brokers, settings.group))
             log(f"deleted {len(deleted)} topics: {', '.join(deleted)}")
             shutil.rmtree(settings.state_dir, ignore_errors=True)
+            for name in ("state-a", "state-b"):  # group runs: one per worker
+                shutil.rmtree(run_dir / name, ignore_errors=True)
         else:
             log(f"kept the topics {settings.group}* and the state directory {settings.state_dir}")
     except Exception as e:

@@ -15,6 +15,18 @@
 #   reset              stop and delete the data directory (jars are kept)
 #   topics ARGS...     kafka-topics with --bootstrap-server filled in
 #
+# A three-node cluster (KRaft, each node broker + controller, jars only) for
+# replication tests; its own ports and data, independent of the single node:
+#   cluster-start          format once (one cluster id), start all, wait
+#   cluster-stop           stop all nodes (SIGTERM, SIGKILL after a while)
+#   cluster-status         one line per node; exit 0 only if all answer
+#   cluster-brokers        print the bootstrap list (host:port,...)
+#   cluster-kill N         SIGKILL node N (1-3), as a crash would
+#   cluster-stop-node N    stop node N cleanly (SIGTERM)
+#   cluster-start-node N   start node N (formatted again if wiped), wait
+#   cluster-wipe-node N    SIGKILL node N and delete its data (a lost disk)
+#   cluster-reset          stop all nodes and delete the cluster's data
+#
 # Environment (defaults in brackets):
 #   KAFKA_CACHE            jar cache root            [<repo>/.cache/kafka]
 #   KAFKA_DATA             config, logs, pid, data   [<repo>/.cache/kafka/data]
@@ -26,6 +38,10 @@
 #   KAFKA_START_TIMEOUT    seconds to wait for start [90]
 #   KAFKA_STOP_TIMEOUT     seconds before SIGKILL    [30]
 #   KAFKA_RUNTIME          auto | jar | docker       [auto]
+#   KAFKA_CLUSTER_DATA     the cluster's data root   [<repo>/.cache/kafka/cluster]
+#   KAFKA_CLUSTER_PORTS    nodes' PLAINTEXT ports    [19092 29092 39092]
+#                          (each node's controller listens on its port + 1)
+#   KAFKA_CLUSTER_HEAP_OPTS  heap per node           [-Xmx512m -Xms512m]
 #
 # Every listener binds 127.0.0.1 only (with Docker too: the compose file's
 # services use the host's network). SASL_PLAINTEXT accepts PLAIN, SCRAM-SHA-256 and
@@ -625,6 +641,265 @@ usage() {
     sed -n '/^# Usage:/,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
+# --------------------------------------------------------------------------
+# The three-node cluster
+# --------------------------------------------------------------------------
+
+# Three combined broker + controller nodes on loopback with a static quorum
+# of all three: replication factor 3 and min ISR 2 by default and for the
+# internal topics, so any one node can die without losing an acknowledged
+# write (acks=all) and without stopping writes. Always run from the jars.
+readonly CLUSTER_DIR="${KAFKA_CLUSTER_DATA:-$REPO_ROOT/.cache/kafka/cluster}"
+read -r -a CLUSTER_PORTS <<<"${KAFKA_CLUSTER_PORTS:-19092 29092 39092}"
+readonly CLUSTER_PORTS
+readonly CLUSTER_NODES=${#CLUSTER_PORTS[@]}
+
+node_dir() { printf '%s/node%s\n' "$CLUSTER_DIR" "$1"; }
+node_port() { printf '%s\n' "${CLUSTER_PORTS[$(($1 - 1))]}"; }
+node_cport() { printf '%s\n' "$(($(node_port "$1") + 1))"; }
+
+cluster_brokers() {
+    local n out=()
+    for ((n = 1; n <= CLUSTER_NODES; n++)); do out+=("$HOST:$(node_port "$n")"); done
+    local IFS=,
+    printf '%s\n' "${out[*]}"
+}
+
+check_node() {
+    [[ "${1:-}" =~ ^[0-9]+$ ]] && (($1 >= 1 && $1 <= CLUSTER_NODES)) \
+        || die "a node number from 1 to $CLUSTER_NODES is needed (got '${1:-}')"
+}
+
+write_node_config() {
+    local n="$1" dir port cport voters="" i
+    dir="$(node_dir "$n")"; port="$(node_port "$n")"; cport="$(node_cport "$n")"
+    for ((i = 1; i <= CLUSTER_NODES; i++)); do
+        voters+="${voters:+,}$i@$HOST:$(node_cport "$i")"
+    done
+    mkdir -p "$dir"
+    cat >"$dir/server.properties" <<EOF
+# Written by scripts/kafka.sh on every start of node $n; edits are overwritten.
+process.roles=broker,controller
+node.id=$n
+# A static quorum: every node votes, any two make a majority.
+controller.quorum.voters=$voters
+controller.listener.names=CONTROLLER
+listeners=PLAINTEXT://$HOST:$port,CONTROLLER://$HOST:$cport
+advertised.listeners=PLAINTEXT://$HOST:$port
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+
+# What a production cluster of three has: every topic on all three nodes,
+# an acks=all write acknowledged once two of them hold it.
+default.replication.factor=3
+min.insync.replicas=2
+offsets.topic.replication.factor=3
+transaction.state.log.replication.factor=3
+transaction.state.log.min.isr=2
+share.coordinator.state.topic.replication.factor=3
+share.coordinator.state.topic.min.isr=2
+unclean.leader.election.enable=false
+# a handful of partitions for the internal topics: creating 50 costs seconds
+offsets.topic.num.partitions=4
+transaction.state.log.num.partitions=4
+
+group.initial.rebalance.delay.ms=0
+num.partitions=1
+auto.create.topics.enable=false
+
+log.dir=$dir/logs
+EOF
+    cat >"$dir/log4j2.properties" <<EOF
+status = warn
+appender.file.type = RollingFile
+appender.file.name = FILE
+appender.file.fileName = $dir/server.log
+appender.file.filePattern = $dir/server.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 50MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 2
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+EOF
+}
+
+# The pid of node N, if it runs (the command line guards against a recycled pid).
+node_pid() {
+    local dir pid
+    dir="$(node_dir "$1")"
+    [[ -f "$dir/kafka.pid" ]] || return 1
+    pid="$(<"$dir/kafka.pid")"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    if [[ -r "/proc/$pid/cmdline" ]]; then
+        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$MAIN_BROKER $dir/server.properties" || return 1
+    fi
+    printf '%s\n' "$pid"
+}
+
+node_answers() {
+    local port
+    port="$(node_port "$1")"
+    port_open "$port" || return 1
+    is_installed || return 1
+    write_client_properties
+    tool_java
+    local limit=()
+    command -v timeout >/dev/null 2>&1 && limit=(timeout 30)
+    "${limit[@]}" "${TOOL_JAVA[@]}" "$MAIN_TOPICS" --bootstrap-server "$HOST:$port" \
+        --command-config "$CLIENT_PROPS" --list >/dev/null 2>&1
+}
+
+# One cluster id for all nodes, kept beside them: a wiped node is formatted
+# again with it and rejoins, fetching the metadata log and its replicas.
+cluster_id() {
+    local file="$CLUSTER_DIR/cluster.id"
+    mkdir -p "$CLUSTER_DIR"
+    [[ -s "$file" ]] || new_cluster_id >"$file"
+    printf '%s\n' "$(<"$file")"
+}
+
+format_node_once() {
+    local n="$1" dir id
+    dir="$(node_dir "$n")"
+    [[ -f "$dir/logs/meta.properties" ]] && return 0
+    id="$(cluster_id)"
+    log "node $n: formatting $dir/logs (cluster id $id)"
+    run_tool "$MAIN_STORAGE" format -t "$id" -c "$dir/server.properties" >/dev/null
+}
+
+# Start node N without waiting for it.
+launch_node() {
+    local n="$1" dir pid
+    dir="$(node_dir "$n")"
+    if pid="$(node_pid "$n")"; then
+        log "node $n already running (pid $pid)"
+        return 0
+    fi
+    if port_open "$(node_port "$n")"; then
+        die "port $(node_port "$n") of node $n is taken by a process this script did not start"
+    fi
+    write_node_config "$n"
+    format_node_once "$n"
+    local heap_opts
+    read -r -a heap_opts <<<"${KAFKA_CLUSTER_HEAP_OPTS:--Xmx512m -Xms512m}"
+    nohup java "${heap_opts[@]}" \
+        -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
+        -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
+        -Dkafka.logs.dir="$dir" -Dlog4j2.configurationFile="$dir/log4j2.properties" \
+        -cp "$(classpath)" "$MAIN_BROKER" "$dir/server.properties" \
+        </dev/null >"$dir/kafka.out" 2>&1 &
+    printf '%s\n' "$!" >"$dir/kafka.pid"
+    log "node $n: started pid $! on $HOST:$(node_port "$n") (log: $dir/server.log)"
+}
+
+wait_node_ready() {
+    local n="$1" deadline=$((SECONDS + START_TIMEOUT)) pid
+    # the pid file's process, not node_pid: right after the launch the child may not have exec'd java yet
+    # (its command line is still this script's), which is no exit
+    pid="$(<"$(node_dir "$n")/kafka.pid")"
+    while ((SECONDS < deadline)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "node $n exited during startup"
+            tail -n 30 "$(node_dir "$n")/kafka.out" "$(node_dir "$n")/server.log" >&2 2>/dev/null || true
+            return 1
+        fi
+        node_answers "$n" && return 0
+        sleep 0.5
+    done
+    log "node $n did not answer on $HOST:$(node_port "$n") within ${START_TIMEOUT}s"
+    return 1
+}
+
+cmd_cluster_start() {
+    local started=$SECONDS n
+    ensure_installed
+    mkdir -p "$DATA_DIR"  # the tools' log config lives there
+    for ((n = 1; n <= CLUSTER_NODES; n++)); do launch_node "$n"; done
+    # a node answers only once a quorum has formed: all start before any is waited for
+    for ((n = 1; n <= CLUSTER_NODES; n++)); do wait_node_ready "$n" || exit 1; done
+    log "cluster up on $(cluster_brokers) after $((SECONDS - started))s"
+}
+
+stop_node() {
+    local n="$1" pid
+    if pid="$(node_pid "$n")"; then
+        stop_pid "$pid"
+        log "node $n stopped"
+    fi
+    rm -f "$(node_dir "$n")/kafka.pid"
+}
+
+cmd_cluster_stop() {
+    local n pid running=()
+    # SIGTERM to all at once: one node shutting down alone first hands its
+    # leaderships over, which takes the others being up
+    for ((n = 1; n <= CLUSTER_NODES; n++)); do
+        if pid="$(node_pid "$n")"; then
+            kill -TERM "$pid" 2>/dev/null || true
+            running+=("$n")
+        fi
+    done
+    for n in "${running[@]}"; do stop_node "$n"; done
+    log "cluster stopped"
+}
+
+cmd_cluster_status() {
+    local n up=0
+    for ((n = 1; n <= CLUSTER_NODES; n++)); do
+        if node_answers "$n"; then
+            printf 'node %s: up on %s:%s\n' "$n" "$HOST" "$(node_port "$n")"
+            up=$((up + 1))
+        else
+            printf 'node %s: down on %s:%s\n' "$n" "$HOST" "$(node_port "$n")"
+        fi
+    done
+    ((up == CLUSTER_NODES))
+}
+
+cmd_cluster_kill() {
+    check_node "${1:-}"
+    local pid
+    if pid="$(node_pid "$1")"; then
+        kill -KILL "$pid"
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+        log "node $1 killed (pid $pid)"
+    else
+        log "node $1 is not running"
+    fi
+    rm -f "$(node_dir "$1")/kafka.pid"
+}
+
+cmd_cluster_start_node() {
+    check_node "${1:-}"
+    ensure_installed
+    mkdir -p "$DATA_DIR"
+    launch_node "$1"
+    wait_node_ready "$1" || exit 1
+    log "node $1 up on $HOST:$(node_port "$1")"
+}
+
+cmd_cluster_wipe_node() {
+    check_node "${1:-}"
+    cmd_cluster_kill "$1"
+    rm -rf "$(node_dir "$1")/logs"
+    log "node $1: its data is deleted ($(node_dir "$1")/logs)"
+}
+
+cmd_cluster_reset() {
+    cmd_cluster_stop
+    case "$CLUSTER_DIR" in
+        "" | / | "$REPO_ROOT" | "$HOME" | "$CACHE_DIR" | "$VERSION_DIR" | "$LIB_DIR")
+            die "refusing to delete KAFKA_CLUSTER_DATA=$CLUSTER_DIR" ;;
+    esac
+    rm -rf "$CLUSTER_DIR"
+    log "deleted $CLUSTER_DIR"
+}
+
 main() {
     local cmd="${1:-}"
     [[ $# -gt 0 ]] && shift
@@ -636,6 +911,15 @@ main() {
         restart) cmd_restart ;;
         reset) cmd_reset ;;
         topics) cmd_topics "$@" ;;
+        cluster-start) cmd_cluster_start ;;
+        cluster-stop) cmd_cluster_stop ;;
+        cluster-status) cmd_cluster_status ;;
+        cluster-brokers) cluster_brokers ;;
+        cluster-kill) cmd_cluster_kill "$@" ;;
+        cluster-stop-node) check_node "${1:-}"; stop_node "$1" ;;
+        cluster-start-node) cmd_cluster_start_node "$@" ;;
+        cluster-wipe-node) cmd_cluster_wipe_node "$@" ;;
+        cluster-reset) cmd_cluster_reset ;;
         -h | --help | help) usage ;;
         *) usage >&2; exit 2 ;;
     esac

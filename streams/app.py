@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import IllegalStateError, KafkaError, NodeNotReadyError
+from aiokafka.protocol.metadata import MetadataRequest
 from faust.tables import TableManager
 from faust.tables.recovery import Recovery
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -32,6 +34,7 @@ from mode.utils.objects import cached_property
 from rocksdict import WriteBatch
 
 from . import restore
+from . import topics as kafka_topics
 from .config import Settings
 from .devicestore import DeviceTable
 from .enrich import Enricher
@@ -388,6 +391,8 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         store="rocksdb://",
         datadir=settings.state_dir,
         topic_partitions=partitions,
+        # the changelog, repartition and Faust's leader topic get the same replication as the others
+        topic_replication_factor=layout.replication,
         key_serializer="raw",
         value_serializer="raw",
         web_port=settings.web_port,
@@ -400,6 +405,7 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         consumer_max_fetch_size=8 << 20,
         producer_linger_ms=5,
         producer_max_batch_size=1 << 20,
+        # an output, dead letter or state counts as written once every in-sync replica has it
         producer_acks=-1,
         stream_wait_empty=False,
         # a worker that died gives its partitions up after this long (Faust's default is 60 s)
@@ -420,6 +426,7 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         env={},
     )
     cast(Any, app.transport).Consumer = BatchConsumer
+    cast(Any, app.transport)._get_controller_node = _controller_node
 
     raw = app.topic(topics.raw, key_type=bytes, value_type=bytes)
     repartition = app.topic(topics.repartition, partitions=partitions, internal=True, key_type=bytes,
@@ -487,24 +494,44 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
 
 @dataclass(frozen=True)
 class Layout:
-    """The raw topic's partition count, and the output topics' (which existing topics may have their own)."""
+    """The raw topic's partition count, the output topics' (which existing topics may have their own), and
+    the replication factor of the topics the worker creates (Faust's changelog and repartition topics too)."""
 
     partitions: int
     outputs: Mapping[str, int]
+    replication: int = 1
+
+
+# how long start-up goes on trying while brokers do not answer (a broker restarting, one of three down and
+# still in the metadata, a controller moving): a few broker restarts' worth
+START_PATIENCE = 30.0
 
 
 async def prepare_topics(settings: Settings) -> Layout:
     """The raw topic's real partition count; the other topics made to match it, or a clear refusal."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.brokers, **settings.kafka_options())
+    return await kafka_topics.retrying(lambda: _prepare_topics(settings), patience=START_PATIENCE)
+
+
+async def _prepare_topics(settings: Settings) -> Layout:
+    admin = kafka_topics.Admin(bootstrap_servers=settings.brokers, request_timeout_ms=15_000,
+                               **settings.kafka_options())
     await admin.start()
     try:
         counts = await _partition_counts(admin)
+        replication = await kafka_topics.replication_factor(admin, settings)
         partitions = counts.get(settings.raw_topic)
         if partitions is None:
+            if settings.missing_raw_topic != "create":
+                raise ConfigurationError(
+                    f"the raw topic {settings.raw_topic} does not exist on {settings.brokers}. Check its name "
+                    f"(STREAMS_RAW_TOPIC / --raw-topic) and the brokers (STREAMS_BROKERS / --brokers); create it, "
+                    f"or let the worker create it with STREAMS_MISSING_RAW_TOPIC=create (--missing-raw-topic "
+                    f"create; {settings.partitions} partitions, STREAMS_PARTITIONS)."
+                )
             partitions = settings.partitions
-            log.warning("raw topic %s does not exist: creating it with %d partitions", settings.raw_topic,
-                        partitions)
-            await _create(admin, settings.raw_topic, partitions)
+            log.warning("raw topic %s does not exist: creating it with %d partitions, replication factor %d",
+                        settings.raw_topic, partitions, replication)
+            await _create(admin, settings, settings.raw_topic, partitions, replication)
         topics = topic_names(settings, partitions)
         for name in (topics.changelog, topics.repartition):
             existing = counts.get(name)
@@ -519,9 +546,9 @@ async def prepare_topics(settings: Settings) -> Layout:
         outputs = {}
         for name in (topics.enriched, topics.dead_letter):
             if name not in counts:
-                await _create(admin, name, partitions)
+                await _create(admin, settings, name, partitions, replication)
             outputs[name] = counts.get(name, partitions)
-        return Layout(partitions, outputs)
+        return Layout(partitions, outputs, replication)
     finally:
         await admin.close()
 
@@ -531,9 +558,42 @@ async def _partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int]:
     return {t["topic"]: len(t["partitions"]) for t in metadata if not t.get("error_code")}
 
 
-async def _create(admin: AIOKafkaAdminClient, name: str, partitions: int) -> None:
-    with contextlib.suppress(TopicAlreadyExistsError):
-        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+async def _create(admin: AIOKafkaAdminClient, settings: Settings, name: str, partitions: int,
+                  replication: int) -> None:
+    try:
+        await kafka_topics.create_topic(admin, name, partitions, replication)
+    except kafka_topics.TopicCreationFailed as e:
+        if e.retriable:
+            raise
+        # e.g. a replication factor above the number of brokers, a policy, an invalid name: not worth a retry
+        raise ConfigurationError(f"{e} on {settings.brokers} ({partitions} partitions, replication factor "
+                                 f"{replication}; STREAMS_REPLICATION_FACTOR / --replication-factor)") from e
+
+
+async def _controller_node(owner: Any, client: Any, timeout: int = 30000) -> int | None:
+    """Faust's lookup of the broker to create its topics through, for a cluster with a broker down.
+
+    Faust asks the first broker of its metadata and gives up when that one does not answer: with one broker
+    of three down the worker could not start (NodeNotReadyError). This asks any broker that answers, and
+    uses it when the controller it names does not (with KRaft every broker forwards CreateTopics to the
+    controller quorum)."""
+    deadline = time.monotonic() + timeout / 1000
+    while True:
+        nodes = [b.nodeId for b in client.cluster.brokers()]
+        random.shuffle(nodes)
+        for node_id in nodes:
+            if not await client.ready(node_id):
+                continue
+            result = await owner.wait(client.send(node_id, MetadataRequest([])), timeout=timeout)
+            if result.stopped:
+                return None
+            controller = result.result.controller_id
+            return int(controller) if controller >= 0 and await client.ready(controller) else int(node_id)
+        if time.monotonic() > deadline:
+            raise NodeNotReadyError(f"none of the brokers {sorted(nodes)} answers")
+        await asyncio.sleep(1.0)
+        with contextlib.suppress(KafkaError):
+            await client.force_metadata_update()
 
 
 def credentials(settings: Settings) -> Any:

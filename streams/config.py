@@ -41,6 +41,12 @@ class Settings:
     state_dir: str = setting("data/state", "where the worker keeps RocksDB state")
     partitions: int = setting(4, "partitions of the raw topic when the worker or produce has to create it",
                               groups=("worker", "kafka"))
+    replication_factor: int = setting(
+        -1, "replicas of every topic the worker or produce creates (raw, enriched, dead-letter, the table's "
+        "changelog, repartition); -1 = the brokers' default.replication.factor", groups=("worker", "kafka"))
+    missing_raw_topic: str = setting(
+        "fail", "what the worker does when the raw topic does not exist: fail (exit 78, naming the topic and the "
+        "brokers) or create it", choices=["fail", "create"])
     web_port: int = setting(6066, "the worker's HTTP port (metrics, device lookup)", groups=("worker", "state"))
     web_bind: str = setting("127.0.0.1", "the address the worker's HTTP server listens on",
                             groups=("worker", "state"))

@@ -15,28 +15,32 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, NodeNotReadyError, TopicAlreadyExistsError, for_code
 
 from . import config
 from .config import Settings
 from .partitioners import aiokafka_partitioner
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "seed.jsonl"
-REPLICATION = 1
 UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION
 TOPIC_EXISTS = TopicAlreadyExistsError.errno  # 36
 SEND_WINDOW = 10_000  # deliveries awaited in chunks: memory stays flat for any file size
 RAW_PREVIEW = 120
+
+
+T = TypeVar("T")
 
 
 class TopicMissing(Exception):
@@ -45,13 +49,83 @@ class TopicMissing(Exception):
         self.topic = topic
 
 
+class TopicCreationFailed(KafkaError):  # type: ignore[misc]
+    """The broker refused to create a topic (its answer carries the error; aiokafka does not raise it)."""
+
+    def __init__(self, topic: str, code: int, message: str | None) -> None:
+        error = for_code(code)
+        super().__init__(f"cannot create topic {topic!r}: {error.__name__} (error code {code})"
+                         + (f": {message}" if message else ""))
+        self.topic = topic
+        self.code = code
+        # e.g. a request timeout is worth another try; an invalid replication factor is not
+        self.retriable = bool(getattr(error, "retriable", False))
+
+
+# -- an admin client that survives a broker down ---------------------------------------------------------
+
+
+class Admin(AIOKafkaAdminClient):  # type: ignore[misc]
+    """aiokafka's admin client, whose requests go to a broker that answers.
+
+    aiokafka sends a request that names no broker (metadata, topic configs, consumer groups) to a random
+    broker of the cluster's metadata, one that is down included: with one broker of three down, one call in
+    three failed with NodeNotReadyError, and the worker died at start-up. The metadata lists a broker that
+    was killed until the controller fences it (seconds later); a stale controller the same."""
+
+    async def _send_request(self, request: Any, node_id: int | None = None) -> Any:
+        if node_id is None:
+            node_id = await self.reachable_node()
+        return await self._client.send(node_id, request)
+
+    async def reachable_node(self) -> int:
+        nodes = [b.nodeId for b in self._client.cluster.brokers()]
+        random.shuffle(nodes)
+        for node_id in nodes:
+            if await self._client.ready(node_id):
+                return int(node_id)
+        raise NodeNotReadyError(f"none of the brokers {sorted(nodes)} answers")
+
+    async def _send_to_controller(self, request: Any) -> Any:
+        # aiokafka waits for the controller its metadata names until the request times out, also when that
+        # broker is down. With KRaft the metadata names any live broker, and any broker forwards controller
+        # requests (CreateTopics) to the controller quorum: when the one named does not answer, ask another.
+        # (A broker of an older cluster that is not the controller answers NOT_CONTROLLER, which is retried.)
+        controller = self._client.cluster.controller
+        if controller is None or not await self._client.ready(controller.nodeId):
+            await self._client.force_metadata_update()
+            controller = self._client.cluster.controller
+        if controller is not None and await self._client.ready(controller.nodeId):
+            node_id = controller.nodeId
+        else:
+            node_id = await self.reachable_node()
+        return await self._client.send(node_id, request)
+
+
+async def retrying(call: Callable[[], Awaitable[T]], patience: float) -> T:
+    """`call()` again, with backoff, while it fails with a retriable Kafka error (a broker down, a leader
+    moving, a controller changing, a bootstrap that found no broker yet), for up to `patience` seconds."""
+    deadline = time.monotonic() + patience
+    pause = 0.25
+    while True:
+        try:
+            return await call()
+        except (KafkaError, OSError) as e:  # OSError: TimeoutError and refused connections too
+            retriable = not isinstance(e, KafkaError) or e.retriable
+            if not retriable or time.monotonic() + pause > deadline:
+                raise
+            logging.getLogger(__name__).warning("Kafka call failed (%s: %s); trying again in %.1fs",
+                                                type(e).__name__, e, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
 # -- topics ----------------------------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
 async def _admin(settings: Settings) -> AsyncIterator[Any]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.brokers, request_timeout_ms=30_000,
-                                **settings.kafka_options())
+    admin = Admin(bootstrap_servers=settings.brokers, request_timeout_ms=30_000, **settings.kafka_options())
     await admin.start()
     try:
         yield admin
@@ -82,26 +156,52 @@ async def _partition_count(admin: Any, topic: str, wait: float = 10.0) -> int | 
 
 async def partition_count(settings: Settings, topic: str) -> int | None:
     """The topic's number of partitions; None when it does not exist."""
-    async with _admin(settings) as admin:
-        return await _partition_count(admin, topic)
+    async def count() -> int | None:
+        async with _admin(settings) as admin:
+            return await _partition_count(admin, topic)
+
+    return await retrying(count, patience=30.0)
 
 
-async def _create(admin: Any, topic: str, partitions: int) -> bool:
-    """Create the topic; False when it exists already (also when another client created it first)."""
-    response = await admin.create_topics([NewTopic(topic, partitions, REPLICATION)])
+async def replication_factor(admin: Any, settings: Settings) -> int:
+    """The replication factor topics are created with: the setting, or (-1) the brokers' own
+    default.replication.factor, read from a broker that answers."""
+    if settings.replication_factor > 0:
+        return settings.replication_factor
+    node = await admin.reachable_node()
+    responses = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.BROKER, str(node), {"default.replication.factor": None})])
+    for response in responses:
+        for error, message, _type, _name, entries, *_ in response.resources:
+            if error:
+                raise KafkaError(f"cannot read broker {node}'s configuration: error code {error} {message or ''}")
+            for entry in entries:
+                if entry[0] == "default.replication.factor":
+                    return int(entry[1])
+    raise KafkaError(f"broker {node} did not tell its default.replication.factor")
+
+
+async def create_topic(admin: Any, topic: str, partitions: int, replication: int,
+                       configs: dict[str, str] | None = None) -> bool:
+    """Create the topic; False when it exists already (also when another client created it first). Any other
+    error in the broker's answer raises TopicCreationFailed."""
+    response = await admin.create_topics([NewTopic(topic, partitions, replication, topic_configs=configs)])
+    created = False
     for name, code, *message in response.topic_errors:
         if code == TOPIC_EXISTS:
             return False
         if code:
-            text = message[0] if message and message[0] else f"error code {code}"
-            raise KafkaError(f"cannot create topic {name!r}: {text}")
+            raise TopicCreationFailed(name, code, message[0] if message else None)
+        created = created or name == topic
+    if not created:
+        raise KafkaError(f"the broker's answer to creating topic {topic!r} does not name it")
     return True
 
 
-async def _create_and_wait(admin: Any, topic: str, partitions: int, wait: float = 15.0) -> int:
+async def _create_and_wait(admin: Any, topic: str, partitions: int, replication: int, wait: float = 15.0) -> int:
     """Create the topic (unless it exists); its partition count once the broker's metadata shows it (a
     topic the controller has created reaches the metadata a moment later)."""
-    await _create(admin, topic, partitions)
+    await create_topic(admin, topic, partitions, replication)
     deadline = time.monotonic() + wait
     while (count := await _partition_count(admin, topic)) is None:
         if time.monotonic() >= deadline:
@@ -114,14 +214,19 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> in
     """Create the raw topic if missing (with `partitions`, default `settings.partitions`), then the
     enriched and dead-letter topics if missing, with the raw topic's partition count. Returns that count.
     Existing topics are left as they are, whatever their partition count."""
-    async with _admin(settings) as admin:
-        count = await _partition_count(admin, settings.raw_topic)
-        if count is None:
-            count = await _create_and_wait(admin, settings.raw_topic, partitions or settings.partitions)
-        for topic in (settings.enriched_topic, settings.dead_letter_topic):
-            if await _partition_count(admin, topic) is None:
-                await _create_and_wait(admin, topic, count)
-        return count
+    async def ensure() -> int:
+        async with _admin(settings) as admin:
+            count = await _partition_count(admin, settings.raw_topic)
+            replication = await replication_factor(admin, settings)
+            if count is None:
+                count = await _create_and_wait(admin, settings.raw_topic, partitions or settings.partitions,
+                                               replication)
+            for topic in (settings.enriched_topic, settings.dead_letter_topic):
+                if await _partition_count(admin, topic) is None:
+                    await _create_and_wait(admin, topic, count, replication)
+            return count
+
+    return await retrying(ensure, patience=30.0)
 
 
 # -- producing -------------------------------------------------------------------------------------------
@@ -130,8 +235,11 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> in
 async def group_assignment(settings: Settings) -> tuple[str, list[set[int]]]:
     """The worker group's state and, per member, the raw-topic partitions it holds ("absent" when there is no
     such group): what tests and the fault harness wait on around rebalances."""
-    async with _admin(settings) as admin:
-        responses = await admin.describe_consumer_groups([settings.group])
+    async def describe() -> Any:
+        async with _admin(settings) as admin:
+            return await admin.describe_consumer_groups([settings.group])
+
+    responses = await retrying(describe, patience=30.0)
     for response in responses:
         for group in response.groups:
             error, group_id, state, _, _, members, *_ = group

@@ -79,6 +79,10 @@ def transactional_producer(brokers: str, options: dict[str, Any]) -> Callable[[s
         return AIOKafkaProducer(
             bootstrap_servers=brokers,
             transactional_id=transactional_id,
+            # what a transactional producer must have, said out loud: a write counts once every in-sync
+            # replica has it, and a retried send is never written twice
+            acks="all",
+            enable_idempotence=True,
             # a worker that dies mid-transaction leaves its partition's readers waiting until its successor
             # fences it or this runs out
             transaction_timeout_ms=60_000,

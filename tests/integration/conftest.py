@@ -3,7 +3,9 @@
 Lives here: the `kafka` session fixture (a broker on 127.0.0.1:9092, started with `scripts/kafka.sh start`
 when none answers, and stopped at the end only then; the session fails when it cannot start one), the
 `topics` fixture (fresh topic names, group and state dir as a `config.Settings`, the raw topic created with 4
-partitions, everything the test made deleted afterwards), `Worker` (`python -m streams worker` with those
+partitions, everything the test made deleted afterwards), the same on three brokers (`kafka_cluster`, started
+with `scripts/kafka.sh cluster-start` by the first test that asks for it; `cluster` brings every node back up
+after a test that killed one; `cluster_topics`), `Worker` (`python -m streams worker` with those
 settings as STREAMS_* variables), `wait_for_outputs` (polls the enriched and dead-letter topics until they
 hold N records), `replay_outputs` (what `python -m streams replay` makes of the same input) and the
 comparisons the tests share.
@@ -29,7 +31,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 
 from streams import topics as kafka_topics
 from streams.config import Settings, env_name
@@ -52,7 +54,8 @@ def _kafka_sh(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 
 async def _admin_call(brokers: str, call: Callable[[Any], Any]) -> Any:
-    admin = AIOKafkaAdminClient(bootstrap_servers=brokers, request_timeout_ms=15_000)
+    # the project's admin client: it asks a broker that answers, also with one of three down
+    admin = kafka_topics.Admin(bootstrap_servers=brokers, request_timeout_ms=15_000)
     await admin.start()
     try:
         return await call(admin)
@@ -93,7 +96,8 @@ def free_port() -> int:
 
 async def _create_topic(brokers: str, topic: str, partitions: int) -> None:
     async def create(admin: Any) -> None:
-        response = await admin.create_topics([NewTopic(topic, partitions, 1)])
+        # -1: the brokers' default.replication.factor (3 on the cluster)
+        response = await admin.create_topics([NewTopic(topic, partitions, -1, replica_assignments={})])
         for name, code, *message in response.topic_errors:
             assert code == 0, f"cannot create topic {name}: error {code} {message}"
 
@@ -109,13 +113,14 @@ async def _delete_topics(brokers: str, prefix: str) -> None:
     await _admin_call(brokers, delete)
 
 
-@pytest.fixture
-def topics(kafka: str, tmp_path: Path) -> Iterator[Settings]:
-    """Settings of this test's own topics, group, state dir and web port; the raw topic exists (4 partitions)."""
+@contextlib.contextmanager
+def fresh_topics(brokers: str, tmp_path: Path) -> Iterator[Settings]:
+    """Settings of fresh topics, group, state dir and web port on `brokers`; the raw topic exists (4
+    partitions, the brokers' default replication). Everything named after them is deleted afterwards."""
     name = f"t{uuid.uuid4().hex[:8]}"
     settings = replace(
         Settings(),
-        brokers=kafka,
+        brokers=brokers,
         raw_topic=f"{name}.raw",
         enriched_topic=f"{name}.enriched",
         dead_letter_topic=f"{name}.dead-letter",
@@ -125,7 +130,7 @@ def topics(kafka: str, tmp_path: Path) -> Iterator[Settings]:
         web_port=free_port(),
         log_level="info",
     )
-    asyncio.run(_create_topic(kafka, settings.raw_topic, PARTITIONS))
+    asyncio.run(_create_topic(brokers, settings.raw_topic, PARTITIONS))
     deadline = time.monotonic() + 15
     while asyncio.run(kafka_topics.partition_count(settings, settings.raw_topic)) != PARTITIONS:
         assert time.monotonic() < deadline, f"{settings.raw_topic} does not show in the broker's metadata"
@@ -133,7 +138,83 @@ def topics(kafka: str, tmp_path: Path) -> Iterator[Settings]:
     yield settings
     # the test's topics and the worker's own (changelog, repartition: named after the group)
     with contextlib.suppress(Exception):
-        asyncio.run(_delete_topics(kafka, name))
+        asyncio.run(_delete_topics(brokers, name))
+
+
+@pytest.fixture
+def topics(kafka: str, tmp_path: Path) -> Iterator[Settings]:
+    """Settings of this test's own topics, group, state dir and web port; the raw topic exists (4 partitions)."""
+    with fresh_topics(kafka, tmp_path) as settings:
+        yield settings
+
+
+# -- the three-broker cluster ----------------------------------------------------------------------------
+
+
+@dataclass
+class Cluster:
+    """The three-node cluster of `scripts/kafka.sh cluster-*`: its nodes killed, wiped and started again."""
+
+    brokers: str
+
+    @staticmethod
+    def _run(*args: str) -> None:
+        run = _kafka_sh(*args, timeout=300)
+        assert run.returncode == 0, f"scripts/kafka.sh {' '.join(args)}: exit {run.returncode}\n{run.stderr[-3000:]}"
+
+    def kill(self, node: int) -> None:
+        """SIGKILL, as a crash or a power loss would."""
+        self._run("cluster-kill", str(node))
+
+    def wipe(self, node: int) -> None:
+        """SIGKILL, and its data deleted: a lost disk."""
+        self._run("cluster-wipe-node", str(node))
+
+    def start(self, node: int) -> None:
+        self._run("cluster-start-node", str(node))
+
+    def up(self) -> set[int]:
+        run = _kafka_sh("cluster-status", timeout=120)
+        return {int(line.split()[1].rstrip(":")) for line in run.stdout.splitlines() if ": up " in line}
+
+    def all_up(self) -> None:
+        self._run("cluster-start")
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster() -> Iterator[Cluster]:
+    """Three brokers (scripts/kafka.sh cluster-start), for the tests that need them only; stopped at the end
+    when this session started them. Never skips: a cluster that does not come up is a failure."""
+    started = _kafka_sh("cluster-status", timeout=120).returncode != 0
+    if started:
+        run = _kafka_sh("cluster-start", timeout=1800)
+        if run.returncode != 0:
+            pytest.fail(f"`bash scripts/kafka.sh cluster-start` failed with exit code {run.returncode}:\n"
+                        f"{run.stdout[-2000:]}\n{run.stderr[-4000:]}", pytrace=False)
+    brokers = _kafka_sh("cluster-brokers", timeout=60).stdout.strip()
+    try:
+        asyncio.run(asyncio.wait_for(_admin_call(brokers, lambda a: a.list_topics()), 60))
+    except Exception as e:
+        pytest.fail(f"the cluster on {brokers} does not answer the admin API: {e!r}", pytrace=False)
+    yield Cluster(brokers)
+    if started:
+        _kafka_sh("cluster-stop", timeout=300)
+
+
+@pytest.fixture
+def cluster(kafka_cluster: Cluster) -> Iterator[Cluster]:
+    """The cluster, every node up before the test and again after it (a test kills and wipes nodes)."""
+    if kafka_cluster.up() != {1, 2, 3}:
+        kafka_cluster.all_up()
+    yield kafka_cluster
+    kafka_cluster.all_up()
+
+
+@pytest.fixture
+def cluster_topics(cluster: Cluster, tmp_path: Path) -> Iterator[Settings]:
+    """As `topics`, on the three-broker cluster (replication factor 3 by the brokers' default)."""
+    with fresh_topics(cluster.brokers, tmp_path) as settings:
+        yield settings
 
 
 # -- the worker ------------------------------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""What the worker checks before it consumes, against the real (single) broker: a missing raw topic stops it
+with a clear error unless it may create the topic, and every error of creating a topic is reported."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from streams import topics as kafka_topics
+from streams.config import Settings
+from tests.conftest import ROOT
+from tests.integration.conftest import Worker, _admin_call, worker_env
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
+
+EX_CONFIG = 78
+
+
+def run_worker(settings: Settings) -> subprocess.CompletedProcess[str]:
+    """`python -m streams worker` that is expected to stop by itself."""
+    return subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=worker_env(settings),
+                          capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL)
+
+
+def replication(settings: Settings, topic: str) -> set[int]:
+    async def call(admin: kafka_topics.Admin) -> object:
+        return await admin.describe_topics([topic])
+
+    metadata = asyncio.run(_admin_call(settings.brokers, call))
+    return {len(p["replicas"]) for t in metadata for p in t["partitions"]}  # type: ignore[attr-defined]
+
+
+def test_a_missing_raw_topic_stops_the_worker_with_a_clear_error(topics: Settings) -> None:
+    typo = replace(topics, raw_topic=topics.raw_topic + "s")  # e.g. a typo in STREAMS_RAW_TOPIC
+    run = run_worker(typo)
+    assert run.returncode == EX_CONFIG, run.stderr[-3000:]
+    message = run.stderr.strip().splitlines()[-1]
+    assert f"the raw topic {typo.raw_topic} does not exist on {typo.brokers}" in message, message
+    assert "STREAMS_MISSING_RAW_TOPIC=create" in message
+    # nothing was created: no empty raw topic, no outputs
+    for topic in (typo.raw_topic, typo.enriched_topic, typo.dead_letter_topic):
+        assert asyncio.run(kafka_topics.partition_count(typo, topic)) is None, topic
+
+
+def test_the_worker_creates_the_raw_topic_when_allowed(topics: Settings,
+                                                       start_worker: Callable[..., Worker]) -> None:
+    fresh = replace(topics, raw_topic=topics.raw_topic + "-new", missing_raw_topic="create")
+    worker = start_worker(fresh)
+    worker.wait_ready()
+    assert asyncio.run(kafka_topics.partition_count(fresh, fresh.raw_topic)) == fresh.partitions
+    # the single broker's default.replication.factor
+    assert replication(fresh, fresh.raw_topic) == {1}
+    assert replication(fresh, f"{fresh.group}-devices-changelog") == {1}
+
+
+def test_a_topic_the_brokers_refuse_is_reported(topics: Settings) -> None:
+    # one broker cannot hold three replicas: the broker answers INVALID_REPLICATION_FACTOR
+    three = replace(topics, replication_factor=3)
+    run = run_worker(three)
+    assert run.returncode == EX_CONFIG, run.stderr[-3000:]
+    message = run.stderr.strip().splitlines()[-1]
+    assert f"cannot create topic '{three.enriched_topic}': InvalidReplicationFactorError (error code 38)" in message
+    assert three.brokers in message and "replication factor 3" in message, message
+    assert asyncio.run(kafka_topics.partition_count(three, three.enriched_topic)) is None
+
+    # the tools report it the same way
+    with pytest.raises(kafka_topics.TopicCreationFailed, match="InvalidReplicationFactorError"):
+        asyncio.run(kafka_topics.ensure_topics(replace(three, raw_topic=three.raw_topic + "2")))
+
+
+def test_the_replication_factor_is_the_setting_or_the_brokers_default(topics: Settings) -> None:
+    async def resolve(settings: Settings) -> int:
+        return int(await _admin_call(settings.brokers, lambda a: kafka_topics.replication_factor(a, settings)))
+
+    assert asyncio.run(resolve(topics)) == 1  # -1: the broker's default.replication.factor
+    assert asyncio.run(resolve(replace(topics, replication_factor=2))) == 2
