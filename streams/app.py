@@ -213,13 +213,13 @@ class BatchConsumer(AIOKafkaConsumer):
             for i, rec in enumerate(records):
                 try:
                     result = await self.pipeline.process({tp: [rec]}, positions, ends)
-                except BatchFailed as e:
-                    if isinstance(e.cause, TimeoutError | KafkaError | OSError):
+                except Exception as e:
+                    cause = e.cause if isinstance(e, BatchFailed) else e
+                    if isinstance(cause, TimeoutError | KafkaError | OSError):
                         raise
-                    result = await self.pipeline.process({tp: [rec]}, positions, ends, quarantine=True)
-                except (TimeoutError, KafkaError, OSError):
-                    raise
-                except Exception:
+                    # what the failed try marked as applied in memory was never written: forget it, or the
+                    # record would be skipped instead of kept
+                    self.pipeline.forget_partitions([tp.partition])
                     result = await self.pipeline.process({tp: [rec]}, positions, ends, quarantine=True)
                 await self._commit_batch(result.commit)
                 if result.rewind:

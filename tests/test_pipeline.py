@@ -346,3 +346,22 @@ def test_damaged_internal_keys_do_not_stop_the_partition(key: bytes) -> None:
     result = asyncio.run(worker.process({TP(T.repartition, p): [forwarded]}, {(T.raw, p): 1}, ends))
     assert result.commit == {TP(T.repartition, p): 1}
     assert len(broker.logs[(T.enriched, p)]) == 2
+
+
+def test_a_record_tried_alone_after_a_failure_is_kept_not_skipped() -> None:
+    """What the worker does with a record that fails on its own (`BatchConsumer._isolate`): the failed try
+    advanced the partition's applied marks in memory only; once they are forgotten, quarantine keeps it."""
+    broker = Broker(random.Random(0), failure_rate=1.0)
+    broker.fail_on = {T.enriched}
+    worker = pipeline(broker, defaultdict(DB))
+    value = orjson.dumps({"device_id": "dev-e", "platform": "web", "event": "e"})
+    p = worker.partition_for("dev-e")
+    batch = {TP(T.raw, p): [Record(T.raw, p, 0, b"dev-e", value)]}
+    with pytest.raises(Crash):
+        asyncio.run(worker.process(batch, {}))
+    broker.failure_rate = 0.0
+    worker.forget_partitions([p])
+    result = asyncio.run(worker.process(batch, {}, quarantine=True))
+    assert result.commit == {TP(T.raw, p): 1}
+    (letter,) = [orjson.loads(r.value or b"") for q in range(T.partitions) for r in broker.logs[(T.dead_letter, q)]]
+    assert letter["reason"] == "internal_error"
