@@ -8,8 +8,11 @@ per-partition state transaction over the Faust table's RocksDB databases, and th
    any other record is forwarded, unchanged, to the repartition topic, keyed by device ID;
 2. enrich each applied record (reads see the batch's own writes), skipping those whose effect the device's
    stored state already holds (they were applied, and their outputs delivered, before a crash);
+   (at-least-once, once forwarded records reach a partition: first its plan, how far the batch goes in the raw
+   and repartition logs, to the changelog and RocksDB; `Pipeline._order`)
 3. produce outputs, dead letters and forwards as whole record batches, and wait for all acks;
-4. produce each changed device's state to the changelog once, and wait for the acks;
+4. produce each changed device's state, and the partition's applied marks (`Applied`), to the changelog
+   once, and wait for the acks;
 5. write the same states, and the changelog offset, to RocksDB in one write batch;
 6. commit the input offsets.
 A crash anywhere replays the batch from the last commit: outputs repeat byte for byte (the engine is
