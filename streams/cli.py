@@ -17,6 +17,7 @@ REPLAY_EXAMPLES = """examples:
   python -m streams replay --input streams/samples/seed.jsonl --output - --dead-letter dead.jsonl
   python -m streams replay --input day1.jsonl --output out1.jsonl --dead-letter dead1.jsonl --state-dir state/
   python -m streams replay --input big.jsonl --output out.jsonl --dead-letter dead.jsonl --jobs 2
+  python -m streams replay --input day1.jsonl --output out.jsonl --dead-letter dead.jsonl --persons persons.jsonl
   cat raw.jsonl | python -m streams replay --input - --output - --dead-letter /dev/null --default-platform web
 """
 
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dead-letter", required=True, metavar="PATH", help="dead letters, JSONL")
     replay.add_argument("--state-dir", metavar="DIR",
                         help="keep device state in RocksDB here; a later run continues from it (default: memory)")
+    replay.add_argument("--persons", dest="persons_file", metavar="PATH",
+                        help="write the final persons mapping here: one JSON object per device user that has one, "
+                        "sorted by user_id (persons.md §4)")
     replay.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     config.add_arguments(replay, "replay")
 
@@ -146,7 +150,11 @@ def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:
             progress=None if args.quiet else sys.stderr,
             cache_devices=settings.cache_devices,
             jobs=settings.replay_jobs,
+            persons_path=args.persons_file,
         )
+    except ValueError as e:
+        print(f"streams replay: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"streams replay: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1

@@ -16,16 +16,20 @@ from typing import Any
 import orjson
 
 from .identity import CustomerId, DeviceState, Reason, Rejected
+from .persons import DevicePersons, Entry
+from .persons import Mapping as PersonMapping
+from .persons.pairs import Summary
 
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
 # the largest value the worker produces: under Kafka's default message limit (max.message.bytes 1048588 and the
 # producer's max_request_size 1 MiB, record overhead included). A larger output could never be delivered and
 # would stop the partition, so it becomes a dead letter instead
 MAX_OUTPUT_BYTES = 1_000_000
-STATE_FORMAT = 2
+STATE_FORMAT = 3
+# format 2 had no persons part (read as none);
 # format 1 kept the offset of the record that last changed the state, one per source partition for records
 # applied directly and records forwarded alike (they shadowed each other); its offsets are dropped when read
-OLD_STATE_FORMATS = frozenset({1})
+OLD_STATE_FORMATS = frozenset({1, 2})
 
 
 def decode(raw: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> dict[str, Any]:
@@ -134,10 +138,12 @@ def dead_letter(
 # -- stored state: RocksDB values and changelog records (the same bytes) ---------------------------------
 
 
-def encode_state(state: DeviceState, applied: Mapping[int, int] | None = None) -> bytes:
+def encode_state(state: DeviceState, applied: Mapping[int, int] | None = None,
+                 persons: DevicePersons | None = None) -> bytes:
     """A device's state as stored in RocksDB and its changelog. `applied`: per input log of its partition
     (`streams.pipeline.FORWARDED`), the offset of the last record applied when the state was written (the
-    worker skips records up to it after a crash)."""
+    worker skips records up to it after a crash). `persons`: the device's persons part, stored with the state
+    so that a record's effect on both is durable at once."""
     return dumps(
         [
             STATE_FORMAT,
@@ -149,6 +155,7 @@ def encode_state(state: DeviceState, applied: Mapping[int, int] | None = None) -
             [[t, c.id, c.auth_state, c.hash_type] for t, c in state.customer_ids],
             state.generated,
             [[p, o] for p, o in applied.items()] if applied else [],
+            encode_persons(persons) if persons is not None else None,
         ]
     )
 
@@ -158,14 +165,26 @@ def decode_state(data: bytes) -> DeviceState:
 
 
 def decode_stored(data: bytes) -> tuple[DeviceState, dict[int, int]]:
+    state, applied, _ = decode_full(data)
+    return state, applied
+
+
+def decode_full(data: bytes) -> tuple[DeviceState, dict[int, int], DevicePersons | None]:
+    """A stored state, how far it holds its partition's inputs, and the device's persons part."""
     loaded = orjson.loads(data)
     if any(type(c[1]) is float for c in loaded[6]):
         loaded = json.loads(data)  # a customer id beyond 64 bits, kept exact
-    fmt, anonymous_id, default_id, login_key, login_value, bound, customer_ids, generated, applied = loaded
-    if fmt != STATE_FORMAT:
-        if fmt not in OLD_STATE_FORMATS:
-            raise ValueError(f"stored state format {fmt} is not {STATE_FORMAT}")
-        applied = []
+    fmt = loaded[0]
+    persons = None
+    if fmt == STATE_FORMAT:
+        _, anonymous_id, default_id, login_key, login_value, bound, customer_ids, generated, applied, p = loaded
+        persons = decode_persons(p)
+    elif fmt in OLD_STATE_FORMATS:
+        _, anonymous_id, default_id, login_key, login_value, bound, customer_ids, generated, applied = loaded
+        if fmt == 1:
+            applied = []
+    else:
+        raise ValueError(f"stored state format {fmt} is not {STATE_FORMAT}")
     state = DeviceState(
         anonymous_id=anonymous_id,
         default_id=default_id,
@@ -175,7 +194,7 @@ def decode_stored(data: bytes) -> tuple[DeviceState, dict[int, int]]:
         customer_ids=tuple((t, CustomerId(i, a, h)) for t, i, a, h in customer_ids),
         generated=generated,
     )
-    return state, {p: o for p, o in applied}
+    return state, {p: o for p, o in applied}, persons
 
 
 def encode_applied(raw: int, foreign: int, forwarded: Mapping[int, int]) -> bytes:
@@ -205,3 +224,94 @@ def state_as_json(state: DeviceState) -> dict[str, Any]:
     out["customer_ids"] = {t: c.visible() for t, c in state.customer_ids}
     out["generated_ids"] = state.generated
     return out
+
+
+# -- the persons stage: a device's persons part, pair claims, messages between the stages --------------------
+
+
+def encode_persons(persons: DevicePersons) -> Any:
+    """A device's persons part, as the element its stored state carries (None: nothing)."""
+    if not persons:
+        return None
+    return [
+        [[pair, [[c, login] for c, login in claimants.items()]] for pair, claimants in persons.claims.items()],
+        [[u, p] for u, p in persons.signups.items()],
+        [[pair, o] for pair, o in persons.owners.items()],
+        sorted(persons.blocked),
+    ]
+
+
+def decode_persons(data: Any) -> DevicePersons | None:
+    if not data:
+        return None
+    claims, signups, owners, blocked = data
+    return DevicePersons(
+        claims={pair: {c: bool(login) for c, login in claimants} for pair, claimants in claims},
+        signups={u: p for u, p in signups},
+        owners={pair: o for pair, o in owners},
+        blocked=frozenset(blocked),
+    )
+
+
+def encode_device_persons(persons: DevicePersons) -> bytes:
+    return dumps(encode_persons(persons))
+
+
+def decode_device_persons(data: bytes) -> DevicePersons | None:
+    return decode_persons(orjson.loads(data))
+
+
+def encode_entry(entry: Entry) -> bytes:
+    return orjson.dumps([list(entry.logins), entry.device_user])
+
+
+def decode_entry(data: bytes) -> Entry:
+    logins, device_user = orjson.loads(data)
+    return Entry(tuple(logins), bool(device_user))
+
+
+def encode_summary(summary: Summary) -> bytes:
+    return orjson.dumps(list(summary))
+
+
+def decode_summary(data: bytes) -> Summary:
+    devices, login_devices, owner = orjson.loads(data)
+    return Summary(int(devices), int(login_devices), owner)
+
+
+def encode_claim(device_id: str, entry: Entry | None) -> bytes:
+    """A device's claims on a pair, to the pair stage (keyed by the pair)."""
+    return orjson.dumps([device_id, list(entry.logins), entry.device_user] if entry is not None else [device_id])
+
+
+def decode_claim(data: bytes) -> tuple[str, Entry | None]:
+    loaded = orjson.loads(data)
+    if len(loaded) == 1:
+        return str(loaded[0]), None
+    device_id, logins, device_user = loaded
+    return str(device_id), Entry(tuple(str(u) for u in logins), bool(device_user))
+
+
+def encode_owner(pair: str, owner: str | None) -> bytes:
+    """The pair stage's answer to a device (keyed by the device ID)."""
+    return orjson.dumps([pair, owner])
+
+
+def decode_owner(data: bytes) -> tuple[str, str | None]:
+    pair, owner = orjson.loads(data)
+    return str(pair), owner
+
+
+def encode_user(mapping: PersonMapping | None, conflict: bool) -> bytes:
+    """A device user's mapping now, to the stage that keeps the persons index (keyed by the user ID)."""
+    return orjson.dumps([mapping.record() if mapping is not None else None, conflict])
+
+
+def decode_user(data: bytes) -> tuple[PersonMapping | None, bool]:
+    record, conflict = orjson.loads(data)
+    return (PersonMapping.from_record(record) if record is not None else None), bool(conflict)
+
+
+def encode_mapping(mapping: PersonMapping) -> bytes:
+    """The mapping record (persons.md §4): on the persons topic, and a line of replay's --persons file."""
+    return orjson.dumps(mapping.record())

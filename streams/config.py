@@ -36,6 +36,8 @@ class Settings:
                                   groups=("worker", "kafka"))
     dead_letter_topic: str = setting("events.dead-letter", "topic the dead letters go to",
                                      groups=("worker", "kafka"))
+    persons_topic: str = setting("events.persons", "compacted topic the persons mapping goes to, keyed by user_id "
+                                 "(persons.md §4)", groups=("worker", "kafka"))
     group: str = setting("streams-enricher", "consumer group, and the Faust app id (prefixes the changelog)",
                          groups=("worker", "kafka"))
     state_dir: str = setting("data/state", "where the worker keeps RocksDB state")
@@ -76,6 +78,12 @@ class Settings:
     hash_identity_keys: str = setting("", "identity keys whose values are stored and sent only as SHA-256 hex, "
                                       "comma-separated (e.g. $identity_mobile,$identity_email)",
                                       groups=("worker", "replay"))
+    persons: str = setting("on", "the persons mapping stage: claims across devices, the persons topic, replay's "
+                           "claims with --state-dir (user_id is stamped either way)", choices=["on", "off"])
+    person_salt: str = setting("", "a secret that salts every user_id and person_id (persons.md §1); unset, anyone "
+                               "can recompute them from a guessed login ID", groups=("worker", "replay"))
+    person_max_devices: int = setting(50, "a pair claimed from more devices than this has no owner and maps no one "
+                                      "(persons.md §3)", groups=("worker", "replay"))
     max_record_bytes: int = setting(DEFAULT_MAX_RECORD_BYTES, "larger raw records are dead letters",
                                     groups=("worker", "replay"))
     replay_jobs: int = setting(1, "replay's processes, the devices split between them (in-memory state only; "
@@ -105,6 +113,9 @@ class Settings:
             ),
             default_platform=self.default_platform,
             max_record_bytes=self.max_record_bytes,
+            person_salt=self.person_salt,
+            person_max_devices=self.person_max_devices,
+            persons=self.persons == "on",
         )
 
     @property

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from . import codec
 from .identity import DeviceState, Reason, Rejected, Settings, apply, device_id_of, plain_track
+from .persons import UserIds
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,16 @@ class EnrichSettings:
     identity: Settings = field(default_factory=Settings)
     default_platform: str | None = None
     max_record_bytes: int = codec.DEFAULT_MAX_RECORD_BYTES
+    person_salt: str = ""  # salts the user IDs (persons.md §1)
+    person_max_devices: int = 50  # a pair claimed from more devices has no owner (persons.md §3)
+    persons: bool = True  # the persons mapping stage (user_id is stamped either way)
 
 
 class Outcome:
     """What one raw record became: enriched records' bytes, or one dead letter. A plain slotted class: one
     is built per record."""
 
-    __slots__ = ("dead_letter", "device_id", "emitted", "reason", "records")
+    __slots__ = ("after", "before", "dead_letter", "device_id", "emitted", "reason", "record", "records")
 
     def __init__(
         self,
@@ -56,12 +60,19 @@ class Outcome:
         dead_letter: bytes | None = None,
         emitted: list[dict[str, Any]] | None = None,
         reason: str | None = None,
+        before: DeviceState | None = None,
+        after: DeviceState | None = None,
+        record: dict[str, Any] | None = None,
     ) -> None:
         self.device_id = device_id
         self.records = records
         self.dead_letter = dead_letter
         self.emitted = emitted
         self.reason = reason  # the dead letter's reason code
+        # the device's state before and after the record, and the record decoded: what the persons step reads
+        self.before = before
+        self.after = after
+        self.record = record
 
     @property
     def types(self) -> list[str]:
@@ -79,6 +90,14 @@ class Enricher:
         # not a dict: removing a plain dict's first entry leaves a dead slot that every later `next(iter(d))`
         # walks past, so each eviction cost more than the last (78% of the worker's CPU at 1M devices)
         self._fresh: OrderedDict[str, DeviceState] = OrderedDict()
+        self.user_ids = UserIds(self.settings.person_salt)
+
+    def user_id(self, device_id: str, state: DeviceState) -> str:
+        """persons.md §1: the login user while logged in, else the device user of the device's default ID."""
+        login_id = state.login_id
+        if login_id is not None:
+            return self.user_ids.login_user(login_id)
+        return self.user_ids.device_user(device_id, state.default_id)
 
     def fresh_state(self, device_id: str) -> DeviceState:
         fresh = self._fresh
@@ -109,6 +128,10 @@ class Enricher:
                 new, emitted = state, [track]
             else:
                 new, emitted = apply(state, record, s.identity, s.default_platform, device_id)
+            if emitted:
+                user_id = self.user_id(device_id, new)
+                for r in emitted:
+                    r["user_id"] = user_id
             if emitted and "offset" in source:
                 # at-least-once: a record written again after a crash is byte-identical to the first copy,
                 # and its id tells a warehouse it is the same record
@@ -129,4 +152,4 @@ class Enricher:
                            reason=rejected.reason.value)
         if new is not state:
             store.put(device_id, new)
-        return Outcome(device_id, encoded, None, emitted)
+        return Outcome(device_id, encoded, None, emitted, None, state, new, record)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
 from .enrich import Enricher, EnrichSettings, MemoryStore, StateStore
+from .persons_offline import OfflinePersons
 from .replay_jobs import ReplayJobs
 from .statestore import CachedStore, RocksBackend
 
@@ -112,15 +113,23 @@ def replay(
     cache_devices: int = 100_000,
     progress_interval: float | None = None,
     jobs: int = 1,
+    persons_path: str | None = None,
 ) -> Counts:
+    """`persons_path`: where the final persons mapping goes (persons.md §4). With `state_dir` the persons stage
+    runs whenever it is on (`settings.persons`), so that the claims persist for a later run that asks."""
+    if persons_path is not None and not settings.persons:
+        raise ValueError("--persons needs the persons stage on (STREAMS_PERSONS=on)")
     if jobs > 1:
         if state_dir:
             raise ValueError("several jobs keep their device states in memory: --jobs takes no --state-dir")
         return _replay_in_jobs(input_path, output_path, dead_letter_path, settings, jobs, progress,
-                               progress_interval)
+                               progress_interval, persons_path)
     enricher = Enricher(settings)
     backend = RocksBackend(state_dir) if state_dir else None
     store: StateStore = CachedStore(backend, cache_devices) if backend else MemoryStore()
+    persons = None
+    if persons_path is not None or (backend is not None and settings.persons):
+        persons = OfflinePersons(settings, backend.db if backend is not None else None)
     counts = Counts()
     try:
         with _open_in(input_path) as (src, size), _open_out(output_path) as out, \
@@ -154,6 +163,8 @@ def replay(
                     produced = outcome.records
                     enriched += len(produced)
                     pending += produced
+                    if persons is not None:
+                        persons.observe(outcome)
                 if n & 63 == 0 and pending:  # ~12 KiB: below the size where a joined buffer costs an mmap
                     pending.append(b"")
                     out.write(b"\n".join(pending))
@@ -168,17 +179,32 @@ def replay(
                     out.flush()
                     dead.flush()
                     store.flush()
+                    _flush_persons(persons, backend)
             catch_up()
             if isinstance(store, CachedStore):
                 out.flush()
                 dead.flush()
                 store.flush()
+                _flush_persons(persons, backend)
+            if persons is not None and persons_path is not None:
+                _write_lines(persons_path, persons.final())
             if report is not None:
                 report.finish(counts)
     finally:
         if backend is not None:
             backend.close()
     return counts
+
+
+def _flush_persons(persons: OfflinePersons | None, backend: RocksBackend | None) -> None:
+    if persons is not None and backend is not None:
+        backend.write_raw(persons.flush())
+
+
+def _write_lines(path: str, lines: list[bytes]) -> None:
+    with _open_out(path) as f:
+        for line in lines:
+            f.write(line + b"\n")
 
 
 def _prefetching(src: Iterable[bytes], store: CachedStore) -> Iterator[bytes]:
@@ -227,11 +253,13 @@ def blocks(src: BinaryIO, counts: Counts, size: int = BLOCK_BYTES) -> Iterator[t
 
 
 def _replay_in_jobs(input_path: str, output_path: str, dead_letter_path: str, settings: EnrichSettings, jobs: int,
-                    progress: TextIO | None, progress_interval: float | None) -> Counts:
+                    progress: TextIO | None, progress_interval: float | None,
+                    persons_path: str | None = None) -> Counts:
     """The same replay with the devices split between `jobs` processes (`streams.replay_jobs`)."""
     counts = Counts()
     # a file the jobs read themselves (piping every block to every job costs more than the reading)
-    runner = ReplayJobs(settings, jobs, input_path if input_path != "-" and os.path.isfile(input_path) else None)
+    runner = ReplayJobs(settings, jobs, input_path if input_path != "-" and os.path.isfile(input_path) else None,
+                        persons=persons_path is not None)
     try:
         with _open_in(input_path) as (src, size), _open_out(output_path) as out, \
                 _open_out(dead_letter_path) as dead:
@@ -245,6 +273,8 @@ def _replay_in_jobs(input_path: str, output_path: str, dead_letter_path: str, se
                 counts.dead_letters += len(merged.dead_letters)
                 if report is not None:
                     report.update(counts, src.tell() if size else 0)
+            if persons_path is not None:
+                _write_lines(persons_path, runner.persons())
             if report is not None:
                 report.finish(counts)
     finally:

@@ -30,6 +30,7 @@ import orjson
 
 from .enrich import Enricher, EnrichSettings, MemoryStore, Outcome, StateStore
 from .gcpolicy import tune_gc
+from .persons_offline import OfflinePersons, merge
 
 MAX_JOBS = 64
 Step = Callable[[bytes, Mapping[str, Any], StateStore], Outcome]
@@ -103,13 +104,30 @@ class Answer:
     enriched: int
 
 
-def _job(settings: EnrichSettings, k: int, path: str | None, inbox: Any, outbox: Any) -> None:
+# what a job is sent at the end, when the persons mapping is wanted: its devices' part and their claims
+PERSONS = "persons"
+
+
+def _job(settings: EnrichSettings, k: int, path: str | None, inbox: Any, outbox: Any, persons: bool) -> None:
     tune_gc()
-    step = Enricher(settings).step
+    step: Step = Enricher(settings).step
     store = MemoryStore()
+    if persons:
+        offline = OfflinePersons(settings)
+        enrich = step
+
+        def observed(raw: bytes, source: Mapping[str, Any], store: StateStore) -> Outcome:
+            outcome = enrich(raw, source, store)
+            offline.observe(outcome)
+            return outcome
+
+        step = observed
     fd = os.open(path, os.O_RDONLY) if path is not None else -1
     try:
         while (work := inbox.get()) is not None:
+            if work == PERSONS:
+                outbox.put(offline.export())
+                continue
             first, block, owner_of = work
             if type(block) is tuple:  # (offset, length) in the input file: read here rather than piped
                 offset, length = block
@@ -165,16 +183,19 @@ class ReplayJobs:
 
     IN_FLIGHT = 3  # blocks sent ahead of the one being merged: the jobs never wait for the merge
 
-    def __init__(self, settings: EnrichSettings, jobs: int, path: str | None = None) -> None:
-        """`path`: the input, when it is a file the jobs can read blocks of themselves."""
+    def __init__(self, settings: EnrichSettings, jobs: int, path: str | None = None, persons: bool = False) -> None:
+        """`path`: the input, when it is a file the jobs can read blocks of themselves. `persons`: the jobs
+        run the persons stage too (`persons()` at the end)."""
         if not 1 < jobs <= MAX_JOBS:
             raise ValueError(f"replay jobs: 2 to {MAX_JOBS}, not {jobs}")
         context = multiprocessing.get_context("fork")
         self.jobs = jobs
         self.path = path
+        self.max_devices = settings.person_max_devices
         self.inboxes = [context.Queue() for _ in range(jobs)]
         self.outboxes = [context.Queue() for _ in range(jobs)]
-        self.processes = [context.Process(target=_job, args=(settings, k, path, i, o), daemon=True)
+        self.processes = [context.Process(target=_job, args=(settings, k, path, i, o, persons),
+                                            daemon=True)
                           for k, (i, o) in enumerate(zip(self.inboxes, self.outboxes, strict=True))]
         for p in self.processes:
             p.start()
@@ -206,11 +227,16 @@ class ReplayJobs:
             a.dead for a in answers) else []
         return Merged(enriched_bytes, dead, sum(a.records for a in answers), sum(a.enriched for a in answers))
 
-    def _receive(self, k: int) -> Answer:
+    def persons(self) -> list[bytes]:
+        """The final persons mapping, once every block has been merged: the jobs' parts joined."""
+        for inbox in self.inboxes:
+            inbox.put(PERSONS)
+        return merge((self._receive(k) for k in range(self.jobs)), self.max_devices)
+
+    def _receive(self, k: int) -> Any:
         while True:
             try:
-                answer: Answer = self.outboxes[k].get(timeout=5.0)
-                return answer
+                return self.outboxes[k].get(timeout=5.0)
             except queue.Empty:  # is the job still there?
                 if not self.processes[k].is_alive():
                     raise RuntimeError(f"replay job {k} died (exit code {self.processes[k].exitcode})") from None

@@ -132,5 +132,15 @@ class RocksBackend:
             batch.put(device_id.encode(), data)
         self.db.write(batch)
 
+    def write_raw(self, items: Iterable[tuple[bytes, bytes | None]]) -> None:
+        """Keys as they are (None: delete), in one write batch: the persons stage's part of the database."""
+        batch = WriteBatch(raw_mode=True)
+        for key, value in items:
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        self.db.write(batch)
+
     def close(self) -> None:
         self.db.close()

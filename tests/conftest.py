@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 SCHEMAS = {
     name: jsonschema.Draft202012Validator(json.loads((ROOT / "schemas" / f"{name}.schema.json").read_text()))
-    for name in ("raw", "enriched", "dead-letter")
+    for name in ("raw", "enriched", "dead-letter", "person")
 }
 
 
@@ -30,7 +30,7 @@ def validate(kind: str, record: Any) -> None:
 
 @pytest.fixture(autouse=True)
 def _outputs_follow_the_schemas(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    encode, dead_letter = codec.encode, codec.dead_letter
+    encode, dead_letter, encode_mapping = codec.encode, codec.dead_letter, codec.encode_mapping
 
     def checked_encode(record: Any) -> bytes:
         data = encode(record)
@@ -42,6 +42,12 @@ def _outputs_follow_the_schemas(monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
         validate("dead-letter", data)
         return data
 
+    def checked_mapping(*args: Any, **kwargs: Any) -> bytes:
+        data = encode_mapping(*args, **kwargs)
+        validate("person", data)
+        return data
+
     monkeypatch.setattr(codec, "encode", checked_encode)
+    monkeypatch.setattr(codec, "encode_mapping", checked_mapping)
     monkeypatch.setattr(codec, "dead_letter", checked_dead_letter)
     yield

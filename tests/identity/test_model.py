@@ -260,6 +260,17 @@ def check_envelope(raw: dict[str, Any], checks: Checks) -> None:
         checks.fail("time")
 
 
+# persons.md §1, written from the spec's text with Python's uuid module
+PERSON_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:streams:person")
+
+
+def user_id_of(device_id: str, dev: Any) -> str:
+    """The user ID of a model device: its login user while logged in, else its device user."""
+    if dev.login_id is not None:
+        return str(uuid.uuid5(PERSON_NAMESPACE, "login:" + dev.login_id))
+    return str(uuid.uuid5(PERSON_NAMESPACE, f"device:{len(device_id)}:{device_id}{dev.default_id}"))
+
+
 def record(dev: Device, type_: str, event_name: str | None, **overrides: Any) -> dict[str, Any]:
     """A record as §2 stamps it; an override of None removes the field."""
     out = dev.stamp() | {"type": type_}
@@ -756,7 +767,7 @@ class IdentityMachine(RuleBasedStateMachine):
         assert expected is not None, f"the engine took a record the spec refuses ({at_fault}): {raw!r}"
         self.check_generated(expected, new)
         self.check_records(raw, expected.records, records)
-        self.check_enrich_takes(data, records)
+        self.check_enrich_takes(data, records, user_id_of(device_id, expected.device))
         self.models[device_id] = expected.device
         self.states[device_id] = new
         self.last_was_reset[device_id] = raw.get("action") == "reset_anonymous_id"
@@ -804,13 +815,14 @@ class IdentityMachine(RuleBasedStateMachine):
         assert (letter["reason"], letter["field"]) == (rejected.reason.value, rejected.field)
         assert self.snapshot() == before
 
-    def check_enrich_takes(self, data: bytes, records: list[dict[str, Any]]) -> None:
-        """The enrich step writes the records `apply` made, byte for byte."""
+    def check_enrich_takes(self, data: bytes, records: list[dict[str, Any]], user_id: str) -> None:
+        """The enrich step writes the records `apply` made, byte for byte, plus the user ID of the device as
+        the model has it after the record (persons.md §1) and the record id the worker derives from the source
+        (topic:partition:offset:n)."""
         offset = len(self.log)
         outcome = self.enrich(data)
         assert outcome.dead_letter is None, outcome.dead_letter
-        # plus the record id the worker derives from the source: topic:partition:offset:n
-        assert outcome.records == [codec.dumps({**r, "record_id": f"raw:0:{offset}:{i}"})
+        assert outcome.records == [codec.dumps({**r, "user_id": user_id, "record_id": f"raw:0:{offset}:{i}"})
                                    for i, r in enumerate(records)]
 
     # -- one rule per action ------------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""Pair claims and the persons index in a key-value database (the worker's persons table, replay's state).
+
+Lives here: the key layout, and `StoredPairs`, a `PairView` over one database partition that reads through
+the writes of the batch under way and hands them out once (`take`), as the device states are handled. Keys:
+- `S` + pair: the pair's summary (devices, devices with a login user, owner);
+- `E` + the pair's length (4 bytes) + pair + device ID: that device's claims on the pair. A pair's entries
+  sit together, so that its devices are read with one seek;
+- `U` + user ID: the mapping last written to the persons topic for a device user (or its conflict);
+- `D` + device ID: replay only, a device's persons part (the worker keeps it in the device's state).
+All after an optional prefix (replay keeps them in its device database, after 0xFE: no device ID's UTF-8
+starts with it). Pairs are `key+value` with a key that never holds "+" (`streams.persons.claims`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+from . import codec
+from .persons.pairs import EMPTY, Entry, Summary
+
+
+class KeyValueDB(Protocol):
+    """What this needs of a rocksdict.Rdict opened in raw mode."""
+
+    def get(self, key: Any) -> Any: ...
+
+    def items(self, backwards: bool = False, from_key: Any = None) -> Iterator[tuple[Any, Any]]: ...
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+class StoredPairs:
+    def __init__(self, db: KeyValueDB, prefix: bytes = b"") -> None:
+        self.db = db
+        self.prefix = prefix
+        self.dirty: dict[bytes, bytes | None] = {}
+        # per pair's entry prefix, the devices written in this batch: a pair's entries are read with its
+        # stored ones, without a look at every write of the batch
+        self._dirty_entries: dict[bytes, dict[bytes, bytes | None]] = {}
+
+    def _get(self, key: bytes) -> bytes | None:
+        if key in self.dirty:
+            return self.dirty[key]
+        value = self.db.get(key)
+        return value if isinstance(value, bytes) else None
+
+    def _entry_prefix(self, pair: str) -> bytes:
+        b = _bytes(pair)
+        return self.prefix + b"E" + len(b).to_bytes(4, "big") + b
+
+    def summary(self, pair: str) -> Summary:
+        data = self._get(self.prefix + b"S" + _bytes(pair))
+        return EMPTY if data is None else codec.decode_summary(data)
+
+    def entry(self, pair: str, device_id: str) -> Entry | None:
+        data = self._get(self._entry_prefix(pair) + _bytes(device_id))
+        return None if data is None else codec.decode_entry(data)
+
+    def entries(self, pair: str) -> Iterable[tuple[str, Entry]]:
+        start = self._entry_prefix(pair)
+        found: dict[bytes, bytes | None] = {}
+        for key, value in self.db.items(from_key=start):
+            if not key.startswith(start):
+                break
+            found[key[len(start):]] = value
+        found.update(self._dirty_entries.get(start, {}))
+        return [(d.decode("utf-8", "surrogatepass"), codec.decode_entry(v)) for d, v in sorted(found.items())
+                if v is not None]
+
+    def put_entry(self, pair: str, device_id: str, entry: Entry | None) -> None:
+        start = self._entry_prefix(pair)
+        device = _bytes(device_id)
+        value = None if entry is None else codec.encode_entry(entry)
+        self.dirty[start + device] = value
+        self._dirty_entries.setdefault(start, {})[device] = value
+
+    def put_summary(self, pair: str, summary: Summary) -> None:
+        self.dirty[self.prefix + b"S" + _bytes(pair)] = codec.encode_summary(summary) if summary.devices else None
+
+    def user(self, user_id: str) -> bytes | None:
+        """The persons index: what was last written for a device user."""
+        return self._get(self.prefix + b"U" + _bytes(user_id))
+
+    def put_user(self, user_id: str, value: bytes | None) -> None:
+        self.dirty[self.prefix + b"U" + _bytes(user_id)] = value
+
+    def device(self, device_id: str) -> bytes | None:
+        return self._get(self.prefix + b"D" + _bytes(device_id))
+
+    def put_device(self, device_id: str, value: bytes | None) -> None:
+        self.dirty[self.prefix + b"D" + _bytes(device_id)] = value
+
+    def take(self) -> list[tuple[bytes, bytes | None]]:
+        """The batch's writes (None: a deletion), forgotten here: the caller makes them durable."""
+        items = list(self.dirty.items())
+        self.dirty.clear()
+        self._dirty_entries.clear()
+        return items
+
+    def devices(self) -> Iterator[tuple[str, bytes]]:
+        """Every stored device's persons part (replay's final mapping)."""
+        start = self.prefix + b"D"
+        for key, value in self.db.items(from_key=start):
+            if not key.startswith(start):
+                break
+            yield key[len(start):].decode("utf-8", "surrogatepass"), value

@@ -1,0 +1,113 @@
+"""The persons stage without a broker: replay's claims, pairs and final mapping (persons.md §4, "Replay").
+
+Lives here: `OfflinePersons`, fed every outcome of the enrich step in input order, holding each device's
+persons part and the pair claims in memory, or in replay's RocksDB database (`--state-dir`: the claims persist
+from run to run), and `final`, the mapping of every device user that has one, sorted by user ID. With
+`--jobs`, each job keeps its own devices' part; `merge` joins them (a pair's claims are per device, and each
+device is in one job), so the file is the same bytes as one process writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from . import codec
+from .enrich import EnrichSettings, Outcome
+from .pairstore import StoredPairs
+from .persons import DevicePersons, Mapping, UserIds, claim, mappings, observe, owner_of_entries
+from .persons.pairs import Entry, MemoryPairs, Summary
+
+# replay's persons keys in its device database: after a byte no device ID's UTF-8 starts with
+PREFIX = b"\xfe"
+
+
+class OfflinePersons:
+    def __init__(self, settings: EnrichSettings, db: Any = None) -> None:
+        self.ids = UserIds(settings.person_salt)
+        self.max_devices = settings.person_max_devices
+        self.hashed_keys = settings.identity.hashed_keys
+        self.devices: dict[str, DevicePersons] = {}  # in memory; with a database, the batch's changed ones
+        self.stored = StoredPairs(db, PREFIX) if db is not None else None
+        self.pairs: MemoryPairs | StoredPairs = self.stored if self.stored is not None else MemoryPairs()
+
+    def _load(self, device_id: str) -> DevicePersons | None:
+        persons = self.devices.get(device_id)
+        if persons is None and self.stored is not None:
+            data = self.stored.device(device_id)
+            if data is not None:
+                persons = codec.decode_device_persons(data)
+        return persons
+
+    def observe(self, outcome: Outcome) -> None:
+        emitted, device_id = outcome.emitted, outcome.device_id
+        if not emitted or device_id is None or outcome.before is None or outcome.after is None:
+            return
+        step = observe(lambda: self._load(device_id), device_id, self.ids, outcome.before, outcome.after,
+                       outcome.record or {}, emitted, self.hashed_keys)
+        if step is None:
+            return
+        self.devices[device_id] = step.persons
+        for pair, entry in step.changes.items():
+            claim(self.pairs, pair, device_id, entry, self.max_devices)
+
+    def flush(self) -> list[tuple[bytes, bytes | None]]:
+        """With a database: the changed devices' parts and pairs, to write (and forgotten here)."""
+        if self.stored is None:
+            return []
+        for device_id, persons in self.devices.items():
+            self.stored.put_device(device_id, codec.encode_device_persons(persons) if persons else None)
+        self.devices.clear()
+        return self.stored.take()
+
+    def parts(self) -> Iterator[tuple[str, DevicePersons]]:
+        if self.stored is None:
+            yield from self.devices.items()
+            return
+        for device_id, data in self.stored.devices():
+            persons = codec.decode_device_persons(data)
+            if persons is not None:
+                yield device_id, persons
+
+    def final(self) -> list[bytes]:
+        """Every device user's mapping, one record each, sorted by user ID."""
+        return final_mapping(self.parts(), self.pairs.summary)
+
+    def export(self) -> tuple[list[tuple[str, DevicePersons]], dict[str, dict[str, Entry]]]:
+        """A job's part (in memory), for `merge`."""
+        assert isinstance(self.pairs, MemoryPairs)
+        return list(self.devices.items()), self.pairs.claims
+
+
+def merge(parts: Iterable[tuple[list[tuple[str, DevicePersons]], dict[str, dict[str, Entry]]]],
+          max_devices: int) -> list[bytes]:
+    """The final mapping from every job's devices and claims."""
+    devices: list[tuple[str, DevicePersons]] = []
+    claims: dict[str, dict[str, Entry]] = {}
+    for job_devices, job_claims in parts:
+        devices.extend(job_devices)
+        for pair, entries in job_claims.items():
+            claims.setdefault(pair, {}).update(entries)
+    owners: dict[str, str | None] = {}
+
+    def summary(pair: str) -> Summary:
+        if pair not in owners:
+            entries = claims.get(pair, {})
+            owners[pair] = owner_of_entries(entries.values(), len(entries), max_devices)
+        return Summary(0, 0, owners[pair])
+
+    return final_mapping(devices, summary)
+
+
+def final_mapping(devices: Iterable[tuple[str, DevicePersons]], summary: Any) -> list[bytes]:
+    def owner_of(pair: str) -> str | None:
+        owner: str | None = summary(pair).owner
+        return owner
+
+    found: list[Mapping] = []
+    for device_id, persons in devices:
+        for mapping, _ in mappings(persons, device_id, owner_of=owner_of).values():
+            if mapping is not None:
+                found.append(mapping)
+    found.sort(key=lambda m: m.user_id)
+    return [codec.encode_mapping(m) for m in found]
