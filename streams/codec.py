@@ -275,8 +275,8 @@ def encode_summary(summary: Summary) -> bytes:
 
 
 def decode_summary(data: bytes) -> Summary:
-    devices, login_devices, owner = orjson.loads(data)
-    return Summary(int(devices), int(login_devices), owner)
+    owner, shared = orjson.loads(data)
+    return Summary(owner, bool(shared))
 
 
 def encode_claim(device_id: str, entry: Entry | None) -> bytes:

@@ -13,7 +13,7 @@ starts with it). Pairs are `key+value` with a key that never holds "+" (`streams
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from . import codec
@@ -59,16 +59,20 @@ class StoredPairs:
         data = self._get(self._entry_prefix(pair) + _bytes(device_id))
         return None if data is None else codec.decode_entry(data)
 
-    def entries(self, pair: str) -> Iterable[tuple[str, Entry]]:
+    def entries(self, pair: str, limit: int | None = None) -> Sequence[tuple[str, Entry]]:
+        """The pair's first `limit` entries by device ID (bytes), the batch's writes included."""
         start = self._entry_prefix(pair)
+        dirty = self._dirty_entries.get(start, {})
+        wanted = None if limit is None else limit + len(dirty)  # the batch may have deleted some of them
         found: dict[bytes, bytes | None] = {}
         for key, value in self.db.items(from_key=start):
-            if not key.startswith(start):
+            if not key.startswith(start) or (wanted is not None and len(found) >= wanted):
                 break
             found[key[len(start):]] = value
-        found.update(self._dirty_entries.get(start, {}))
-        return [(d.decode("utf-8", "surrogatepass"), codec.decode_entry(v)) for d, v in sorted(found.items())
-                if v is not None]
+        found.update(dirty)
+        out = [(d.decode("utf-8", "surrogatepass"), codec.decode_entry(v)) for d, v in sorted(found.items())
+               if v is not None]
+        return out if limit is None else out[:limit]
 
     def put_entry(self, pair: str, device_id: str, entry: Entry | None) -> None:
         start = self._entry_prefix(pair)
@@ -77,8 +81,8 @@ class StoredPairs:
         self.dirty[start + device] = value
         self._dirty_entries.setdefault(start, {})[device] = value
 
-    def put_summary(self, pair: str, summary: Summary) -> None:
-        self.dirty[self.prefix + b"S" + _bytes(pair)] = codec.encode_summary(summary) if summary.devices else None
+    def put_summary(self, pair: str, summary: Summary | None) -> None:
+        self.dirty[self.prefix + b"S" + _bytes(pair)] = None if summary is None else codec.encode_summary(summary)
 
     def user(self, user_id: str) -> bytes | None:
         """The persons index: what was last written for a device user."""

@@ -94,7 +94,7 @@ def merge(parts: Iterable[tuple[list[tuple[str, DevicePersons]], dict[str, dict[
         if pair not in owners:
             entries = claims.get(pair, {})
             owners[pair] = owner_of_entries(entries.values(), len(entries), max_devices)
-        return Summary(0, 0, owners[pair])
+        return Summary(owners[pair], False)
 
     return final_mapping(devices, summary)
 

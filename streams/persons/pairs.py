@@ -1,23 +1,25 @@
 """Who owns a pair (persons.md §3), over any store of the pair's claims.
 
 A pair's claims are kept per device (`Entry`: the login users that claim it from that device, and whether a
-device user does), with a summary: how many devices claim it, how many of them as a login user, and the owner
-as last computed. A claim message from a device replaces that device's entry whole, so the same message twice,
-or a device's messages again from an earlier one, end in the same state.
+device user does), with a summary: the owner as last computed, so that a change is seen. A claim message from
+a device replaces that device's entry whole, so the same message twice, or a device's messages again from an
+earlier one, end in the same state.
 
-The owner is looked for only while few enough devices claim the pair (`max_devices`): a pair claimed from a
-million devices costs one entry and one summary update per message, never a scan. The owner can change only
-while at most `max_devices + 1` devices claim it, so the devices told of a change are few too.
+Nothing is counted: the owner is decided from the pair's first `max_devices + 2` entries (more than
+`max_devices` devices: no owner), read again on each message. A count kept beside the entries could disagree
+with them after a crash cut a batch's changelog writes short; a read cannot. A pair claimed from a million
+devices still costs one entry and a short read per message. The owner changes only while at most
+`max_devices + 1` devices claim the pair, so the devices told of a change are few too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple, Protocol
 
 
 class Entry(NamedTuple):
-    """One device's claims on a pair. `logins`: the login users claiming it from there, the two smallest
+    """One device's claims on a pair. `logins`: the login users that claim it from there, the two smallest
     (two are enough to know the pair is shared: an unbind releases the device's claims all at once);
     `device_user`: whether a device user claims it from there (and so wants to hear of its owner)."""
 
@@ -26,12 +28,11 @@ class Entry(NamedTuple):
 
 
 class Summary(NamedTuple):
-    devices: int  # devices with an entry
-    login_devices: int  # entries with a login user
-    owner: str | None  # as computed after the last change
+    owner: str | None  # as computed after the last message
+    shared: bool  # claimed by login users, and no owner (among the entries read)
 
 
-EMPTY = Summary(0, 0, None)
+EMPTY = Summary(None, False)
 
 
 class PairView(Protocol):
@@ -39,11 +40,11 @@ class PairView(Protocol):
 
     def entry(self, pair: str, device_id: str) -> Entry | None: ...
 
-    def entries(self, pair: str) -> Iterable[tuple[str, Entry]]: ...
+    def entries(self, pair: str, limit: int | None = None) -> Sequence[tuple[str, Entry]]: ...
 
     def put_entry(self, pair: str, device_id: str, entry: Entry | None) -> None: ...
 
-    def put_summary(self, pair: str, summary: Summary) -> None: ...
+    def put_summary(self, pair: str, summary: Summary | None) -> None: ...
 
 
 def owner_of_entries(entries: Iterable[Entry], devices: int, max_devices: int) -> str | None:
@@ -66,21 +67,20 @@ def claim(view: PairView, pair: str, device_id: str, entry: Entry | None,
     """Apply a device's claims on `pair` (None: it released them). Returns the answers to send: (device,
     owner) for every device whose device user claims the pair when its owner changed, and for this device when
     its device user claims it (it asked)."""
-    old = view.entry(pair, device_id)
+    if view.entry(pair, device_id) != entry:
+        view.put_entry(pair, device_id, entry)
     before = view.summary(pair)
-    if entry == old:
-        return [(device_id, before.owner)] if entry is not None and entry.device_user else []
-    devices = before.devices + (entry is not None) - (old is not None)
-    login_devices = (before.login_devices + (entry is not None and bool(entry.logins))
-                     - (old is not None and bool(old.logins)))
-    view.put_entry(pair, device_id, entry)
-    owner = None
-    if devices <= max_devices and login_devices:
-        owner = owner_of_entries((e for _, e in view.entries(pair)), devices, max_devices)
-    view.put_summary(pair, Summary(devices, login_devices, owner))
+    limit = max_devices + 2
+    entries = view.entries(pair, limit)
+    owner = owner_of_entries((e for _, e in entries), len(entries), max_devices)
+    after = Summary(owner, owner is None and any(e.logins for _, e in entries))
+    if after != before:
+        view.put_summary(pair, after if entries else None)
     if owner != before.owner:
-        # at most max_devices + 1 devices claim it now: an owner needs at most max_devices on one side
-        return [(d, owner) for d, e in view.entries(pair) if e.device_user]
+        if len(entries) == limit:
+            # only after a crash left the summary behind its entries: tell every device
+            entries = view.entries(pair)
+        return [(d, owner) for d, e in entries if e.device_user]
     if entry is not None and entry.device_user:
         return [(device_id, owner)]
     return []
@@ -100,8 +100,16 @@ class MemoryPairs:
         entries = self.claims.get(pair)
         return None if entries is None else entries.get(device_id)
 
-    def entries(self, pair: str) -> Iterable[tuple[str, Entry]]:
-        return list(self.claims.get(pair, {}).items())
+    def entries(self, pair: str, limit: int | None = None) -> Sequence[tuple[str, Entry]]:
+        items = self.claims.get(pair, {}).items()
+        if limit is None or len(items) <= limit:
+            return list(items)
+        out = []
+        for item in items:
+            out.append(item)
+            if len(out) == limit:
+                break
+        return out
 
     def put_entry(self, pair: str, device_id: str, entry: Entry | None) -> None:
         if entry is None:
@@ -113,8 +121,8 @@ class MemoryPairs:
         else:
             self.claims.setdefault(pair, {})[device_id] = entry
 
-    def put_summary(self, pair: str, summary: Summary) -> None:
-        if summary.devices:
+    def put_summary(self, pair: str, summary: Summary | None) -> None:
+        if summary is not None:
             self.summaries[pair] = summary
         else:
             self.summaries.pop(pair, None)
