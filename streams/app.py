@@ -48,6 +48,7 @@ from .transactions import PartitionProducers, transactional_producer
 log = logging.getLogger(__name__)
 
 TABLE = "devices"
+PERSONS_TABLE = "persons"  # pair claims and the persons index (`streams.pairstore`)
 EX_CONFIG = 78  # sysexits.h: a configuration error; restarting will not help
 
 
@@ -57,6 +58,7 @@ class ConfigurationError(Exception):
 
 def topic_names(settings: Settings, partitions: int, outputs: Mapping[str, int] | None = None) -> Topics:
     outputs = outputs or {}
+    persons = settings.persons == "on"
     return Topics(
         raw=settings.raw_topic,
         repartition=f"{settings.group}-{settings.raw_topic}-repartition",
@@ -66,7 +68,16 @@ def topic_names(settings: Settings, partitions: int, outputs: Mapping[str, int] 
         partitions=partitions,
         enriched_partitions=outputs.get(settings.enriched_topic, partitions),
         dead_letter_partitions=outputs.get(settings.dead_letter_topic, partitions),
+        persons_repartition=f"{settings.group}-persons-repartition" if persons else None,
+        persons_changelog=f"{settings.group}-{PERSONS_TABLE}-changelog" if persons else None,
+        persons=settings.persons_topic if persons else None,
+        persons_partitions=outputs.get(settings.persons_topic, partitions) if persons else 0,
     )
+
+
+def input_topics(topics: Topics) -> set[str]:
+    """The topics the batch step reads: raw, repartition, and the persons stage's repartition topic."""
+    return {t for t in (topics.raw, topics.repartition, topics.persons_repartition) if t}
 
 
 class ConsumerThread(AIOKafkaConsumerThread):
@@ -116,7 +127,7 @@ class BatchConsumer(AIOKafkaConsumer):
     async def _drain_batches(self, fetcher: Any) -> None:  # pragma: no cover - exercised against the broker
         app = self.app
         callback = self.callback
-        mine = {self.pipeline.topics.raw, self.pipeline.topics.repartition}
+        mine = input_topics(self.pipeline.topics)
         recovery = cast(MarkerAwareRecovery, cast(Any, app.tables).recovery)
         while not (self.should_stop or fetcher.should_stop):
             # every record fetched so far has been handed on: what the table recovery may count as read
@@ -245,7 +256,7 @@ class BatchConsumer(AIOKafkaConsumer):
             # before Faust reads the committed offsets (and the table recovery starts): opening the producers
             # of the partitions now owned fences their previous owner, so no transaction of its can commit
             # offsets behind the ones read here
-            mine = {self.pipeline.topics.raw, self.pipeline.topics.repartition}
+            mine = input_topics(self.pipeline.topics)
             async with self.batch_lock:
                 await transactions.own({tp.partition for tp in assigned if tp.topic in mine})
         await super().on_partitions_assigned(assigned, generation_id)
@@ -255,6 +266,7 @@ class StreamsApp(faust.App):
     streams_pipeline: Pipeline
     streams_settings: Settings
     streams_table: Any
+    streams_persons_table: Any  # None: the persons stage is off
 
     async def _stop_consumer(self) -> None:
         # let the batch in flight finish (or not start) before Faust revokes the tables on shutdown
@@ -446,14 +458,27 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
             "max_write_buffer_number": 2,
         },
     )
-    # subscribe to both inputs without an agent: BatchConsumer reads them
+    # subscribe to the inputs without an agent: BatchConsumer reads them
     app.topics.add(raw)
     app.topics.add(repartition)
+    persons_table = None
+    if topics.persons_repartition is not None:
+        # the persons stage: its repartition topic, and a second table (pairs' claims, the persons index),
+        # partitioned like the first, so that Faust gives partition p of every input and table to one worker
+        app.topics.add(app.topic(topics.persons_repartition, partitions=partitions, internal=True,
+                                 key_type=bytes, value_type=bytes))
+        persons_table = app.Table(PERSONS_TABLE, partitions=partitions, key_type=bytes, value_type=bytes,
+                                  options={"block_cache_size": 8 << 20, "block_cache_compressed_size": 0,
+                                           "bloom_filter_size": 10, "write_buffer_size": 8 << 20,
+                                           "max_write_buffer_number": 2})
 
-    def make_batch(items: Iterable[tuple[bytes, bytes]]) -> WriteBatch:
+    def make_batch(items: Iterable[tuple[bytes, bytes | None]]) -> WriteBatch:
         batch = WriteBatch(raw_mode=True)
         for key, value in items:
-            batch.put(key, value)
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
         return batch
 
     faust_producer = cast(Any, app.producer)
@@ -480,12 +505,15 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
                                                                                   settings.kafka_options()))
                       if settings.exactly_once else None),
         group=settings.group,
+        persons_db_for_partition=(None if persons_table is None
+                                  else lambda p: cast(Any, persons_table.data)._db_for_partition(p)),
     )
     BatchConsumer.pipeline = pipeline
     BatchConsumer.retries = Retries(isolate_after=settings.batch_retries)
     app.streams_pipeline = pipeline
     app.streams_settings = settings
     app.streams_table = table
+    app.streams_persons_table = persons_table
     return app
 
 
@@ -533,7 +561,9 @@ async def _prepare_topics(settings: Settings) -> Layout:
                         settings.raw_topic, partitions, replication)
             await _create(admin, settings, settings.raw_topic, partitions, replication)
         topics = topic_names(settings, partitions)
-        for name in (topics.changelog, topics.repartition):
+        for name in (topics.changelog, topics.repartition, topics.persons_changelog, topics.persons_repartition):
+            if name is None:
+                continue
             existing = counts.get(name)
             if existing is not None and existing != partitions:
                 raise ConfigurationError(
@@ -544,9 +574,13 @@ async def _prepare_topics(settings: Settings) -> Layout:
                     f"table afresh (device states are then rebuilt only from the records still in the topic)."
                 )
         outputs = {}
-        for name in (topics.enriched, topics.dead_letter):
+        for name in (topics.enriched, topics.dead_letter, topics.persons):
+            if name is None:
+                continue
             if name not in counts:
-                await _create(admin, settings, name, partitions, replication)
+                # the persons topic holds the latest mapping per user ID: compacted, as a table is
+                configs = {"cleanup.policy": "compact"} if name == topics.persons else None
+                await _create(admin, settings, name, partitions, replication, configs)
             outputs[name] = counts.get(name, partitions)
         return Layout(partitions, outputs, replication)
     finally:
@@ -559,9 +593,9 @@ async def _partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int]:
 
 
 async def _create(admin: AIOKafkaAdminClient, settings: Settings, name: str, partitions: int,
-                  replication: int) -> None:
+                  replication: int, configs: dict[str, str] | None = None) -> None:
     try:
-        await kafka_topics.create_topic(admin, name, partitions, replication)
+        await kafka_topics.create_topic(admin, name, partitions, replication, configs)
     except kafka_topics.TopicCreationFailed as e:
         if e.retriable:
             raise

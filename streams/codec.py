@@ -253,6 +253,10 @@ def decode_persons(data: Any) -> DevicePersons | None:
     )
 
 
+def load_json(data: bytes) -> Any:
+    return orjson.loads(data)
+
+
 def encode_device_persons(persons: DevicePersons) -> bytes:
     return dumps(encode_persons(persons))
 

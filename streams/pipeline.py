@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiokafka.structs import TopicPartition
 
@@ -43,6 +43,9 @@ from . import codec
 from .enrich import Enricher
 from .identity import DeviceState, Reason, Rejected, device_id_of
 from .keyhash import KeyHashes
+from .pairstore import StoredPairs
+from .persons import DevicePersons, UserIds
+from .persons_stage import STATS_KEY, PartitionPersons, PersonsCounters, Route, kind_of, stored_stats
 from .statekeys import APPLIED_KEY, PLAN_KEY
 from .transactions import PartitionProducers
 
@@ -71,7 +74,7 @@ class PartitionDB(Protocol):
 
 
 # (key, value, headers) of a message to produce
-Message = tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]
+Message = tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]  # value None: a tombstone
 # one input partition's records in a batch: (tp, records); tp None when the batch has none
 Part = tuple[Any, Sequence[KafkaRecord]]
 _NONE: Part = (None, ())
@@ -174,6 +177,8 @@ FORWARDED = 1 << 32
 
 # a cache lookup's answer when the device is not in the cache (None there means: nothing stored)
 _MISSING: Any = object()
+# a device's stored state, how far it holds its partition's inputs, and its persons part
+Entry = tuple[DeviceState, dict[int, int], "DevicePersons | None"]
 
 
 class PartitionState:
@@ -190,23 +195,23 @@ class PartitionState:
         self.cache = cache
         self.cache_size = cache_size
         self.counters = counters
-        self.dirty: dict[str, tuple[DeviceState, dict[int, int]]] = {}
+        self.dirty: dict[str, Entry] = {}
         self.applied = applied if applied is not None else Applied.stored(db.get(APPLIED_KEY))
         self.forwarded_applied = False
         self.written = 0  # device states made durable in this batch
         # the last device loaded and its entry: a record asks for its device twice (the step's get and put),
         # and a device with nothing stored would cost a RocksDB read each time
         self._last_id: str | None = None
-        self._last: tuple[DeviceState, dict[int, int]] | None = None
+        self._last: Entry | None = None
 
-    def load(self, device_id: str) -> tuple[DeviceState, dict[int, int]] | None:
+    def load(self, device_id: str) -> Entry | None:
         if device_id == self._last_id:
             return self._last
         entry = self._load(device_id)
         self._last_id, self._last = device_id, entry
         return entry
 
-    def _load(self, device_id: str) -> tuple[DeviceState, dict[int, int]] | None:
+    def _load(self, device_id: str) -> Entry | None:
         entry = self.dirty.get(device_id)
         if entry is not None:
             return entry
@@ -222,9 +227,9 @@ class PartitionState:
         self._remember(device_id, entry)
         return entry
 
-    def _decode(self, device_id: str, data: bytes) -> tuple[DeviceState, dict[int, int]]:
+    def _decode(self, device_id: str, data: bytes) -> Entry:
         try:
-            return codec.decode_stored(data)
+            return codec.decode_full(data)
         except Exception as e:
             # reported, and the record kept as a dead letter; the stored bytes stay for an operator to look at.
             # Never retried: the same bytes would fail again and stop the partition
@@ -249,7 +254,7 @@ class PartitionState:
         except UnicodeEncodeError:
             return  # a lone surrogate: such a record is refused before any state is read
         self.counters.cache_misses += len(wanted)
-        decode = codec.decode_stored
+        decode = codec.decode_full
         for device_id, data in zip(wanted, self.db.get(keys), strict=True):
             if not isinstance(data, bytes):
                 self._remember(device_id, None)
@@ -270,7 +275,20 @@ class PartitionState:
         return entry is not None and entry[1].get(key, -1) >= offset
 
     def put(self, device_id: str, state: DeviceState) -> None:
-        self.dirty[device_id] = self._last = (state, self.applied.snapshot(self.partition))
+        entry = self.load(device_id)
+        self.dirty[device_id] = self._last = (state, self.applied.snapshot(self.partition),
+                                              entry[2] if entry is not None else None)
+        self._last_id = device_id
+
+    def persons(self, device_id: str) -> DevicePersons | None:
+        entry = self.load(device_id)
+        return None if entry is None else entry[2]
+
+    def put_persons(self, device_id: str, persons: DevicePersons) -> None:
+        """The device's persons part, stored with its state (a device with nothing stored gets its first)."""
+        entry = self.load(device_id)
+        state = entry[0] if entry is not None else DeviceState.new(device_id)
+        self.dirty[device_id] = self._last = (state, self.applied.snapshot(self.partition), persons or None)
         self._last_id = device_id
 
     @property
@@ -282,7 +300,7 @@ class PartitionState:
 
     def encoded(self) -> list[tuple[bytes, bytes]]:
         """The changed states, and how far they hold the inputs."""
-        items = [(d.encode(), codec.encode_state(s, a)) for d, (s, a) in self.dirty.items()]
+        items = [(d.encode(), codec.encode_state(s, a, p)) for d, (s, a, p) in self.dirty.items()]
         items.append((APPLIED_KEY, self.applied.encoded()))
         return items
 
@@ -293,7 +311,7 @@ class PartitionState:
             self._remember(device_id, entry)
         self.dirty.clear()
 
-    def _remember(self, device_id: str, entry: tuple[DeviceState, dict[int, int]] | None) -> None:
+    def _remember(self, device_id: str, entry: Entry | None) -> None:
         key = (self.partition, device_id)
         self.cache[key] = entry
         self.cache.move_to_end(key)
@@ -328,6 +346,12 @@ class Topics:
     # the output topics' partition counts (the worker creates them like the raw topic; existing ones may differ)
     enriched_partitions: int = 0
     dead_letter_partitions: int = 0
+    # the persons stage (None: off): its repartition topic (claims keyed by pair, mappings keyed by user ID,
+    # owners' answers keyed by device ID), its table's changelog, the persons topic and its partition count
+    persons_repartition: str | None = None
+    persons_changelog: str | None = None
+    persons: str | None = None
+    persons_partitions: int = 0
 
 
 class Pipeline:
@@ -337,12 +361,13 @@ class Pipeline:
         topics: Topics,
         producer: Callable[[], Awaitable[Any]],
         db_for_partition: Callable[[int], PartitionDB],
-        write_batch: Callable[[Iterable[tuple[bytes, bytes]]], Any],
+        write_batch: Callable[[Iterable[tuple[bytes, bytes | None]]], Any],
         changelog_offset_key: bytes,
         cache_size: int = 100_000,
         transactions: PartitionProducers | None = None,
         group: str = "",
         partitioner: str = "murmur2",
+        persons_db_for_partition: Callable[[int], PartitionDB] | None = None,
     ) -> None:
         self.enricher = enricher
         self.topics = topics
@@ -360,6 +385,11 @@ class Pipeline:
         self.positions: dict[tuple[str, int], int] = {}
         self.key_hashes = KeyHashes(200_000, partitioner)
         self.applied: dict[int, Applied] = {}  # per owned table partition, as of the last batch
+        # the persons stage (`streams.persons_stage`): on when its topics are named and its table given
+        self.persons_db_for_partition = persons_db_for_partition if topics.persons_repartition else None
+        self.user_ids = UserIds(enricher.settings.person_salt)
+        self.person_stats: dict[int, dict[str, int]] = {}  # per owned partition, as of the last batch
+        self.persons_counters = PersonsCounters()
 
     def key_hash(self, device_id: str) -> int:
         """The producers' partitioner's hash of the key (`streams.partitioners`), cached: murmur2 is Python
@@ -372,6 +402,8 @@ class Pipeline:
         a record keyed otherwise finds its device hashed and read when it comes."""
         keys: dict[int, list[str]] = {}
         for tp, records in batch.items():
+            if tp.topic == self.topics.persons_repartition:
+                continue  # keyed by pairs and user IDs, mostly
             # a key that is no UTF-8 is no device ID: what it decodes to (with U+FFFD) is read in vain, and
             # the record is refused or forwarded
             keys.setdefault(tp.partition, []).extend(
@@ -392,6 +424,7 @@ class Pipeline:
         gone = set(partitions)
         for p in gone:
             self.applied.pop(p, None)
+            self.person_stats.pop(p, None)
         for key in [k for k in self.cache if k[0] in gone]:
             del self.cache[key]
 
@@ -452,19 +485,24 @@ class Pipeline:
         max_bytes = self.enricher.settings.max_record_bytes
         enriched_partitions = t.enriched_partitions or t.partitions
         dead_partitions = t.dead_letter_partitions or t.partitions
-        parts = _by_partition(batch, t.raw)
+        parts = _by_partition(batch, t.raw, t.persons_repartition)
+        persons: dict[int, PartitionPersons] = {}
+        persons_counters = PersonsCounters()
         for p in parts:
             state = states[p] = PartitionState(p, self.db_for_partition(p), self.cache, self.cache_size,
                                                self.counters, self.applied.get(p))
             # kept from batch to batch (dropped with the partition's cache when a batch fails): a batch that
             # changes no state writes none, and the next state written must hold what it applied too
             self.applied[p] = state.applied
+            if self.persons_db_for_partition is not None:
+                persons[p] = self._persons_for(p, persons_counters)
         self.prepare(batch, states)
 
         # Steps 1 and 2: route, skip what the state holds, enrich; per table partition, the raw topic's
         # records before the repartition topic's
-        for p, (direct, forwarded) in parts.items():
+        for p, (direct, forwarded, messages) in parts.items():
             state = states[p]
+            stage = persons.get(p)
             if not transactional:
                 direct, forwarded, plan = self._order(p, state.db, direct, forwarded, positions or {}, ends or {},
                                                       rewind)
@@ -475,6 +513,11 @@ class Pipeline:
             if outbox is None:
                 outbox = outboxes[owner] = {}
             applied = state.applied
+
+            def send(topic: str, partition: int, message: Message, outbox: dict[tuple[str, int], list[Message]]
+                     = outbox) -> None:
+                _put(outbox, topic, partition, message)
+
             for (tp, records), from_raw in ((direct, True), (forwarded, False)):
                 for rec in records:
                     counters.records_in += 1
@@ -528,6 +571,8 @@ class Pipeline:
                             box = _box(outbox, t.enriched, h % enriched_partitions)
                             for out in outcome.records:
                                 box.append((key, out, None))
+                            if stage is not None:
+                                stage.observe(state, outcome, send)
                         for kind in outcome.types:
                             counters.enriched_out[kind] = counters.enriched_out.get(kind, 0) + 1
                     except Exception as e:
@@ -549,16 +594,57 @@ class Pipeline:
                     timestamp = getattr(records[0], "timestamp", None)
                     if timestamp:
                         counters.last_record_age = max(0.0, time.time() - timestamp / 1000)
+            tp, records = messages
+            if records:
+                if stage is not None:
+                    for rec in records:
+                        self._persons_message(stage, state, rec, send, quarantine)
+                commit[tp] = records[-1].offset + 1
+                self.positions[(tp.topic, p)] = records[-1].offset + 1
+            if stage is not None:
+                stage.finish(state, send)
 
         if self.transactions is not None:
-            await self._commit_transactions(outboxes, states, commit)
+            await self._commit_transactions(outboxes, states, commit, persons)
         else:
-            await self._commit_at_least_once(outboxes.get(0, {}), states, plans)
+            await self._commit_at_least_once(outboxes.get(0, {}), states, plans, persons)
+        for p, stage in persons.items():
+            self.person_stats[p] = stage.stats
+        self.persons_counters.add(persons_counters)
         counters.batches = 1
         counters.state_writes = sum(s.written for s in states.values())
         counters.latency_sum = time.monotonic() - started
         self.counters.add(counters)
         return BatchResult(commit, rewind)
+
+    def _persons_for(self, p: int, counters: PersonsCounters) -> PartitionPersons:
+        assert self.persons_db_for_partition is not None
+        t = self.topics
+        assert t.persons_repartition is not None and t.persons is not None
+        db = self.persons_db_for_partition(p)
+        stats = self.person_stats.get(p)
+        if stats is None:
+            stats = stored_stats(db.get(STATS_KEY))
+        route = Route(t.persons_repartition, t.persons, t.partitions, t.persons_partitions or t.partitions,
+                      self.key_hash)
+        return PartitionPersons(p, self.enricher.settings, self.user_ids, route, StoredPairs(cast(Any, db)),
+                                dict(stats), counters)
+
+    def _persons_message(self, stage: PartitionPersons, state: PartitionState, rec: KafkaRecord,
+                         send: Callable[[str, int, Message], None], quarantine: bool) -> None:
+        """A record of the persons repartition topic. Ours alone write it: one that cannot be read is logged and
+        counted, never a reason to stop the partition."""
+        try:
+            if quarantine:
+                raise RuntimeError("the worker failed on this message alone")
+            kind = kind_of(rec.headers)
+            if kind is None or rec.key is None or rec.value is None:
+                raise ValueError("not a persons message")
+            stage.apply(state, kind, rec.key, rec.value, send)
+        except Exception as e:
+            stage.counters.unreadable += 1
+            log.error("partition %d: persons message at offset %d skipped (%s: %s)", rec.partition, rec.offset,
+                      type(e).__name__, str(e)[:200])
 
     def _order(self, p: int, db: PartitionDB, direct: Part, forwarded: Part, positions: Mapping[tuple[str, int], int],
                ends: Mapping[tuple[str, int], int], rewind: dict[Any, int]) -> tuple[Part, Part, bytes | None]:
@@ -601,7 +687,8 @@ class Pipeline:
         return direct, forwarded, _encode_plan(raw_after, forwarded_after)
 
     async def _commit_at_least_once(self, outbox: dict[tuple[str, int], list[Message]],
-                                    states: dict[int, PartitionState], plans: dict[int, bytes]) -> None:
+                                    states: dict[int, PartitionState], plans: dict[int, bytes],
+                                    persons: dict[int, PartitionPersons]) -> None:
         if plans:
             # durable before any output of the batch: what a batch done again after a crash must apply
             await _acked(await self.send_all({(self.topics.changelog, p): [(PLAN_KEY, plan, None)]
@@ -611,24 +698,42 @@ class Pipeline:
         # Step 3: every output acknowledged before any state that depends on it is made durable
         if outbox:
             await _acked(await self.send_all(outbox))
-        # Steps 4 and 5: the changelog, then RocksDB with the changelog offset, per partition
+        # Steps 4 and 5: the changelogs, then RocksDB with the changelog offset, per partition
         changed = {p: s for p, s in states.items() if s.changed}
-        if changed:
+        pairs = {p: written for p, stage in persons.items() if (written := stage.encoded())}
+        if changed or pairs:
             encoded = {p: s.encoded() for p, s in changed.items()}
-            sent = await self.send_all({(self.topics.changelog, p): [(k, v, None) for k, v in items]
-                                        for p, items in encoded.items()})
+            messages: dict[tuple[str, int], list[Message]] = {
+                (self.topics.changelog, p): [(k, v, None) for k, v in items] for p, items in encoded.items()}
+            messages.update(self._pairs_changelog(pairs))
+            sent = await self.send_all(messages)
             await _acked(sent)
             last = _last_offsets(sent, self.topics.changelog)
             for p, items in encoded.items():
                 self._write_state(states[p], items, last[p])
+            last_pairs = _last_offsets(sent, self.topics.persons_changelog or "")
+            for p, pair_items in pairs.items():
+                self._write_pairs(p, pair_items, last_pairs[p])
+
+    def _pairs_changelog(self, pairs: Mapping[int, list[tuple[bytes, bytes | None]]]
+                         ) -> dict[tuple[str, int], list[Message]]:
+        topic = self.topics.persons_changelog
+        assert topic is not None or not pairs
+        return {(cast(str, topic), p): [(k, v, None) for k, v in items] for p, items in pairs.items()}
+
+    def _write_pairs(self, p: int, items: list[tuple[bytes, bytes | None]], changelog_offset: int) -> None:
+        assert self.persons_db_for_partition is not None
+        self.persons_db_for_partition(p).write(
+            self.write_batch([*items, (self.offset_key, str(changelog_offset).encode())]))  # None: a deletion
 
     async def _commit_transactions(self, outboxes: dict[int, dict[tuple[str, int], list[Message]]],
-                                   states: dict[int, PartitionState], commit: dict[Any, int]) -> None:
+                                   states: dict[int, PartitionState], commit: dict[Any, int],
+                                   persons: dict[int, PartitionPersons]) -> None:
         """One transaction per input partition number; they run side by side and fail alone."""
         owners = sorted(set(outboxes) | {tp.partition for tp in commit})
         results = await asyncio.gather(
             *(self._commit_partition(p, outboxes.get(p, {}), states.get(p),
-                                     {tp: o for tp, o in commit.items() if tp.partition == p})
+                                     {tp: o for tp, o in commit.items() if tp.partition == p}, persons.get(p))
               for p in owners),
             return_exceptions=True)
         failed: set[Any] = set()
@@ -643,12 +748,16 @@ class Pipeline:
             raise BatchFailed(failed, cause)
 
     async def _commit_partition(self, p: int, outbox: dict[tuple[str, int], list[Message]],
-                                state: PartitionState | None, offsets: dict[Any, int]) -> None:
+                                state: PartitionState | None, offsets: dict[Any, int],
+                                stage: PartitionPersons | None) -> None:
         assert self.transactions is not None
         producer = self.transactions.producer(p)
         encoded = state.encoded() if state is not None and state.changed else []
         if encoded:
             outbox = {**outbox, (self.topics.changelog, p): [(k, v, None) for k, v in encoded]}
+        pairs = stage.encoded() if stage is not None else []
+        if pairs:
+            outbox = {**outbox, **self._pairs_changelog({p: pairs})}
         await producer.begin_transaction()
         try:
             sent = await self.send_all(outbox, producer)
@@ -667,6 +776,8 @@ class Pipeline:
             # commit marker right after its last record: recording the marker's offset as the one RocksDB
             # holds lets recovery start after it (and a changelog that ends in a marker be seen as read)
             self._write_state(state, encoded, _last_offsets(sent, self.topics.changelog)[p] + 1)
+        if pairs:
+            self._write_pairs(p, pairs, _last_offsets(sent, self.topics.persons_changelog or "")[p] + 1)
 
     def _write_state(self, state: PartitionState, items: list[tuple[bytes, bytes]], changelog_offset: int) -> None:
         state.db.write(self.write_batch([*items, (self.offset_key, str(changelog_offset).encode())]))
@@ -701,16 +812,20 @@ def _original_source(rec: KafkaRecord) -> tuple[tuple[int, int] | None, dict[str
     return None, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
 
 
-def _by_partition(batch: Mapping[Any, Sequence[KafkaRecord]], raw_topic: str) -> dict[int, tuple[Part, Part]]:
-    """Per table partition, its raw records and its repartitioned ones; (None, []) where there are none."""
-    out: dict[int, tuple[Part, Part]] = {}
+def _by_partition(batch: Mapping[Any, Sequence[KafkaRecord]], raw_topic: str,
+                  persons_topic: str | None = None) -> dict[int, tuple[Part, Part, Part]]:
+    """Per table partition, its raw records, its repartitioned ones and its persons messages; (None, []) where
+    there are none."""
+    out: dict[int, tuple[Part, Part, Part]] = {}
     for tp, records in batch.items():
-        direct, forwarded = out.get(tp.partition, (_NONE, _NONE))
+        direct, forwarded, persons = out.get(tp.partition, (_NONE, _NONE, _NONE))
         if tp.topic == raw_topic:
             direct = (tp, records)
+        elif tp.topic == persons_topic:
+            persons = (tp, records)
         else:
             forwarded = (tp, records)
-        out[tp.partition] = (direct, forwarded)
+        out[tp.partition] = (direct, forwarded, persons)
     return out
 
 

@@ -124,6 +124,7 @@ def fresh_topics(brokers: str, tmp_path: Path) -> Iterator[Settings]:
         raw_topic=f"{name}.raw",
         enriched_topic=f"{name}.enriched",
         dead_letter_topic=f"{name}.dead-letter",
+        persons_topic=f"{name}.persons",
         group=name,
         state_dir=str(tmp_path / "state"),
         partitions=PARTITIONS,

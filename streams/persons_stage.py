@@ -1,0 +1,228 @@
+"""The worker's persons stage (persons.md §4, "Worker"): a foreign-key join across partitions, as Kafka Streams
+builds one, inside the batch step.
+
+Three kinds of message travel through one internal topic, each keyed so that it lands where its state is:
+1. a device's claims on a pair (`claim`), keyed by the pair, to the partition that keeps the pair's claims
+   (the persons table, `streams.pairstore`);
+2. the pair's owner (`owner`), keyed by the device ID, back to the device's partition, where its device
+   users' claims live (in the device's stored state);
+3. a device user's mapping (`user`), keyed by its user ID, to the partition that keeps the persons index and
+   writes the persons topic: one writer per key, in the order of one log, so the topic's last value per key
+   is the mapping. A value is written only when it differs from the last one written.
+
+Every message says what holds now, not what changed: the same message twice, or a run of them again after a
+crash, ends in the same state. The device and pair rules are `streams.persons`'s; here is only where each
+runs and what it sends.
+
+Knows the messages and the tables' layout; the pipeline sends what is put in its outbox and makes the writes
+durable with the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import codec
+from .enrich import EnrichSettings, Outcome
+from .pairstore import StoredPairs
+from .persons import DevicePersons, UserIds, claim, mapping_of, observe, on_owner
+from .persons.device import NOTHING
+from .statekeys import INTERNAL
+
+log = logging.getLogger(__name__)
+
+HEADER = "streams-persons"
+CLAIM, OWNER, USER = b"claim", b"owner", b"user"
+# per persons-table partition: the counts /metrics shows, kept with the partition's pairs
+STATS_KEY = INTERNAL + b"persons-stats"
+STATS = ("claims", "owned_pairs", "shared_pairs", "via_login", "via_identity", "conflicts")
+
+# (topic, partition, (key, value, headers)): what the stage asks the pipeline to send
+Send = Callable[[str, int, tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]], None]
+
+
+class Devices:
+    """What the stage needs of the device side of a partition (`streams.pipeline.PartitionState`)."""
+
+    def persons(self, device_id: str) -> DevicePersons | None: ...
+
+    def put_persons(self, device_id: str, persons: DevicePersons) -> None: ...
+
+
+@dataclass
+class PersonsCounters:
+    claim_messages: int = 0
+    owner_messages: int = 0
+    user_messages: int = 0
+    mappings_written: int = 0
+    tombstones_written: int = 0
+    unreadable: int = 0
+
+    def add(self, other: PersonsCounters) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where the stage's messages go, and how keys are placed (the producers' partitioner)."""
+
+    repartition: str
+    persons: str
+    partitions: int
+    persons_partitions: int
+    key_hash: Callable[[str], int]
+
+
+@dataclass
+class PartitionPersons:
+    """One partition number's persons work in a batch: the device side (over the device states of the
+    partition) and the pair side (over the persons table's partition)."""
+
+    partition: int
+    settings: EnrichSettings
+    ids: UserIds
+    route: Route
+    pairs: StoredPairs
+    stats: dict[str, int]
+    counters: PersonsCounters = field(default_factory=PersonsCounters)
+    # device -> its device users whose mapping may have changed in this batch
+    touched: dict[str, set[str]] = field(default_factory=dict)
+    stats_changed: bool = False
+
+    # -- the device side --------------------------------------------------------------------------------
+
+    def observe(self, devices: Any, outcome: Outcome, send: Send) -> None:
+        """After a record was enriched: its claims, releases and sign-ups."""
+        device_id = outcome.device_id
+        if device_id is None or outcome.before is None or outcome.after is None or not outcome.emitted:
+            return
+        old: list[DevicePersons | None] = []
+
+        def load() -> DevicePersons | None:
+            old.append(devices.persons(device_id))
+            return old[0]
+
+        step = observe(load, device_id, self.ids, outcome.before, outcome.after, outcome.record or {},
+                       outcome.emitted, self.settings.identity.hashed_keys)
+        if step is None:
+            return
+        devices.put_persons(device_id, step.persons)
+        before = old[0] if old else None
+        self._count("claims", step.persons.claim_count() - (before.claim_count() if before else 0))
+        route = self.route
+        for pair, entry in step.changes.items():
+            send(route.repartition, route.key_hash(pair) % route.partitions,
+                 (pair.encode(), codec.encode_claim(device_id, entry), [(HEADER, CLAIM)]))
+            self.counters.claim_messages += 1
+        if step.users:
+            self.touched.setdefault(device_id, set()).update(step.users)
+
+    def on_owner(self, devices: Any, device_id: str, value: bytes) -> None:
+        pair, owner = codec.decode_owner(value)
+        persons = devices.persons(device_id)
+        if persons is None:
+            return
+        new, users = on_owner(persons, pair, owner)
+        if new is not persons:
+            devices.put_persons(device_id, new)
+        if users:
+            self.touched.setdefault(device_id, set()).update(users)
+
+    def finish(self, devices: Any, send: Send) -> None:
+        """The batch's device users whose mapping may have changed: their mapping now, to the index."""
+        route = self.route
+        for device_id, users in self.touched.items():
+            persons = devices.persons(device_id) or NOTHING
+            for user in sorted(users):
+                mapping, conflict = mapping_of(persons, device_id, user, persons.owners.get)
+                send(route.repartition, route.key_hash(user) % route.partitions,
+                     (user.encode(), codec.encode_user(mapping, conflict), [(HEADER, USER)]))
+                self.counters.user_messages += 1
+        self.touched.clear()
+
+    # -- the pair side and the index ----------------------------------------------------------------------
+
+    def on_claim(self, pair: str, value: bytes, send: Send) -> None:
+        device_id, entry = codec.decode_claim(value)
+        before = self.pairs.summary(pair)
+        answers = claim(self.pairs, pair, device_id, entry, self.settings.person_max_devices)
+        after = self.pairs.summary(pair)
+        if after != before:
+            self._count("owned_pairs", (after.owner is not None) - (before.owner is not None))
+            self._count("shared_pairs", after.shared - before.shared)
+        route = self.route
+        for device, owner in answers:
+            send(route.repartition, route.key_hash(device) % route.partitions,
+                 (device.encode(), codec.encode_owner(pair, owner), [(HEADER, OWNER)]))
+            self.counters.owner_messages += 1
+
+    def on_user(self, user: str, value: bytes, send: Send) -> None:
+        mapping, conflict = codec.decode_user(value)
+        stored = self.pairs.user(user)
+        old, old_conflict = codec.decode_user(stored) if stored is not None else (None, False)
+        if (mapping, conflict) == (old, old_conflict):
+            return
+        route = self.route
+        target = route.key_hash(user) % route.persons_partitions
+        if mapping != old:
+            if mapping is not None:
+                send(route.persons, target, (user.encode(), codec.encode_mapping(mapping), None))
+                self.counters.mappings_written += 1
+            else:
+                send(route.persons, target, (user.encode(), None, None))  # the tombstone: no mapping now
+                self.counters.tombstones_written += 1
+        self.pairs.put_user(user, codec.encode_user(mapping, conflict) if mapping is not None or conflict else None)
+        for name, was, now in (("via_login", old is not None and old.via == "login",
+                                mapping is not None and mapping.via == "login"),
+                               ("via_identity", old is not None and old.via == "identity",
+                                mapping is not None and mapping.via == "identity"),
+                               ("conflicts", old_conflict, conflict)):
+            self._count(name, now - was)
+
+    def apply(self, devices: Any, kind: bytes, key: bytes, value: bytes, send: Send) -> None:
+        """A record of the persons repartition topic, by its kind."""
+        text = key.decode()
+        if kind == CLAIM:
+            self.on_claim(text, value, send)
+        elif kind == USER:
+            self.on_user(text, value, send)
+        elif kind == OWNER:
+            self.on_owner(devices, text, value)
+        else:
+            raise ValueError(f"unknown persons message kind {kind[:32]!r}")
+
+    # -- what the batch makes durable ----------------------------------------------------------------------
+
+    def _count(self, name: str, delta: int) -> None:
+        if delta:
+            self.stats[name] = self.stats.get(name, 0) + delta
+            self.stats_changed = True
+
+    def encoded(self) -> list[tuple[bytes, bytes | None]]:
+        items = self.pairs.take()
+        if self.stats_changed:
+            items.append((STATS_KEY, codec.dumps(self.stats)))
+            self.stats_changed = False
+        return items
+
+
+def stored_stats(data: Any) -> dict[str, int]:
+    if not isinstance(data, bytes):
+        return {}
+    try:
+        loaded = codec.load_json(data)
+        return {k: int(v) for k, v in loaded.items() if k in STATS}
+    except Exception as e:
+        log.error("the persons stats of a partition cannot be read (%s); counting from zero", type(e).__name__)
+        return {}
+
+
+def kind_of(headers: Any) -> bytes | None:
+    for name, value in headers or ():
+        if name == HEADER:
+            return bytes(value)
+    return None

@@ -1,0 +1,226 @@
+"""The persons stage against the real broker: the worker's final persons mapping (the compacted topic's last
+value per key, tombstones removing the key) equals replay's `--persons` file, in both delivery modes, across a
+SIGKILL and restart, and with two workers."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from streams.config import Settings
+from tests.conftest import ROOT, validate
+from tests.integration.conftest import (
+    Worker,
+    _read,
+    by_device,
+    enriched_by_device,
+    free_port,
+    replay_outputs,
+    wait_for_outputs,
+    without_repeats,
+    worker_env,
+    write_jsonl,
+)
+from tests.integration.test_worker import keyed, produce, produce_slowly
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(420)]
+
+StartWorker = Callable[..., Worker]
+GUARANTEES = ["at_least_once", "exactly_once"]
+PERSONS_TIMEOUT = 120.0
+
+
+def persons_input(n_devices: int = 120, n_records: int = 2400, *, seed: int = 11, prefix: str = "p") -> list[bytes]:
+    """Devices that share login IDs, phones and emails, so that pairs are owned, shared, released and claimed
+    again: a third never log in (mapped via identity, or in conflict), the rest mostly log in as a user of
+    their own; placeholders, resets, logouts and sign-ups in between."""
+    rng = random.Random(seed)
+    platforms = ["mp-wechat", "mp-wechat", "web", "mp-alipay", "mp-jd"]
+    devices = [(f"{prefix}-{i:03d}", rng.choice(platforms), i % 3 == 0) for i in range(n_devices)]
+    phones = [f"138{i:04d}" for i in range(40)] + ["null", " 0 "]
+    emails = [f"e{i}@x.io" for i in range(30)]
+    out = []
+    for n in range(n_records):
+        i = rng.randrange(n_devices)
+        device_id, platform, anonymous = devices[i]
+        user = f"u{i}" if rng.random() < 0.9 else f"u{rng.randrange(n_devices)}"
+        r = rng.random()
+        record: dict[str, Any] = {"device_id": device_id, "platform": platform, "time": 1_712_000_000_000 + n}
+        if r < 0.45:
+            record.update(action="track", event="view", properties={"n": n})
+        elif r < 0.6:
+            record.update(action="bind", key="$identity_mobile", value=rng.choice(phones))
+        elif r < 0.66:
+            record.update(action="bind", key="$identity_email", value=rng.choice(emails))
+        elif r < 0.74:
+            record.update(action="login", id=user)
+        elif r < 0.76:
+            record.update(action="login", key="$identity_email", id=rng.choice(emails))
+        elif r < 0.82:
+            record.update(action="unbind", key="$identity_mobile", value=rng.choice(phones))
+        elif r < 0.87:
+            record.update(action="logout")
+        elif r < 0.9:
+            record.update(action="reset_anonymous_id")
+        else:
+            record.update(action="set_customer_ids", customer_ids={"userid": {"id": user, "authState": 1}})
+        if anonymous and (record["action"] in ("login", "set_customer_ids")):
+            record = {"device_id": device_id, "platform": platform, "time": record["time"], "event": "anon_view"}
+        if platform == "mp-jd" and (record.get("action") in ("bind", "unbind", "reset_anonymous_id")
+                                    or "key" in record):
+            record = {"device_id": device_id, "platform": platform, "time": record["time"], "event": "jd_view"}
+        out.append(orjson.dumps(record))
+    return out
+
+
+def replay_persons(settings: Settings, path: Path) -> dict[str, bytes]:
+    """`python -m streams replay --persons` on `path`: user ID -> its mapping record's bytes."""
+    out = path.with_suffix(".persons.jsonl")
+    run = subprocess.run(
+        [sys.executable, "-m", "streams", "replay", "--input", str(path), "--output", "/dev/null",
+         "--dead-letter", "/dev/null", "--persons", str(out), "--quiet"],
+        cwd=ROOT, env=worker_env(settings), capture_output=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    lines = [line for line in out.read_bytes().splitlines() if line]
+    assert lines == sorted(lines, key=lambda line: orjson.loads(line)["user_id"])
+    return {orjson.loads(line)["user_id"]: line for line in lines}
+
+
+def topic_persons(settings: Settings) -> dict[str, bytes]:
+    """The persons topic as a table: the last value per key, a tombstone removing the key."""
+    final: dict[str, bytes] = {}
+    for r in _read(settings, settings.persons_topic):
+        key = r.key.decode()
+        if r.value is None:
+            final.pop(key, None)
+            continue
+        value = orjson.loads(r.value)
+        validate("person", value)
+        assert value["user_id"] == key, f"a mapping under another key: {key} {value}"
+        final[key] = r.value
+    return final
+
+
+def wait_for_persons(settings: Settings, expected: dict[str, bytes], workers: list[Worker]) -> dict[str, bytes]:
+    deadline = time.monotonic() + PERSONS_TIMEOUT
+    while True:
+        for w in workers:
+            w.check_alive()
+        got = topic_persons(settings)
+        if got == expected:
+            return got
+        if time.monotonic() > deadline:
+            missing = sorted(expected.keys() - got.keys())
+            extra = sorted(got.keys() - expected.keys())
+            differ = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+            detail = "\n".join(f"  {k}: got {got[k]!r}\n  {' ' * len(k)}  want {expected[k]!r}" for k in differ[:3])
+            pytest.fail(f"after {PERSONS_TIMEOUT:.0f}s the persons topic differs from replay's file: {len(missing)} "
+                        f"missing {missing[:3]}, {len(extra)} extra {extra[:3]}, {len(differ)} differ\n{detail}",
+                        pytrace=False)
+        time.sleep(1.0)
+
+
+def check_enriched(settings: Settings, expected: list[dict[str, Any]], workers: list[Worker],
+                   repeats: bool, dead: int = 0) -> None:
+    out = wait_for_outputs(settings, len(expected) + dead, workers=workers, distinct=repeats)
+    got = {d: without_repeats(rs)[0] if repeats else rs for d, rs in enriched_by_device(out.enriched).items()}
+    assert got == by_device(expected)
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_worker_persons_equal_replay(topics: Settings, start_worker: StartWorker, tmp_path: Path,
+                                     guarantee: str) -> None:
+    lines = persons_input()
+    path = write_jsonl(tmp_path / "input.jsonl", lines)
+    expected = replay_persons(topics, path)
+    enriched, dead = replay_outputs(topics, path)
+    # the input exercises what it should: both kinds of mapping, and mappings that end
+    vias = [orjson.loads(v)["via"] for v in expected.values()]
+    assert vias.count("login") > 20 and vias.count("identity") >= 3, vias
+    worker = start_worker(topics, processing_guarantee=guarantee)
+    worker.wait_ready()
+    produce(topics, keyed(lines))
+    check_enriched(topics, enriched, [worker], repeats=False, dead=len(dead))
+    wait_for_persons(topics, expected, [worker])
+    assert all(r.value is None or r.key for r in _read(topics, topics.persons_topic))
+    metrics = _metrics(topics)
+    assert metrics["streams_person_device_users{via=\"login\"}"] == vias.count("login"), metrics
+    assert metrics["streams_person_device_users{via=\"identity\"}"] == vias.count("identity"), metrics
+    assert worker.stop() == 0
+
+
+def _metrics(settings: Settings) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("streams_person"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_persons_survive_a_sigkill(topics: Settings, start_worker: StartWorker, tmp_path: Path,
+                                   guarantee: str) -> None:
+    lines = persons_input(seed=12, prefix="k")
+    path = write_jsonl(tmp_path / "input.jsonl", lines)
+    expected = replay_persons(topics, path)
+    enriched, dead = replay_outputs(topics, path)
+    state = str(tmp_path / "state")
+    w1 = start_worker(topics, "run1", state_dir=state, processing_guarantee=guarantee)
+    w1.wait_ready()
+    sender = produce_slowly(topics, lines, chunks=8, pause=0.5)
+    time.sleep(2.0)
+    w1.kill()
+    sender.join()
+    w2 = start_worker(topics, "run2", state_dir=state, processing_guarantee=guarantee)
+    w2.wait_ready()
+    check_enriched(topics, enriched, [w2], repeats=guarantee == "at_least_once", dead=len(dead))
+    wait_for_persons(topics, expected, [w2])
+    assert w2.stop() == 0
+
+
+def test_two_workers_agree_with_replay(topics: Settings, start_worker: StartWorker, tmp_path: Path) -> None:
+    lines = persons_input(seed=13, prefix="two")
+    path = write_jsonl(tmp_path / "input.jsonl", lines)
+    expected = replay_persons(topics, path)
+    enriched, dead = replay_outputs(topics, path)
+    a = start_worker(topics, "a", state_dir=str(tmp_path / "state-a"))
+    b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=free_port())
+    a.wait_ready(members=2, timeout=120)
+    b.wait_ready(members=2, timeout=120)
+    produce(topics, keyed(lines[: len(lines) // 2]))
+    time.sleep(3.0)
+    # one leaves mid-stream: the other takes its partitions, both tables with them
+    assert a.stop() == 0
+    produce(topics, keyed(lines[len(lines) // 2:]))
+    check_enriched(topics, enriched, [b], repeats=False, dead=len(dead))
+    wait_for_persons(topics, expected, [b])
+    assert b.stop() == 0
+
+
+def test_persons_off_still_stamps_user_id(topics: Settings, start_worker: StartWorker, tmp_path: Path) -> None:
+    lines = persons_input(n_devices=30, n_records=300, seed=14, prefix="off")
+    path = write_jsonl(tmp_path / "input.jsonl", lines)
+    off = replace(topics, persons="off")
+    enriched, dead = replay_outputs(off, path)
+    worker = start_worker(off)
+    worker.wait_ready()
+    produce(off, keyed(lines))
+    check_enriched(off, enriched, [worker], repeats=False, dead=len(dead))
+    assert all("user_id" in r for r in enriched)
+    assert _read(off, off.persons_topic) == []
+    assert worker.stop() == 0
