@@ -1,0 +1,261 @@
+"""The persons stage in the worker's batch step without a broker: the fake producer and consumer of
+`tests/test_pipeline.py`, now with the persons topics and table, and crashes between a batch's outputs and
+its state (a changelog cut short included). Whatever the fetch sizes and crashes, the persons topic read as a
+table (last value per key, tombstones removing it) ends equal to replay's mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from streams.enrich import Enricher, EnrichSettings
+from streams.persons_stage import CLAIM, HEADER
+from streams.pipeline import BatchResult, Pipeline, Topics
+from streams.replay import replay
+from streams.statekeys import OFFSET_KEY
+from tests.test_pipeline import TP, Crash, FakeBatch, Meta, Record
+
+T = Topics(raw="raw", repartition="raw-repartition", enriched="enriched", dead_letter="dead", changelog="changelog",
+           partitions=3, persons_repartition="persons-repartition", persons_changelog="persons-changelog",
+           persons="persons", persons_partitions=2)
+INPUTS = (T.raw, T.repartition, T.persons_repartition)
+CHANGELOGS = {"devices": T.changelog, "persons": T.persons_changelog}
+
+
+class Broker:
+    """Topics as lists of records; a send to a topic in `fail_on` fails with probability `failure_rate`."""
+
+    def __init__(self, rng: random.Random, failure_rate: float = 0.0) -> None:
+        self.logs: dict[tuple[str, int], list[Record]] = defaultdict(list)
+        self.committed: dict[tuple[str, int], int] = defaultdict(int)
+        self.rng = rng
+        self.failure_rate = failure_rate
+        self.fail_on = {T.changelog, T.enriched, T.persons_changelog, T.persons, T.persons_repartition}
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    async def send_batch(self, batch: FakeBatch, topic: str, partition: int) -> asyncio.Future[Meta]:
+        if topic in self.fail_on and self.rng.random() < self.failure_rate:
+            raise Crash(topic)
+        log = self.logs[(topic, partition)]
+        first = len(log)
+        for key, value, headers in batch.messages:
+            log.append(Record(topic, partition, len(log), key, value, headers))
+        future: asyncio.Future[Meta] = asyncio.get_running_loop().create_future()
+        future.set_result(Meta(topic, partition, first))
+        return future
+
+
+class DB(dict[bytes, bytes]):
+    """A partition's RocksDB as rocksdict answers: multi-get, write batches with deletions, ordered reads."""
+
+    def get(self, key: Any, default: Any = None) -> Any:  # type: ignore[override]
+        if isinstance(key, list):
+            return [super(DB, self).get(k) for k in key]
+        return super().get(key, default)
+
+    def write(self, batch: list[tuple[bytes, bytes | None]]) -> None:
+        for key, value in batch:
+            if value is None:
+                self.pop(key, None)
+            else:
+                self[key] = value
+
+    def items(self, backwards: bool = False, from_key: Any = None) -> Iterator[tuple[bytes, bytes]]:  # type: ignore[override]
+        for key in sorted(self):
+            if from_key is None or key >= from_key:
+                yield key, self[key]
+
+
+def pipeline(broker: Broker, dbs: dict[tuple[str, int], DB], settings: EnrichSettings) -> Pipeline:
+    async def producer() -> Broker:
+        return broker
+
+    return Pipeline(Enricher(settings), T, producer, db_for_partition=lambda p: dbs[("devices", p)],
+                    write_batch=list, changelog_offset_key=OFFSET_KEY, cache_size=20,
+                    persons_db_for_partition=lambda p: dbs[("persons", p)])
+
+
+def recover(broker: Broker, dbs: dict[tuple[str, int], DB]) -> None:
+    """Faust's table recovery on restart, for both tables: the changelog past the stored offset, into RocksDB
+    (a record without value is a deletion)."""
+    for table, topic in CHANGELOGS.items():
+        for p in range(T.partitions):
+            db = dbs[(table, p)]
+            start = int(db.get(OFFSET_KEY, b"-1")) + 1
+            changelog = broker.logs[(topic, p)]
+            for rec in changelog[start:]:
+                assert rec.key is not None
+                db.write([(rec.key, rec.value)])
+            if changelog:
+                db[OFFSET_KEY] = str(len(changelog) - 1).encode()
+
+
+def run_worker(broker: Broker, rng: random.Random, settings: EnrichSettings, *, steps: int = 20_000) -> int:
+    """Consume the three inputs in batches of random sizes until all are read (the persons stage's messages
+    beget more); a failed batch is a crash: a new pipeline starts from the committed offsets."""
+    dbs: dict[tuple[str, int], DB] = defaultdict(DB)
+    crashes = 0
+
+    async def run() -> None:
+        nonlocal crashes
+        worker = pipeline(broker, dbs, settings)
+        positions = dict(broker.committed)
+        for _ in range(steps):
+            batch: dict[TP, list[Record]] = {}
+            for p in range(T.partitions):
+                for topic in INPUTS:
+                    log = broker.logs[(topic, p)]
+                    start = positions.get((topic, p), 0)
+                    take = log[start:start + rng.randint(0, 5)]
+                    if take:
+                        batch[TP(topic, p)] = take
+                        positions[(topic, p)] = start + len(take)
+            if not batch:
+                if all(positions.get((topic, p), 0) >= len(broker.logs[(topic, p)])
+                       for topic in INPUTS for p in range(T.partitions)):
+                    return
+                continue
+            try:
+                ends = {(topic, p): len(broker.logs[(topic, p)]) for topic in INPUTS for p in range(T.partitions)}
+                result: BatchResult = await worker.process(batch, dict(positions), ends)
+            except Crash:
+                crashes += 1
+                recover(broker, dbs)
+                worker = pipeline(broker, dbs, settings)
+                positions = dict(broker.committed)
+                continue
+            for tp, offset in result.commit.items():
+                broker.committed[(tp.topic, tp.partition)] = offset
+            for tp, offset in result.rewind.items():
+                positions[(tp.topic, tp.partition)] = offset
+        raise AssertionError("the worker did not finish")
+
+    asyncio.run(run())
+    return crashes
+
+
+def persons_input(rng: random.Random, devices: int, records: int) -> list[bytes]:
+    """Devices sharing a few logins, phones and emails: pairs owned, shared, released, claimed again."""
+    lines = []
+    for n in range(records):
+        d = rng.randrange(devices)
+        record: dict[str, Any] = {"device_id": f"dev-{d}", "platform": "web" if d % 4 == 0 else "mp-wechat"}
+        r = rng.random()
+        if r < 0.3:
+            record.update(action="track", event="e")
+        elif r < 0.55:
+            record.update(action="bind", key=rng.choice(["$identity_mobile", "$identity_email"]),
+                          value=rng.choice(["p1", "p2", "p3", "p4", "null"]))
+        elif r < 0.67:
+            record.update(action="unbind", key="$identity_mobile", value=rng.choice(["p1", "p2", "p3"]))
+        elif r < 0.78 and d % 3:
+            record.update(action="login", id=f"u{rng.randrange(4)}")
+        elif r < 0.86:
+            record.update(action="logout")
+        elif r < 0.92:
+            record.update(action="reset_anonymous_id", id=rng.choice(["r1", "r2", f"dev-{d}"]))
+        else:
+            record.update(action="track", event="f")
+        lines.append(orjson.dumps(record))
+    return lines
+
+
+def produce(broker: Broker, lines: list[bytes], settings: EnrichSettings) -> None:
+    probe = pipeline(broker, defaultdict(DB), settings)
+    for value in lines:
+        key = orjson.loads(value)["device_id"].encode()
+        p = probe.partition_for(key.decode())
+        log = broker.logs[(T.raw, p)]
+        log.append(Record(T.raw, p, len(log), key, value))
+
+
+def topic_persons(broker: Broker) -> dict[str, bytes]:
+    final: dict[str, bytes] = {}
+    for p in range(T.persons_partitions):
+        for rec in broker.logs[(T.persons or "", p)]:
+            assert rec.key is not None
+            if rec.value is None:
+                final.pop(rec.key.decode(), None)
+            else:
+                final[rec.key.decode()] = rec.value
+    return final
+
+
+def replay_persons(tmp_path: Path, lines: list[bytes], settings: EnrichSettings) -> dict[str, bytes]:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(line + b"\n" for line in lines))
+    replay(str(src), "/dev/null", "/dev/null", settings, persons_path=str(tmp_path / "persons.jsonl"))
+    return {orjson.loads(line)["user_id"]: line for line in (tmp_path / "persons.jsonl").read_bytes().splitlines()}
+
+
+SEEDS = int(os.environ.get("PERSONS_CRASH_SEEDS", "6"))
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_the_persons_topic_ends_equal_to_replay_whatever_the_crashes(seed: int, tmp_path: Path) -> None:
+    rng = random.Random(seed)
+    settings = EnrichSettings(person_max_devices=3 if seed % 2 else 50)
+    lines = persons_input(rng, devices=14, records=160)
+    expected = replay_persons(tmp_path, lines, settings)
+    broker = Broker(rng, failure_rate=0.12)
+    produce(broker, lines, settings)
+    crashes = run_worker(broker, rng, settings)
+    assert crashes > 0, "the run must crash between outputs and state to test anything"
+    assert topic_persons(broker) == expected
+    # a tombstone only ever follows a mapping of the same key (a crash may repeat it, as any value)
+    for p in range(T.persons_partitions):
+        mapped: set[bytes] = set()
+        for rec in broker.logs[(T.persons or "", p)]:
+            assert rec.key is not None
+            if rec.value is None:
+                assert rec.key in mapped, "a tombstone for a key that never had a mapping"
+            else:
+                mapped.add(rec.key)
+
+
+def test_the_crash_inputs_map_via_login_and_identity(tmp_path: Path) -> None:
+    """The suite's seeds exercise both kinds of mapping (else the crash test would prove little)."""
+    for seed in range(0, min(SEEDS, 6), 2):
+        rng = random.Random(seed)
+        settings = EnrichSettings()
+        values = replay_persons(tmp_path, persons_input(rng, devices=14, records=160), settings).values()
+        assert any(b'"identity"' in v for v in values) and any(b'"login"' in v for v in values), seed
+
+
+def test_without_crashes_the_persons_topic_repeats_nothing(tmp_path: Path) -> None:
+    rng = random.Random(99)
+    settings = EnrichSettings()
+    lines = persons_input(rng, devices=12, records=150)
+    broker = Broker(rng)
+    produce(broker, lines, settings)
+    assert run_worker(broker, rng, settings) == 0
+    assert topic_persons(broker) == replay_persons(tmp_path, lines, settings)
+    for p in range(T.persons_partitions):
+        values = [(rec.key, rec.value) for rec in broker.logs[(T.persons or "", p)]]
+        per_key: dict[bytes | None, list[bytes | None]] = defaultdict(list)
+        for key, value in values:
+            per_key[key].append(value)
+        for key, seq in per_key.items():
+            assert all(a != b for a, b in zip(seq, seq[1:], strict=False)), f"{key!r} written twice alike: {seq}"
+
+
+def test_a_damaged_persons_message_is_counted_and_skipped() -> None:
+    broker = Broker(random.Random(0))
+    dbs: dict[tuple[str, int], DB] = defaultdict(DB)
+    worker = pipeline(broker, dbs, EnrichSettings())
+    bad = [Record(T.persons_repartition or "", 0, 0, b"$identity_mobile+1", b"not json", [(HEADER, CLAIM)]),
+           Record(T.persons_repartition or "", 0, 1, b"k", b"[]", [(HEADER, b"what")]),
+           Record(T.persons_repartition or "", 0, 2, None, b"[]", [])]
+    result = asyncio.run(worker.process({TP(T.persons_repartition or "", 0): bad}, {}))
+    assert result.commit == {TP(T.persons_repartition or "", 0): 3}
+    assert worker.persons_counters.unreadable == 3
