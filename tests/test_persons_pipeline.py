@@ -6,6 +6,7 @@ table (last value per key, tombstones removing it) ends equal to replay's mappin
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 from collections import defaultdict
@@ -147,7 +148,7 @@ def run_worker(broker: Broker, rng: random.Random, settings: EnrichSettings, *, 
 def persons_input(rng: random.Random, devices: int, records: int) -> list[bytes]:
     """Devices sharing a few logins, phones and emails: pairs owned, shared, released, claimed again."""
     lines = []
-    for n in range(records):
+    for _ in range(records):
         d = rng.randrange(devices)
         record: dict[str, Any] = {"device_id": f"dev-{d}", "platform": "web" if d % 4 == 0 else "mp-wechat"}
         r = rng.random()
@@ -246,7 +247,7 @@ def test_without_crashes_the_persons_topic_repeats_nothing(tmp_path: Path) -> No
         for key, value in values:
             per_key[key].append(value)
         for key, seq in per_key.items():
-            assert all(a != b for a, b in zip(seq, seq[1:], strict=False)), f"{key!r} written twice alike: {seq}"
+            assert all(a != b for a, b in itertools.pairwise(seq)), f"{key!r} written twice alike: {seq}"
 
 
 def test_a_damaged_persons_message_is_counted_and_skipped() -> None:
