@@ -60,6 +60,7 @@ class PersonsCounters:
     mappings_written: int = 0
     tombstones_written: int = 0
     unreadable: int = 0
+    refused_claims: int = 0  # claims and sign-ups a device at its bound did not make (streams.persons.device)
 
     def add(self, other: PersonsCounters) -> None:
         for name in self.__dataclass_fields__:
@@ -109,6 +110,9 @@ class PartitionPersons:
         step = observe(load, device_id, self.ids, outcome.before, outcome.after, outcome.record or {},
                        outcome.emitted, self.settings.identity.hashed_keys)
         if step is None:
+            return
+        self.counters.refused_claims += step.refused
+        if step.persons is (old[0] if old else None):
             return
         devices.put_persons(device_id, step.persons)
         before = old[0] if old else None

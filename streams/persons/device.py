@@ -52,6 +52,13 @@ class DevicePersons:
 
 NOTHING = DevicePersons()
 
+# Bounds on one device's persons part, which is stored inside its state: without them a client that binds ever
+# new values (binding a key to another value releases nothing) or resets and logs in again and again would grow
+# the state past what Kafka takes in one changelog record, and stop its partition. A device at a bound makes no
+# new claims (or sign-ups) until an unbind releases some; the rules stay the device's own, whatever the others do
+MAX_CLAIMS = 1000  # (pair, claimant) claims held at once
+MAX_SIGNUPS = 1000  # device users with a first sign-up (one per default ID the device had)
+
 
 @dataclass(slots=True)
 class DeviceStep:
@@ -62,6 +69,8 @@ class DeviceStep:
     changes: dict[str, Entry | None]
     # device users whose mapping may have changed
     users: set[str]
+    # claims and sign-ups not made: the device was at its bound
+    refused: int = 0
 
 
 def observe(load: Callable[[], DevicePersons | None], device_id: str, ids: UserIds, before: DeviceState,
@@ -103,10 +112,15 @@ def observe(load: Callable[[], DevicePersons | None], device_id: str, ids: UserI
     touched: set[str] = set()
     old_entries: dict[str, Entry | None] = {}
     logged_in = after.logged_in
+    claim_count = -1  # counted when first needed
+    refused = 0
     for what, item in work:
         if what == "signup":
             device_user = ids.device_user(device_id, after.default_id)
             if device_user not in persons.signups and (signups is None or device_user not in signups):
+                if len(signups if signups is not None else persons.signups) >= MAX_SIGNUPS:
+                    refused += 1
+                    continue
                 if signups is None:
                     signups = dict(persons.signups)
                 signups[device_user] = item
@@ -121,6 +135,8 @@ def observe(load: Callable[[], DevicePersons | None], device_id: str, ids: UserI
                 claims = dict(persons.claims)
             old_entries.setdefault(item, _entry(claimants))
             del claims[item]
+            if claim_count >= 0:
+                claim_count -= len(claimants)
             touched.update(c for c, login in claimants.items() if not login)
             current_owners = owners if owners is not None else persons.owners
             if item in current_owners:
@@ -134,6 +150,12 @@ def observe(load: Callable[[], DevicePersons | None], device_id: str, ids: UserI
             claimants = current.get(pair)
             if claimants is not None and claimant in claimants:
                 continue
+            if claim_count < 0:
+                claim_count = sum(len(c) for c in current.values())
+            if claim_count >= MAX_CLAIMS:
+                refused += 1
+                continue
+            claim_count += 1
             if claims is None:
                 claims = dict(persons.claims)
                 current = claims
@@ -142,16 +164,16 @@ def observe(load: Callable[[], DevicePersons | None], device_id: str, ids: UserI
             if not logged_in:
                 touched.add(claimant)
     if claims is None and signups is None and owners is None:
-        if placeholder is None:
+        if placeholder is None and not refused:
             return None
-        return DeviceStep(persons, {}, set())
+        return DeviceStep(persons, {}, set(), refused)
     persons = _replace(persons, claims=claims, signups=signups, owners=owners)
     changes = {}
     for pair, old in old_entries.items():
         new = persons.entry(pair)
         if new != old:
             changes[pair] = new
-    return DeviceStep(persons, changes, touched)
+    return DeviceStep(persons, changes, touched, refused)
 
 
 def on_owner(persons: DevicePersons, pair: str, owner: str | None) -> tuple[DevicePersons, set[str]]:
