@@ -306,6 +306,7 @@ class Reference:
     replay_enriched: list[bytes]  # `python -m streams replay`'s output, line by line
     replay_dead: list[bytes]
     replay_summary: str
+    persons: dict[str, bytes] = field(default_factory=dict)  # `replay --persons`: user ID -> its mapping
 
 
 def replay_in_process(lines: Sequence[bytes]) -> tuple[list[list[bytes]], list[bytes | None], TrackingStore]:
@@ -323,10 +324,12 @@ def replay_in_process(lines: Sequence[bytes]) -> tuple[list[list[bytes]], list[b
 
 
 def replay_subprocess(path: Path, run_dir: Path) -> tuple[list[bytes], list[bytes], str]:
-    """`python -m streams replay` on the input with the default settings (the worker's): the reference."""
+    """`python -m streams replay` on the input with the default settings (the worker's): the reference (its
+    persons mapping: `replay-persons.jsonl`)."""
     out, dead = run_dir / "replay.jsonl", run_dir / "replay-dead.jsonl"
     run = subprocess.run(
-        [PYTHON, "-m", "streams", "replay", "--input", str(path), "--output", str(out), "--dead-letter", str(dead)],
+        [PYTHON, "-m", "streams", "replay", "--input", str(path), "--output", str(out), "--dead-letter", str(dead),
+         "--persons", str(run_dir / "replay-persons.jsonl")],
         cwd=ROOT, env=clean_env(), capture_output=True, timeout=1800, stdin=subprocess.DEVNULL,
     )
     if run.returncode != 0:
@@ -344,7 +347,8 @@ def build_reference(path: Path, lines: Sequence[bytes], run_dir: Path) -> Refere
     if flat != replay_enriched or letters != replay_dead:
         raise HarnessError(f"the in-process engine differs from `streams replay` ({len(flat)} vs "
                            f"{len(replay_enriched)} records, {len(letters)} vs {len(replay_dead)} dead letters)")
-    return Reference(outputs, dead, store.states, store.last_change, replay_enriched, replay_dead, summary)
+    persons = {orjson.loads(line)["user_id"]: line for line in read_lines(run_dir / "replay-persons.jsonl")}
+    return Reference(outputs, dead, store.states, store.last_change, replay_enriched, replay_dead, summary, persons)
 
 
 # -- the broker --------------------------------------------------------------------------------------------
@@ -1541,14 +1545,49 @@ def check_states(changelog: Sequence[Any], ref: Reference, placed: Sequence[tupl
                       f"      replay: {orjson.dumps(want).decode()}")
         last = ref.last_change[device_id]
         where = placed[last]
-        # the state's mark for its raw partition: the last raw record applied when it was written (the marks of
-        # forwarded records' source partitions may stand beside it)
-        if where is not None and applied.get(where[0]) != where[1]:
+        # the state's mark for its raw partition: at least the last raw record that changed it (the marks of
+        # forwarded records' source partitions may stand beside it). Later when the persons stage wrote the
+        # state again (a claim, an owner's answer) without changing its identity
+        if where is not None and applied.get(where[0], -1) < where[1]:
             c.problem("applied offsets", f"{device_id}: the state says it reflects {applied}, the last raw record "
                       f"that changed it is p{where[0]}@{where[1]} (input line {last + 1}: {brief(lines[last], 200)})")
         if where is not None and partition != where[0]:
             c.problem("wrong partition", f"{device_id}: changelog partition {partition}, raw partition {where[0]}")
     c.counts.update(expected=len(ref.states), stored=len(stored), changelog_records=len(changelog))
+    return c
+
+
+def persons_table(records: Sequence[Any]) -> dict[str, bytes]:
+    """The persons topic as a table: the last value per key, a tombstone removing the key."""
+    final: dict[str, bytes] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        key = r.key.decode(errors="replace") if r.key is not None else ""
+        if r.value is None:
+            final.pop(key, None)
+        else:
+            final[key] = r.value
+    return final
+
+
+def check_persons(settings: Settings, ref: Reference, timeout: float = 180.0) -> Check:
+    """The persons topic's final mapping against `replay --persons`'s (it settles shortly after the enriched
+    output: the stage's messages go through its own topic)."""
+    c = Check("persons")
+    deadline = time.monotonic() + timeout
+    while True:
+        got = persons_table(read_topic(settings, settings.persons_topic))
+        if got == ref.persons or time.monotonic() > deadline:
+            break
+        time.sleep(2.0)
+    for user in sorted(ref.persons.keys() | got.keys()):
+        want, have = ref.persons.get(user), got.get(user)
+        if want is None:
+            c.problem("persons invented", f"{user}: {brief(have or b'')}")
+        elif have is None:
+            c.problem("persons missing", f"{user}: replay's {brief(want)}")
+        elif want != have:
+            c.problem("persons differing", f"{user}:\n      topic:  {brief(have)}\n      replay: {brief(want)}")
+    c.counts.update(expected=len(ref.persons), mapped=len(got))
     return c
 
 
@@ -1593,8 +1632,8 @@ def code_version() -> str:
 
 
 def result_lines(checks: Sequence[Check], records: int, devices_seen: int) -> list[str]:
-    """The report's lines on what came out: losses, inventions, duplicates; the states last."""
-    enriched, dead, states = checks
+    """The report's lines on what came out: losses, inventions, duplicates; the states and the persons last."""
+    enriched, dead, states, persons = checks
     wrong = "not what the engine makes of its raw record"
 
     def n(check: Check, key: str) -> int:
@@ -1617,6 +1656,10 @@ def result_lines(checks: Sequence[Check], records: int, devices_seen: int) -> li
                  f"state ({n(states, 'stored'):,} stored, {n(states, 'changelog_records'):,} changelog records; "
                  f"applied-offset mismatches {n(states, 'applied offsets'):,}, wrong partition "
                  f"{n(states, 'wrong partition'):,})")
+    lines.append(f"persons mapping       {n(persons, 'mapped'):,} mapped on the topic, replay "
+                 f"{n(persons, 'expected'):,}; "
+                 f"missing {n(persons, 'persons missing'):,}, invented {n(persons, 'persons invented'):,}, "
+                 f"differing {n(persons, 'persons differing'):,}")
     return lines
 
 
@@ -1724,7 +1767,8 @@ def run_settings(stamp: str, run_dir: Path, brokers: str, guarantee: str) -> Set
     name = f"chaos-{stamp}"
     return replace(
         Settings(), brokers=brokers, raw_topic=f"{name}.raw", enriched_topic=f"{name}.enriched",
-        dead_letter_topic=f"{name}.dead-letter", group=name, state_dir=str(run_dir / "state"),
+        dead_letter_topic=f"{name}.dead-letter", persons_topic=f"{name}.persons", group=name,
+        state_dir=str(run_dir / "state"),
         partitions=PARTITIONS, log_level="info", processing_guarantee=guarantee,
     )
 
@@ -1808,6 +1852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_enriched(enriched, ref, placed, settings.raw_topic),
                 check_dead_letters(dead, ref, placed, settings.raw_topic),
                 check_states(changelog, ref, feeder.placed, lines),
+                check_persons(settings, ref),
             ])
             if settings.exactly_once:
                 no_duplicates(checks[:2])
@@ -1819,7 +1864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report(outcome, settings, sys.stdout)
             if outcome.ok and not args.keep:
                 # replay's output is ~90 MB a run, and only worth keeping to look into a failure
-                for name in ("replay.jsonl", "replay-dead.jsonl"):
+                for name in ("replay.jsonl", "replay-dead.jsonl", "replay-persons.jsonl"):
                     (run_dir / name).unlink(missing_ok=True)
             return 0 if outcome.ok else 1
     except HarnessError as e:
@@ -1873,7 +1918,7 @@ def main_group(args: argparse.Namespace, settings: Settings, run_dir: Path, line
             placed = line_index(feeder.placed)
             checks = [check_enriched(enriched, ref, placed, settings.raw_topic),
                       check_dead_letters(dead, ref, placed, settings.raw_topic),
-                      check_states(changelog, ref, feeder.placed, lines)]
+                      check_states(changelog, ref, feeder.placed, lines), check_persons(settings, ref)]
             if settings.exactly_once:
                 no_duplicates(checks[:2])
             devices_seen = len({k for k in feeder.keys if k is not None})
@@ -1882,7 +1927,7 @@ def main_group(args: argparse.Namespace, settings: Settings, run_dir: Path, line
                 group_report(checks, chaos, len(lines), devices_seen, wall, settings, args.seed, code, f)
             ok = group_report(checks, chaos, len(lines), devices_seen, wall, settings, args.seed, code, sys.stdout)
             if ok and not args.keep:
-                for name in ("replay.jsonl", "replay-dead.jsonl"):
+                for name in ("replay.jsonl", "replay-dead.jsonl", "replay-persons.jsonl"):
                     (run_dir / name).unlink(missing_ok=True)
             return 0 if ok else 1
     except HarnessError as e:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make run: the main job end to end on this machine. Starts a broker when none answers, creates the topics,
 # starts the worker, sends the sample (the seed's sessions and a few bad records) to the raw topic, and
-# prints what arrives on the enriched and dead-letter topics. Leaves the broker running; stops the worker.
+# prints what arrives on the enriched, dead-letter and persons topics. Leaves the broker running; stops the worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -19,6 +19,7 @@ stamp=$(date +%Y%m%d%H%M%S)
 export STREAMS_RAW_TOPIC="${STREAMS_RAW_TOPIC:-demo-$stamp.raw}"
 export STREAMS_ENRICHED_TOPIC="${STREAMS_ENRICHED_TOPIC:-demo-$stamp.enriched}"
 export STREAMS_DEAD_LETTER_TOPIC="${STREAMS_DEAD_LETTER_TOPIC:-demo-$stamp.dead-letter}"
+export STREAMS_PERSONS_TOPIC="${STREAMS_PERSONS_TOPIC:-demo-$stamp.persons}"
 export STREAMS_GROUP="${STREAMS_GROUP:-demo-$stamp}"
 export STREAMS_STATE_DIR="${STREAMS_STATE_DIR:-$run_dir/state-$stamp}"
 export STREAMS_WEB_PORT="${STREAMS_WEB_PORT:-6066}"
@@ -36,6 +37,9 @@ $py -m streams tail enriched --max 23 --idle-timeout 120
 echo
 echo "== dead letters on $STREAMS_DEAD_LETTER_TOPIC"
 $py -m streams tail dead-letter --max 7 --idle-timeout 30
+echo
+echo "== persons mapping on $STREAMS_PERSONS_TOPIC (device users -> the login users they belong to)"
+$py -m streams tail persons --max 5 --idle-timeout 30
 echo
 echo "== done: the worker stops now; the broker keeps running (make kafka-stop stops it)"
 [ "$started_broker" = 1 ] && echo "   (this run started the broker)"

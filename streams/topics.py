@@ -352,7 +352,8 @@ async def produce_file(
 
 
 def topic_of(settings: Settings, which: str) -> str:
-    return {"enriched": settings.enriched_topic, "dead-letter": settings.dead_letter_topic}.get(which, which)
+    return {"enriched": settings.enriched_topic, "dead-letter": settings.dead_letter_topic,
+            "persons": settings.persons_topic}.get(which, which)
 
 
 @contextlib.asynccontextmanager
@@ -422,6 +423,8 @@ def _preview(text: str, limit: int = RAW_PREVIEW) -> str:
 def format_record(record: Any) -> str:
     """One line for people: an enriched record, a dead letter, or (another topic) the key and value."""
     where = f"[p{record.partition}@{record.offset}]"
+    if record.value is None and record.key is not None:  # a tombstone: on the persons topic, a mapping ended
+        return f"{where} key={_text(record.key.decode('utf-8', 'backslashreplace'))} (tombstone)"
     value: bytes = record.value if record.value is not None else b""
     try:
         data = orjson.loads(value)
@@ -431,6 +434,10 @@ def format_record(record: Any) -> str:
         return f"{where} " + _dead_letter_line(data)
     if isinstance(data, dict) and "distinct_id" in data and "device_id" in data:
         return f"{where} " + _enriched_line(data)
+    if isinstance(data, dict) and "person_id" in data and "user_id" in data:
+        key = f" key={data['identity_key']}" if "identity_key" in data else ""
+        return (f"{where} user={data['user_id']} -> person={data['person_id']} via {data.get('via')}{key} "
+                f"d={_text(data.get('device_id'))}")
     key = "-" if record.key is None else _text(record.key.decode("utf-8", "backslashreplace"))
     return f"{where} key={key} " + _preview(value.decode("utf-8", "backslashreplace"), 200)
 
@@ -572,7 +579,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tail_parser.add_argument("which", metavar="TOPIC",
-                             help="'enriched', 'dead-letter', or a topic name")
+                             help="'enriched', 'dead-letter', 'persons', or a topic name")
     tail_parser.add_argument("--from-end", action="store_true", help="only records that arrive from now on")
     tail_parser.add_argument("--max", type=int, metavar="N", default=None, help="stop after N records")
     tail_parser.add_argument("--idle-timeout", type=float, metavar="S", default=None,
