@@ -16,6 +16,7 @@ from . import codec
 from .enrich import EnrichSettings, Outcome
 from .pairstore import StoredPairs
 from .persons import DevicePersons, Mapping, UserIds, claim, mappings, observe, owner_of_entries
+from .persons.device import may_claim
 from .persons.pairs import Entry, MemoryPairs, Summary
 
 # replay's persons keys in its device database: after a byte no device ID's UTF-8 starts with
@@ -41,7 +42,9 @@ class OfflinePersons:
 
     def observe(self, outcome: Outcome) -> None:
         emitted, device_id = outcome.emitted, outcome.device_id
-        if not emitted or device_id is None or outcome.before is None or outcome.after is None:
+        if not emitted or (not self.hashed_keys and not may_claim(emitted)):
+            return
+        if device_id is None or outcome.before is None or outcome.after is None:
             return
         step = observe(lambda: self._load(device_id), device_id, self.ids, outcome.before, outcome.after,
                        outcome.record or {}, emitted, self.hashed_keys)

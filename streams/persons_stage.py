@@ -29,7 +29,7 @@ from . import codec
 from .enrich import EnrichSettings, Outcome
 from .pairstore import StoredPairs
 from .persons import DevicePersons, UserIds, claim, mapping_of, observe, on_owner
-from .persons.device import NOTHING
+from .persons.device import NOTHING, may_claim
 from .statekeys import INTERNAL
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,10 @@ class PartitionPersons:
 
     def observe(self, devices: Any, outcome: Outcome, send: Send) -> None:
         """After a record was enriched: its claims, releases and sign-ups."""
-        device_id = outcome.device_id
-        if device_id is None or outcome.before is None or outcome.after is None or not outcome.emitted:
+        device_id, emitted = outcome.device_id, outcome.emitted
+        if not emitted or (not self.settings.identity.hashed_keys and not may_claim(emitted)):
+            return
+        if device_id is None or outcome.before is None or outcome.after is None:
             return
         old: list[DevicePersons | None] = []
 
@@ -108,7 +110,7 @@ class PartitionPersons:
             return old[0]
 
         step = observe(load, device_id, self.ids, outcome.before, outcome.after, outcome.record or {},
-                       outcome.emitted, self.settings.identity.hashed_keys)
+                       emitted, self.settings.identity.hashed_keys)
         if step is None:
             return
         self.counters.refused_claims += step.refused

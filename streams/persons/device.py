@@ -73,11 +73,26 @@ class DeviceStep:
     refused: int = 0
 
 
+def may_claim(emitted: Sequence[MappingType[str, Any]]) -> bool:
+    """Whether records can claim, release or sign up: most records (tracks of a device with nothing bound) are
+    told apart here, before any call or lookup more."""
+    for r in emitted:
+        kind = r["type"]
+        if kind == "track_signup" or kind == NO_CLAIMS:
+            return True
+        identities = r.get("identities")
+        if identities is not None and len(identities) > 2:  # beyond the default and anonymous IDs
+            return True
+    return False
+
+
 def observe(load: Callable[[], DevicePersons | None], device_id: str, ids: UserIds, before: DeviceState,
             after: DeviceState, raw: MappingType[str, Any], emitted: Sequence[MappingType[str, Any]],
             hashed_keys: frozenset[str] = frozenset()) -> DeviceStep | None:
     """The claims, releases and sign-ups of one raw record's emitted records (all stamped with `after`).
     None when it has none, without calling `load` (most records: tracks of a device that claims nothing)."""
+    if not hashed_keys and not may_claim(emitted):
+        return None
     placeholder = None
     if hashed_keys and raw.get("action") in ("bind", "login") and raw.get("key") in hashed_keys and (
             is_blocked_value(raw.get("value" if raw.get("action") == "bind" else "id"))):

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from typing import Any
 
 
-def _uuid5(namespace: bytes, name: str) -> str:
-    h = bytearray(hashlib.sha1(namespace + name.encode("utf-8", "surrogatepass")).digest()[:16])
-    h[6] = (h[6] & 0x0F) | 0x50  # version 5
-    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
-    x = h.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+def _uuid5(namespace: Any, name: str) -> str:
+    """`str(uuid.uuid5(NS, name))`; `namespace`: a SHA-1 that has read NS's bytes."""
+    h = namespace.copy()
+    h.update(name.encode("utf-8", "surrogatepass"))
+    x = h.hexdigest()
+    # the version nibble becomes 5, the variant bits 10 (RFC 4122)
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{'89ab'[int(x[16], 16) & 3]}{x[17:20]}-{x[20:32]}"
 
 
 class UserIds:
@@ -25,7 +27,7 @@ class UserIds:
 
     def __init__(self, salt: str = "") -> None:
         name = "urn:streams:person:" + salt if salt else "urn:streams:person"
-        self.namespace = uuid.uuid5(uuid.NAMESPACE_URL, name).bytes
+        self.namespace = hashlib.sha1(uuid.uuid5(uuid.NAMESPACE_URL, name).bytes)
         self.salted = bool(salt)
 
     def login_user(self, login_id: str) -> str:
