@@ -94,8 +94,11 @@ def observe(load: Callable[[], DevicePersons | None], device_id: str, ids: UserI
     if not hashed_keys and not may_claim(emitted):
         return None
     placeholder = None
-    if hashed_keys and raw.get("action") in ("bind", "login") and raw.get("key") in hashed_keys and (
-            is_blocked_value(raw.get("value" if raw.get("action") == "bind" else "id"))):
+    action = raw.get("action")
+    if hashed_keys and action in ("bind", "login") and raw.get("key") in hashed_keys and (
+            is_blocked_value(raw.get("value" if action == "bind" else "id"))) and any(
+            r["type"] == ("track_id_bind" if action == "bind" else "track_signup") for r in emitted):
+        # only a bind or login that took effect: a login that changed nothing leaves the device's login as it was
         key = raw["key"]
         value = dict(after.bound).get(key) if raw["action"] == "bind" else (
             after.login_value if after.login_key == key else None)
