@@ -39,7 +39,9 @@ conformance: install
 	$(BIN)/python ../shared/conformance/check.py $(BIN)/python
 	$(BIN)/python ../shared/conformance/check_customer_ids.py $(BIN)/python
 
-## the benchmark: ceiling, stock-Faust baseline, worker, latency, replay, correctness (.cache/bench/last.md)
+## the benchmark: ceiling, stock-Faust baseline, worker, latency, replay, correctness, and the worker with the
+## persons stage off and on at 1M device IDs, side by side, its mapping checked against replay's
+## (.cache/bench/last.md; that part alone: .venv/bin/python scripts/bench.py --persons-only)
 bench: install
 	$(BIN)/python scripts/bench.py
 

@@ -13,12 +13,20 @@ the machine is small and shared: absolute numbers move from run to run, ratios m
    - `python -m streams replay` offline, and its RSS with `--state-dir` at 1x and 10x the devices;
    - correctness: the worker's output must equal replay's for the same input (fields the schema marks
      "worker output only" set aside and checked on their own), else FAIL and exit 1;
+   - the persons stage: --records over as many device IDs (their own raw topic), the worker with
+     STREAMS_PERSONS=off then on, alternating, twice; the on/off ratio of events/s, and each run's output
+     against replay's, the persons topic's final mapping against `replay --persons`'s (polled until it
+     settles), how long it took to settle after the enriched output, and how many device users it maps;
 4. print a markdown table and write it to .cache/bench/last.md.
 
 Throughput of a consumer = input records / (last - first output record's broker append time): the output
 topics are created with message.timestamp.type=LogAppendTime, so the broker's clock stamps them.
 
     .venv/bin/python scripts/bench.py [--records N] [--devices D] [--quick] [--keep]
+
+`--persons-only` runs only the persons stage's part (report in .cache/bench/last-persons.md):
+
+    .venv/bin/python scripts/bench.py --persons-only [--records N] [--persons-pairs N] [--persons-timeout S]
 
 `--scale` (make bench-scale) runs the scale runs instead, each beside its own ceiling and checked against
 replay: (a) --records (default 1,000,000) over as many device IDs; (b) --state-devices (default 10,000,000)
@@ -91,6 +99,8 @@ class Plan:
     latency_seconds: float
     seed: int
     quick: bool
+    persons_pairs: int = 2  # the persons stage off then on, this many times
+    persons_timeout: float = 120.0
 
     @property
     def latency_records(self) -> int:
@@ -335,12 +345,13 @@ class Kafka:
         await self.lookup.stop()
         await self.admin.close()
 
-    async def create_topics(self, names: Iterable[str], partitions: int = PARTITIONS) -> None:
+    async def create_topics(self, names: Iterable[str], partitions: int = PARTITIONS,
+                            configs: dict[str, str] | None = None) -> None:
         """Fresh topics stamped by the broker's clock (LogAppendTime): the throughput and latency figures
-        come from these stamps, not from any client's clock."""
+        come from these stamps, not from any client's clock. `configs`: more topic settings."""
         names = list(names)
         response = await self.admin.create_topics(
-            [NewTopic(n, partitions, 1, topic_configs=LOG_APPEND_TIME) for n in names])
+            [NewTopic(n, partitions, 1, topic_configs={**LOG_APPEND_TIME, **(configs or {})}) for n in names])
         for name, code, *_ in response.topic_errors:
             if code:
                 raise BenchError(f"cannot create topic {name}: error code {code}")
@@ -722,15 +733,20 @@ class ReplayRun:
     peak_rss_mib: float
     output: Path
     dead: Path
+    persons: Path | None = None  # the final persons mapping (`--persons`)
 
 
 async def run_replay(names: Names, label: str, src: Path, state_dir: Path | None = None, jobs: int = 1,
-                     discard: bool = False) -> ReplayRun:
-    """`discard`: the enriched output to /dev/null (only its counts are wanted)."""
+                     discard: bool = False, persons: bool = False) -> ReplayRun:
+    """`discard`: the enriched output to /dev/null (only its counts are wanted); `persons`: write the final
+    persons mapping too (`--persons`)."""
     out, dead = names.run_dir / f"replay-{label}.jsonl", names.run_dir / f"replay-{label}.dead.jsonl"
     if discard:
         out = Path(os.devnull)
     argv = [PYTHON, "-m", "streams", "replay", "--input", str(src), "--output", str(out), "--dead-letter", str(dead)]
+    persons_file = names.run_dir / f"replay-{label}.persons.jsonl" if persons else None
+    if persons_file is not None:
+        argv += ["--persons", str(persons_file)]
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir)]
     if jobs > 1:
@@ -744,7 +760,7 @@ async def run_replay(names: Names, label: str, src: Path, state_dir: Path | None
         raise BenchError(f"replay {label}: no summary line in {child.log}")
     records, enriched, dead_letters = (int(g.replace(",", "")) for g in m.group(1, 2, 3))
     return ReplayRun(records, enriched, dead_letters, float(m.group(5).replace(",", "")), child.cpu_total,
-                     child.peak_rss_mib, out, dead)
+                     child.peak_rss_mib, out, dead, persons_file)
 
 
 # -- 3b. the ceiling ---------------------------------------------------------------------------------------
@@ -815,13 +831,17 @@ async def measure_baseline(kafka: Kafka, names: Names, raw: str, records: int, e
 
 
 def worker_child(kafka: Kafka, names: Names, label: str, raw: str, enriched: str, dead: str,
-                 guarantee: str = "at_least_once", group: str | None = None, state: str | None = None) -> Child:
-    """A worker with its own group and state directory, named after `label` unless `group`/`state` say."""
+                 guarantee: str = "at_least_once", group: str | None = None, state: str | None = None,
+                 **more: str) -> Child:
+    """A worker with its own group and state directory, named after `label` unless `group`/`state` say, and
+    its own persons topic (the persons stage is on by default: without one of its own, every worker of every
+    run would write the shared default topic). `more`: further settings, by Settings field name."""
     settings = {
         "brokers": kafka.brokers, "raw_topic": raw, "enriched_topic": enriched, "dead_letter_topic": dead,
+        "persons_topic": names.topic(f"{group or label}.persons"),
         "group": names.group(group or label), "state_dir": str(names.run_dir / f"{state or label}-state"),
         "web_port": str(free_port()), "partitions": str(PARTITIONS), "log_level": "warning",
-        "processing_guarantee": guarantee,
+        "processing_guarantee": guarantee, **more,
     }
     env = clean_env(**{env_name(k): v for k, v in settings.items()})
     return Child(label, [PYTHON, "-m", "streams", "worker"], env, names.run_dir / f"{label}.log")
@@ -836,7 +856,8 @@ async def measure_worker(kafka: Kafka, names: Names, raw: str, records: int, exp
     await wait_consumed(kafka, child, names.group(label), raw, records, [enriched, dead],
                         expected.enriched + expected.dead_letters)
     if guarantee == "at_least_once":
-        name, note = "worker: python -m streams worker", "batches of up to 10,000, state written once per batch"
+        name, note = ("worker: python -m streams worker", "batches of up to 10,000, state written once per batch; "
+                      "persons stage on (the default)")
     else:
         name, note = "worker, --processing-guarantee exactly_once", "the same, one transaction per partition a batch"
     result = await consumer_result(kafka, child, name, "all", records, [enriched, dead], note,
@@ -1073,6 +1094,258 @@ async def device_records(brokers: str, topic: str, device_id: str) -> list[bytes
     return found
 
 
+# -- 3f. the persons stage ---------------------------------------------------------------------------------
+
+PERSONS_PAIRS = Plan.persons_pairs  # off then on, this many times: one pair's ratio moves with the machine's noise
+PERSONS_TIMEOUT = Plan.persons_timeout  # seconds the persons topic has, after the enriched output, to settle
+
+
+def read_persons_file(path: Path) -> dict[str, bytes]:
+    """`replay --persons`'s file as a table: user ID -> its line's bytes."""
+    with open(path, "rb") as f:
+        return {orjson.loads(line)["user_id"]: line.rstrip(b"\n") for line in f if line.strip()}
+
+
+def via_counts(mapping: dict[str, bytes]) -> Counter[str]:
+    return Counter(str(orjson.loads(v).get("via")) for v in mapping.values())
+
+
+class TopicTable:
+    """A compacted topic read as a table, from its beginning and then as it grows: the last value per key, a
+    tombstone (null value) removing the key. Counts the values and tombstones read, and keeps the latest
+    broker append time."""
+
+    def __init__(self, brokers: str, topic: str) -> None:
+        self.topic = topic
+        self.consumer = scan_consumer(brokers)
+        self.tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        self.table: dict[str, bytes] = {}
+        self.values = 0
+        self.tombstones = 0
+        self.last_stamp: int | None = None  # ms
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self.consumer.assign(self.tps)
+        await self.consumer.seek_to_beginning(*self.tps)
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    async def catch_up(self) -> None:
+        """Read up to the end offsets of now."""
+        ends = await self.consumer.end_offsets(self.tps)
+        left = {tp for tp in self.tps if await self.consumer.position(tp) < ends[tp]}
+        last = time.monotonic()
+        while left:
+            batch = await self.consumer.getmany(*left, timeout_ms=500, max_records=50_000)
+            for records in batch.values():
+                for r in records:
+                    key = r.key.decode(errors="replace") if r.key is not None else ""
+                    if r.value is None:
+                        self.table.pop(key, None)
+                        self.tombstones += 1
+                    else:
+                        self.table[key] = r.value
+                        self.values += 1
+                    self.last_stamp = r.timestamp if self.last_stamp is None else max(self.last_stamp, r.timestamp)
+                if records:
+                    last = time.monotonic()
+            for tp in list(left):
+                if await self.consumer.position(tp) >= ends[tp]:
+                    left.discard(tp)
+            if time.monotonic() - last > 60:
+                raise BenchError(f"reading {self.topic} stalled")
+
+
+def mapping_difference(expected: dict[str, bytes], actual: dict[str, bytes]) -> list[str]:
+    """What differs between two persons tables, counted, with a few examples."""
+    missing = sorted(expected.keys() - actual.keys())
+    invented = sorted(actual.keys() - expected.keys())
+    differing = sorted(k for k in expected.keys() & actual.keys() if expected[k] != actual[k])
+    lines = [f"{len(missing):,} user IDs missing, {len(invented):,} invented, {len(differing):,} with another "
+             f"value (of replay's {len(expected):,})"]
+    for user in differing[:2]:
+        lines.append(f"e.g. {user}: topic {actual[user].decode(errors='replace')}, replay "
+                     f"{expected[user].decode(errors='replace')}")
+    for user in missing[:1]:
+        lines.append(f"e.g. missing {expected[user].decode(errors='replace')}")
+    for user in invented[:1]:
+        lines.append(f"e.g. invented {actual[user].decode(errors='replace')}")
+    return lines
+
+
+@dataclass
+class PersonsReference:
+    replay: ReplayRun
+    digest: Digest
+    mapping: dict[str, bytes]  # user ID -> replay's line
+
+
+async def persons_reference(names: Names, src: Path) -> PersonsReference:
+    """`replay --persons` on the persons input (state in memory): the enriched output and the final mapping
+    the worker must give."""
+    run = await run_replay(names, "persons", src, persons=True)
+    assert run.persons is not None
+    digest = await asyncio.to_thread(file_digest, run)
+    mapping = await asyncio.to_thread(read_persons_file, run.persons)
+    run.output.unlink()
+    return PersonsReference(run, digest, mapping)
+
+
+@dataclass
+class PersonsRun:
+    result: Result
+    persons: bool
+    enriched_ok: bool
+    enriched_line: str
+    mapping_ok: bool | None = None  # None: the stage was off
+    mapping_lines: list[str] = field(default_factory=list)
+    settled_after: float | None = None  # s from the last enriched record to the persons topic's last record
+    seen_after: float | None = None  # s from the last enriched record until the bench saw the topic settled
+    tail_cpu: float | None = None  # the worker's CPU seconds from the last enriched record until then
+    values: int = 0  # mapping records on the persons topic
+    tombstones: int = 0
+    messages: int = 0  # records on the stage's internal topic
+    via: Counter[str] = field(default_factory=Counter)
+
+
+async def persons_settled(kafka: Kafka, tail: TopicTable, group: str, repartition: str,
+                          expected: dict[str, bytes], timeout: float) -> bool:
+    """Poll until the persons topic equals `expected` and the stage is idle (the group has committed every
+    message of its internal topic: nothing more is on the way), or `timeout` seconds. True when equal."""
+    deadline = time.monotonic() + timeout
+    while True:
+        await tail.catch_up()
+        if tail.table == expected:
+            idle = await kafka.committed(group, repartition) >= await kafka.count([repartition])
+            if idle:
+                await tail.catch_up()  # what was written before the last message was committed
+                if tail.table == expected:
+                    return True
+        if time.monotonic() > deadline:
+            return tail.table == expected
+        await asyncio.sleep(0.5)
+
+
+async def measure_persons_run(kafka: Kafka, names: Names, label: str, raw: str, ref: PersonsReference,
+                              persons: bool, timeout: float) -> PersonsRun:
+    """One worker over `raw` with the persons stage on or off: fresh group, state directory and topics (its own
+    persons topic, compacted, with LogAppendTime as the outputs). Events/s and CPU as the worker's measurement;
+    with the stage on, then until the persons topic settles, and its final mapping against replay's."""
+    enriched, dead, persons_topic = (names.topic(f"{label}.{t}") for t in ("enriched", "dead-letter", "persons"))
+    await kafka.create_topics([enriched, dead])
+    await kafka.create_topics([persons_topic], configs={"cleanup.policy": "compact"})
+    group = names.group(label)
+    repartition = f"{group}-persons-repartition"  # the stage's internal topic (streams.app.topic_names)
+    child = worker_child(kafka, names, label, raw, enriched, dead, persons="on" if persons else "off",
+                         persons_topic=persons_topic)
+    records = ref.replay.records
+    await wait_consumed(kafka, child, group, raw, records, [enriched, dead],
+                        ref.replay.enriched + ref.replay.dead_letters)
+    first, last = await append_span(kafka.brokers, [enriched, dead])
+    cpu = child.cpu_at(last) - child.cpu_at(first)
+    mapping_ok, seen, tail_cpu = False, time.time(), 0.0
+    tail = TopicTable(kafka.brokers, persons_topic)
+    await tail.start()
+    try:
+        if persons:
+            mapping_ok = await persons_settled(kafka, tail, group, repartition, ref.mapping, timeout)
+            seen = time.time()
+            tail_cpu = child.cpu_at(seen) - child.cpu_at(last)
+        else:
+            await tail.catch_up()
+    finally:
+        await tail.stop()
+    if not child.alive():
+        raise BenchError(f"{child.name} exited with code {child.returncode}; the end of {child.log}:\n{child.tail()}")
+    child.stop()
+    state = "on" if persons else "off"
+    result = Result(f"worker, persons {state} ({label.rsplit('-', 1)[-1]})", "all", records, last - first, cpu,
+                    child.peak_rss_mib, f"STREAMS_PERSONS={state}")
+    verdict = compare(ref.digest, await topic_digest(kafka.brokers, raw, enriched, dead), f"worker, persons {state}")
+    run = PersonsRun(result, persons, verdict.ok, " ".join(verdict.lines), values=tail.values,
+                     tombstones=tail.tombstones)
+    if not persons:
+        run.mapping_lines = [f"{tail.values + tail.tombstones:,} records on its persons topic (the stage is off)"]
+        return run
+    run.messages = await kafka.count([repartition])
+    run.via = via_counts(tail.table)
+    run.tail_cpu = tail_cpu
+    run.seen_after = seen - last
+    if tail.last_stamp is not None:
+        run.settled_after = tail.last_stamp / 1000 - last
+    run.mapping_ok = mapping_ok
+    if mapping_ok:
+        run.mapping_lines = [f"the persons topic's final mapping == replay --persons: {len(tail.table):,} device "
+                             f"users (last value per key, tombstones removing the key)"]
+    else:
+        run.mapping_lines = [f"the persons topic's final mapping != replay --persons after {timeout:.0f}s: "
+                             + "; ".join(mapping_difference(ref.mapping, tail.table))]
+    result.note = (f"STREAMS_PERSONS=on; {tail.values:,} mappings and {tail.tombstones:,} tombstones written, "
+                   f"{run.messages:,} internal messages; topic settled {fmt(run.settled_after, 1)}s after the last "
+                   f"enriched record")
+    return run
+
+
+async def measure_persons(kafka: Kafka, names: Names, raw: str, ref: PersonsReference, pairs: int,
+                          timeout: float, devices: int) -> tuple[list[str], list[str]]:
+    """The worker with the persons stage off, then on, `pairs` times over the same raw topic. Returns the
+    report's lines and the failures."""
+    runs: list[PersonsRun] = []
+    for i in range(1, pairs + 1):
+        for on in (False, True):
+            label = f"persons-{'on' if on else 'off'}-{i}"
+            step(f"  {label}")
+            TROUBLE.step = label
+            runs.append(await measure_persons_run(kafka, names, label, raw, ref, on, timeout))
+    offs, ons = [r for r in runs if not r.persons], [r for r in runs if r.persons]
+    failures = [f"{r.result.name}: {r.enriched_line}" for r in runs if not r.enriched_ok]
+    failures += [f"{r.result.name}: {' '.join(r.mapping_lines)}" for r in ons if not r.mapping_ok]
+    off_rate = sum(r.result.rate for r in offs) / len(offs)
+    on_rate = sum(r.result.rate for r in ons) / len(ons)
+    off_cpu = sum(r.result.cpu_us or 0 for r in offs) / len(offs)
+    on_cpu = sum(r.result.cpu_us or 0 for r in ons) / len(ons)
+    per_pair = ", ".join(f"pair {i + 1} {ratio(on.result.rate, off.result.rate)} "
+                         f"({fmt(on.result.rate)} / {fmt(off.result.rate)})"
+                         for i, (off, on) in enumerate(zip(offs, ons, strict=True)))
+    ref_via = via_counts(ref.mapping)
+    last_on = ons[-1]
+    lines = [
+        f"### The persons stage: on against off, {ref.replay.records:,} records over {devices:,} device IDs",
+        "",
+        *table([r.result for r in runs]),
+        "",
+        f"- **persons on / off: {ratio(on_rate, off_rate)} of the events/s** (mean events/s of {pairs} run(s) "
+        f"each; target >= 0.8); per pair, run one after the other: {per_pair}. CPU per event on / off: "
+        f"{ratio(on_cpu, off_cpu)}x.",
+        "- the persons topic settled (its last record appended) "
+        + ", ".join(f"{fmt(r.settled_after, 1)}s" for r in ons)
+        + " after the last enriched record; the bench saw it equal replay's and the stage idle after "
+        + ", ".join(f"{fmt(r.seen_after, 1)}s" for r in ons)
+        + " (polled every 0.5 s); the worker's CPU meanwhile "
+        + ", ".join(f"{fmt(r.tail_cpu, 1)}s" for r in ons)
+        + " (not in the table's CPU, which is that of the enriched output's window).",
+        f"- the stage's work (last run): {last_on.messages:,} messages through its internal topic, "
+        f"{last_on.values:,} mapping records and {last_on.tombstones:,} tombstones written to the persons topic; "
+        f"**{sum(last_on.via.values()):,} device users mapped: {last_on.via['login']:,} via login, "
+        f"{last_on.via['identity']:,} via identity** (replay --persons: {len(ref.mapping):,}, "
+        f"{ref_via['login']:,} and {ref_via['identity']:,}).",
+        "",
+        "Correctness of these runs: " + ("PASS." if not failures else "**FAIL**."),
+        *[f"- {r.result.name}: {r.enriched_line}" for r in runs],
+        *[f"- {r.result.name}: {' '.join(r.mapping_lines)}" for r in runs],
+        "",
+        "How: `python -m streams worker` as in the worker's measurement, each run with its own consumer group, "
+        "state directory and topics (its own "
+        "STREAMS_PERSONS_TOPIC, created compacted with LogAppendTime), off then on, alternating, on one raw "
+        "topic loaded once. Events/s and CPU over the enriched and dead-letter outputs' append span; the "
+        "persons topic is read as a table (last value per key, a tombstone removing it) until it equals "
+        f"replay --persons's file and the group has committed its internal topic ({timeout:.0f}s at most).",
+    ]
+    return lines, failures
+
+
 # -- the machine and the report ----------------------------------------------------------------------------
 
 
@@ -1204,6 +1477,10 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             latency_in = await asyncio.to_thread(
                 generate, input_path("latency", plan.latency_records + 500, latency_devices, plan.seed + 2),
                 plan.latency_records + 500, latency_devices, plan.seed + 2, tag=True)
+            # the persons stage's input: as many device IDs as records (the same file as wide_in by default)
+            persons_in = await asyncio.to_thread(
+                generate, input_path("wide", plan.records, plan.records, plan.seed + 1), plan.records,
+                plan.records, plan.seed + 1)
             prefix_in = names.run_dir / "prefix.jsonl"
             write_prefix(main_in, prefix_in, plan.baseline_records)
             empty_in = names.run_dir / "empty.jsonl"
@@ -1216,6 +1493,7 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             state_main = await run_replay(names, "state", main_in, names.run_dir / "replay-state")
             state_wide = await run_replay(names, "state-wide", wide_in, names.run_dir / "replay-state-wide")
             prefix = await run_replay(names, "prefix", prefix_in)
+            persons_ref = await persons_reference(names, persons_in)
             reference = await asyncio.to_thread(file_digest, memory)
             prefix_reference = await asyncio.to_thread(file_digest, prefix)
             state_same = hashlib.sha256(memory.output.read_bytes()).digest() == hashlib.sha256(
@@ -1228,11 +1506,12 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
 
         kafka = Kafka(brokers)
         await kafka.start()
-        raw, prefix_raw = names.topic("raw"), names.topic("prefix.raw")
+        raw, prefix_raw, persons_raw = names.topic("raw"), names.topic("prefix.raw"), names.topic("persons.raw")
         with timed("load", "loading the raw topics", took):
-            await kafka.create_topics([raw, prefix_raw])
+            await kafka.create_topics([raw, prefix_raw, persons_raw])
             loaded, load_seconds = await load_topic(brokers, raw, main_in)
             await load_topic(brokers, prefix_raw, prefix_in)
+            await load_topic(brokers, persons_raw, persons_in)
             if loaded != plan.records:
                 raise BenchError(f"loaded {loaded:,} records, expected {plan.records:,}")
 
@@ -1260,6 +1539,11 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             baseline_verdict = compare(prefix_reference, baseline_digest, "baseline")
         with timed("latency", f"latency at {plan.latency_rate:,} records/s for {plan.latency_seconds:g}s", took):
             latency = await measure_latency(kafka, names, plan, latency_in, warmup=500)
+        with timed("persons", f"the persons stage off and on, {plan.records:,} records over as many device IDs "
+                   f"({plan.persons_pairs} pairs, alternating)", took):
+            persons_lines, persons_failures = await measure_persons(kafka, names, persons_raw, persons_ref,
+                                                                    plan.persons_pairs, plan.persons_timeout,
+                                                                    plan.records)
 
         startup_cpu = startup.cpu_seconds
 
@@ -1321,6 +1605,8 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             "Each run has its own "
             "topics, group and state directory, one after the other, on the same broker.",
             "",
+            *persons_lines,
+            "",
             f"Machine: {machine()}; load average {load_before[0]:.2f} at the start, "
             f"{os.getloadavg()[0]:.2f} at the end. {versions()}.",
             f"Took {time.monotonic() - started:,.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in took.items()) + ".",
@@ -1342,7 +1628,9 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             for line in verdict.lines:
                 print(f"bench: FAIL: {line}", file=sys.stderr)
             return 1
-        return 0
+        for failure in persons_failures:
+            print(f"bench: FAIL: {failure}", file=sys.stderr)
+        return 1 if persons_failures else 0
     except BenchError as e:
         print(f"bench: FAIL: {e}", file=sys.stderr)
         return 1
@@ -1626,6 +1914,79 @@ async def bench_scale(brokers: str, keep: bool, records: int, state_devices: int
             shutil.rmtree(names.run_dir, ignore_errors=True)
 
 
+async def bench_persons_only(brokers: str, keep: bool, records: int, seed: int, pairs: int, timeout: float) -> int:
+    """`make bench`'s persons part alone: `records` over as many device IDs, the worker with the persons stage
+    off then on, `pairs` times. Report in .cache/bench/last-persons.md."""
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    stamp = f"bench-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
+    names = Names(stamp, BENCH_DIR / stamp)
+    names.run_dir.mkdir(parents=True, exist_ok=True)
+    took: dict[str, float] = {}
+    started_broker = False
+    kafka: Kafka | None = None
+    try:
+        if brokers == "127.0.0.1:9092" and not await broker_up():
+            step("no broker answers: starting one (scripts/kafka.sh start); it is stopped again at the end")
+            await kafka_script("start")
+            started_broker = True
+        with timed("inputs", "generating the input (cached under .cache/bench)", took):
+            src = await asyncio.to_thread(generate, input_path("wide", records, records, seed + 1), records,
+                                          records, seed + 1)
+        with timed("replay", "replay --persons: the reference output and mapping", took):
+            ref = await persons_reference(names, src)
+        kafka = Kafka(brokers)
+        await kafka.start()
+        raw = names.topic("persons.raw")
+        with timed("load", "loading the raw topic", took):
+            await kafka.create_topics([raw])
+            loaded, load_seconds = await load_topic(brokers, raw, src)
+            if loaded != records:
+                raise BenchError(f"loaded {loaded:,} records, expected {records:,}")
+        with timed("persons", f"the persons stage off and on ({pairs} pair(s), alternating)", took):
+            lines, failures = await measure_persons(kafka, names, raw, ref, pairs, timeout, records)
+        dead = ", ".join(f"{r} {n:,}" for r, n in sorted(ref.digest.reasons().items()))
+        report = [
+            f"## bench.py --persons-only: {time.strftime('%Y-%m-%d %H:%M')}, seed {seed + 1}",
+            "",
+            f"Input: {ref.replay.records:,} raw records -> {ref.replay.enriched:,} enriched records and "
+            f"{ref.replay.dead_letters:,} dead letters ({dead}); {loaded:,} loaded in {load_seconds:.1f}s.",
+            "",
+            *lines,
+            "",
+            f"Machine: {machine()}; load average {load_before[0]:.2f} at the start, "
+            f"{os.getloadavg()[0]:.2f} at the end. {versions()}.",
+            f"Took {time.monotonic() - started:,.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in took.items()) + ".",
+        ]
+        if TROUBLE.errors:
+            report[2:2] = [f"**WARNING: the bench's Kafka clients logged errors during: "
+                           f"{', '.join(f'{k} ({n:,})' for k, n in TROUBLE.errors.items())}: those steps' "
+                           "figures are not to be trusted; run again.**", ""]
+        text = "\n".join(report) + "\n"
+        print(text)
+        (BENCH_DIR / "last-persons.md").write_text(text)
+        for failure in failures:
+            print(f"bench: FAIL: {failure}", file=sys.stderr)
+        return 1 if failures else 0
+    except BenchError as e:
+        print(f"bench: FAIL: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for child in Child.registry:
+            child.stop()
+        if kafka is not None:
+            try:
+                deleted = await kafka.delete_run_topics(stamp)
+                step(f"deleted {len(deleted)} topics of this run")
+            except Exception as e:
+                step(f"could not delete the topics {stamp}*: {type(e).__name__}: {e}")
+            await kafka.close()
+        if started_broker:
+            await kafka_script("stop")
+        if not keep:
+            shutil.rmtree(names.run_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1642,6 +2003,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", action="store_true",
                         help="the scale runs instead (make bench-scale): --records over as many device IDs, then "
                         "--state-devices logged in first and --records over them, and two workers against one")
+    parser.add_argument("--persons-only", action="store_true",
+                        help="only the persons stage's part of make bench: --records (default 1,000,000) over as "
+                        "many device IDs, the worker with STREAMS_PERSONS=off then on, --persons-pairs times "
+                        "(.cache/bench/last-persons.md)")
+    parser.add_argument("--persons-pairs", type=int, default=PERSONS_PAIRS,
+                        help=f"off/on pairs of the persons stage's runs (default {PERSONS_PAIRS})")
+    parser.add_argument("--persons-timeout", type=float, default=PERSONS_TIMEOUT,
+                        help=f"seconds the persons topic has to settle after the enriched output (default "
+                        f"{PERSONS_TIMEOUT:.0f})")
     parser.add_argument("--state-devices", type=int, default=SCALE_STATE_DEVICES,
                         help=f"devices in state for --scale (default {SCALE_STATE_DEVICES:,})")
     parser.add_argument("--passthrough", nargs=4, metavar=("BROKERS", "SOURCE", "TARGET", "GROUP"),
@@ -1656,11 +2026,17 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(with_signals(bench_scale(args.brokers, args.keep, args.records or SCALE_WIDE_DEVICES,
                                                     args.state_devices, args.seed)))
     records = args.records or (200_000 if args.quick else 1_000_000)
+    if args.persons_only:
+        BENCH_DIR.mkdir(parents=True, exist_ok=True)
+        TROUBLE.install()
+        return asyncio.run(with_signals(bench_persons_only(args.brokers, args.keep, records, args.seed,
+                                                           args.persons_pairs, args.persons_timeout)))
     devices = args.devices or (20_000 if args.quick else 100_000)
     plan = Plan(records=records, devices=devices,
                 baseline_records=min(records, args.baseline_records or (20_000 if args.quick else 50_000)),
                 wide_devices=devices * 10, latency_rate=args.latency_rate, latency_seconds=args.latency_seconds,
-                seed=args.seed, quick=args.quick)
+                seed=args.seed, quick=args.quick, persons_pairs=args.persons_pairs,
+                persons_timeout=args.persons_timeout)
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     TROUBLE.install()
     return asyncio.run(bench_with_signals(plan, args.brokers, args.keep))
