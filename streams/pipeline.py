@@ -45,7 +45,7 @@ from .identity import DeviceState, Reason, Rejected, device_id_of
 from .keyhash import KeyHashes
 from .pairstore import StoredPairs
 from .persons import DevicePersons, UserIds
-from .persons_stage import STATS_KEY, PartitionPersons, PersonsCounters, Route, kind_of, stored_stats
+from .persons_stage import OWNER, STATS_KEY, PartitionPersons, PersonsCounters, Route, kind_of, stored_stats
 from .statekeys import APPLIED_KEY, PLAN_KEY
 from .transactions import PartitionProducers
 
@@ -403,7 +403,8 @@ class Pipeline:
         keys: dict[int, list[str]] = {}
         for tp, records in batch.items():
             if tp.topic == self.topics.persons_repartition:
-                continue  # keyed by pairs and user IDs, mostly
+                # of the persons stage's messages, only the owners' answers are keyed by a device ID
+                records = [rec for rec in records if kind_of(rec.headers) == OWNER]
             # a key that is no UTF-8 is no device ID: what it decodes to (with U+FFFD) is read in vain, and
             # the record is refused or forwarded
             keys.setdefault(tp.partition, []).extend(
