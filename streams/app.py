@@ -582,6 +582,18 @@ async def _prepare_topics(settings: Settings) -> Layout:
                 configs = {"cleanup.policy": "compact"} if name == topics.persons else None
                 await _create(admin, settings, name, partitions, replication, configs)
             outputs[name] = counts.get(name, partitions)
+        # the tables' changelogs and the repartition topics, made here rather than by Faust as it starts (with
+        # the same settings: a changelog is compacted): a topic made just before the group's first assignment can
+        # be missing from the metadata the assignment is computed from, and is then left out of it until the
+        # next rebalance (seen: the persons stage's input not read, its table assigned to no one)
+        made = []
+        changelogs = (topics.changelog, topics.persons_changelog)
+        for name in (*changelogs, topics.repartition, topics.persons_repartition):
+            if name is not None and name not in counts:
+                configs = {"cleanup.policy": "compact"} if name in changelogs else None
+                await _create(admin, settings, name, partitions, replication, configs)
+                made.append(name)
+        await _until_listed(admin, made)
         return Layout(partitions, outputs, replication)
     finally:
         await admin.close()
@@ -590,6 +602,16 @@ async def _prepare_topics(settings: Settings) -> Layout:
 async def _partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int]:
     metadata = await admin.describe_topics()
     return {t["topic"]: len(t["partitions"]) for t in metadata if not t.get("error_code")}
+
+
+async def _until_listed(admin: AIOKafkaAdminClient, names: Sequence[str], wait: float = 15.0) -> None:
+    """Until the brokers' metadata shows the topics just created (the controller made them a moment before)."""
+    deadline = time.monotonic() + wait
+    while missing := set(names) - (await _partition_counts(admin)).keys():
+        if time.monotonic() >= deadline:
+            raise KafkaError(f"topics {sorted(missing)} were created but do not show in the metadata after "
+                             f"{wait:.0f}s")
+        await asyncio.sleep(0.1)
 
 
 async def _create(admin: AIOKafkaAdminClient, settings: Settings, name: str, partitions: int,
