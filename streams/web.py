@@ -81,7 +81,8 @@ def lookup(app: StreamsApp, device_id: str) -> dict[str, Any] | None:
         if not isinstance(data, bytes):
             return None
         entry = codec.decode_stored(data)
-    state, applied = entry
+    # a cached entry also holds the device's persons part (`streams.pipeline.Entry`)
+    state, applied = entry[0], entry[1]
     return {"device_id": device_id, "partition": partition, **codec.state_as_json(state),
             "applied_offsets": {_log(key): o for key, o in sorted(applied.items())}}
 
