@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import config
 
@@ -72,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument("--url", help="a worker's web address (default: http://WEB_BIND:WEB_PORT from the settings)")
     config.add_arguments(state, "state")
 
+    person = commands.add_parser(
+        "person",
+        help="print a device user's persons mapping, asked of a running worker",
+        description="Ask a running worker (any worker of the group: the request is routed to the one that owns "
+        "the user ID's\npartition of the persons index) for a device user's persons mapping (persons.md §4), and "
+        "print it as JSON:\nthe mapping record, or person_id null and conflict true when the pairs it claims have "
+        "several owners.\nA user ID without a mapping (a login user, or a device user mapped to no one) is its own "
+        "person: exit code 1.",
+        epilog="examples:\n  python -m streams person 0c6f7a4e-2d3b-5e8f-9a1c-4b7d2e6f8a90\n"
+        "  python -m streams person 0c6f7a4e-2d3b-5e8f-9a1c-4b7d2e6f8a90 --url http://10.0.0.5:6066",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    person.add_argument("user_id", help="a device user's ID (the user_id of its enriched records, a UUID)")
+    person.add_argument("--url", help="a worker's web address (default: http://WEB_BIND:WEB_PORT from the settings)")
+    config.add_arguments(person, "state")
+
     from . import topics
 
     topics.add_commands(commands)
@@ -105,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_bench(args)
     if args.command == "state":
         return run_state(args, settings)
+    if args.command == "person":
+        return run_person(args, settings)
     if args.command in ("produce", "tail"):
         from . import topics
 
@@ -178,27 +197,52 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_state(args: argparse.Namespace, settings: config.Settings) -> int:
+    return ask_worker("state", args.url, settings, "devices", args.device_id,
+                      lambda body: f"{args.device_id}: no identity state stored")
+
+
+def run_person(args: argparse.Namespace, settings: config.Settings) -> int:
+    return ask_worker("person", args.url, settings, "persons", args.user_id,
+                      lambda body: f"{args.user_id}: {body.get('error', 'no persons mapping')}")
+
+
+def ask_worker(command: str, url: str | None, settings: config.Settings, view: str, key: str,
+               not_found: Callable[[dict[str, Any]], str]) -> int:
+    """GET a worker's lookup `/VIEW/KEY` and print the JSON it answers: 0; 1 when it has none (`not_found`
+    says so, from the answer's body), when it refuses, or when no worker answers."""
     import json
     import urllib.error
     import urllib.parse
     import urllib.request
 
-    base = args.url or f"http://{settings.web_bind}:{settings.web_port}"
-    url = f"{base.rstrip('/')}/devices/{urllib.parse.quote(args.device_id, safe='')}"
+    base = url or f"http://{settings.web_bind}:{settings.web_port}"
+    target = f"{base.rstrip('/')}/{view}/{urllib.parse.quote(key, safe='')}"
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(target, timeout=10) as response:
             body = json.loads(response.read())
     except urllib.error.HTTPError as e:
+        answer = _json_object(e.read())
         if e.code == 404:
-            print(f"streams state: {args.device_id}: no identity state stored", file=sys.stderr)
+            print(f"streams {command}: {not_found(answer)}", file=sys.stderr)
             return 1
-        print(f"streams state: {url}: HTTP {e.code} {e.reason}", file=sys.stderr)
+        detail = f": {answer['error']}" if isinstance(answer.get("error"), str) else ""
+        print(f"streams {command}: {target}: HTTP {e.code} {e.reason}{detail}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as e:
-        print(f"streams state: no worker answers at {base} ({getattr(e, 'reason', e)})", file=sys.stderr)
+        print(f"streams {command}: no worker answers at {base} ({getattr(e, 'reason', e)})", file=sys.stderr)
         return 1
     print(json.dumps(body, indent=2, ensure_ascii=False))
     return 0
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    import json
+
+    try:
+        loaded = json.loads(data)
+    except ValueError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 if __name__ == "__main__":

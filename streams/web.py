@@ -1,22 +1,25 @@
-"""The worker's HTTP face: Prometheus metrics and the live device lookup, on Faust's web server.
+"""The worker's HTTP face: Prometheus metrics and the live device and persons lookups, on Faust's web server.
 
-Lives here: `install(app)`, which adds `GET /metrics` and `GET /devices/{device_id}` (routed to the worker
-that owns the device's partition, as Faust's table views are), and the Prometheus text rendering. Faust's
-raw `/table` dump stays off (`web_tables_enabled=False` in `streams.app`).
+Lives here: `install(app)`, which adds `GET /metrics`, `GET /devices/{device_id}` and `GET /persons/{user_id}`
+(each lookup routed to the worker that owns the key's partition, as Faust's table views are), and the
+Prometheus text rendering. Faust's raw `/table` dump stays off (`web_tables_enabled=False` in `streams.app`).
 `faust -A streams.web worker` runs the worker with these views (`faust -A streams.app worker` without them).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from typing import Any, cast
 
+from faust.types import TP
 from faust.web import Request, Response, View
 from yarl import URL
 
 from . import codec
-from .app import TABLE, MarkerAwareRecovery, StreamsApp, from_environment
+from .app import PERSONS_TABLE, TABLE, MarkerAwareRecovery, StreamsApp, from_environment
+from .persons_stage import STATS, STATS_KEY, stored_stats
 from .pipeline import FORWARDED
 from .restore import RestoreCounters
 from .statekeys import INTERNAL
@@ -43,31 +46,89 @@ def install(app: StreamsApp) -> None:
                                   "(never seen, or only records that change nothing)"}, status=404)
             return self.json(found)
 
+    @app.page("/persons/{user_id}")
+    class Person(View):
+        async def get(self, request: Request, user_id: str) -> Response:
+            if app.streams_persons_table is None:
+                return self.json({"user_id": user_id, "error": "the persons stage is off (STREAMS_PERSONS=off): "
+                                  "this worker keeps no persons mapping"}, status=404)
+            user = user_id.lower()
+            if not USER_ID.fullmatch(user):
+                return self.json({"user_id": user_id[:100], "error": "not a user ID: a user_id is a UUID as the "
+                                  "enriched records carry it, e.g. 2f1f4a5e-8c4b-5f4e-9a53-5c1f1d0b2a77"},
+                                 status=400)
+            partition = app.streams_pipeline.partition_for(user)
+            owner = owner_url(app, partition, PERSONS_TABLE)
+            if owner is not None and owner != str(app.conf.canonical_url) and ROUTED not in request.headers:
+                return await route(app, self, request, owner, "this user's mapping")
+            status, body = person(app, user, partition)
+            return self.json(body, status=status)
+
 
 # set on a lookup one worker sends another: the receiver answers it itself, even when the group has moved the
 # device meanwhile, so that two workers with different views of the assignment never send it back and forth
 ROUTED = "X-Streams-Routed"
 
 
-def owner_url(app: StreamsApp, partition: int) -> str | None:
+def owner_url(app: StreamsApp, partition: int, table: str = TABLE) -> str | None:
     """The advertised URL of the worker that holds the table partition, as the group's last assignment says."""
-    changelog = app.streams_pipeline.topics.changelog
-    for url, topics in app.router.table_metadata(TABLE).items():
-        if partition in topics.get(changelog, ()):
+    # the assignor's map holds the table's changelog topic only
+    for url, topics in app.router.table_metadata(table).items():
+        if any(partition in partitions for partitions in topics.values()):
             return str(url)
     return None
 
 
-async def route(app: StreamsApp, view: View, request: Request, owner: str) -> Response:
-    """Ask the owner, and answer what it answers. The device's partition is the producers' partitioner's
+async def route(app: StreamsApp, view: View, request: Request, owner: str, what: str = "this device") -> Response:
+    """Ask the owner, and answer what it answers. The key's partition is the producers' partitioner's
     (`--partitioner`), which Faust's own table router does not know."""
     target = URL(owner).with_path(request.url.raw_path, encoded=True).with_query(request.url.query)
     try:
         async with app.http_client.get(target, headers={ROUTED: "1"}) as response:
             return view.text(await response.text(), content_type=response.content_type, status=response.status)
     except OSError as e:
-        return view.json({"error": f"the worker that holds this device ({owner}) does not answer: "
+        return view.json({"error": f"the worker that holds {what} ({owner}) does not answer: "
                           f"{type(e).__name__}"}, status=503)
+
+
+# a user_id as the enriched records carry it (persons.md §1: `str(uuid5(...))`), any case
+USER_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+NOT_MAPPED = ("no persons mapping for this user ID: a login user is a person of its own, and a device user "
+              "without a mapping (none yet, or its mapping ended) is its own person: its person ID is its user_id")
+
+
+def person(app: StreamsApp, user_id: str, partition: int) -> tuple[int, dict[str, Any]]:
+    """A device user's mapping from the persons index, as this worker (the owner of its partition) holds it:
+    the HTTP status and the JSON body."""
+    changelog = app.streams_pipeline.topics.persons_changelog
+    assert changelog is not None
+    unavailable = not_serving(app, changelog, partition)
+    if unavailable is not None:
+        return 503, {"user_id": user_id, "error": f"partition {partition} of the persons table {unavailable}: "
+                     "ask again shortly"}
+    db = cast(Any, app.streams_persons_table.data)._db_for_partition(partition)
+    data = db.get(b"U" + user_id.encode())
+    if not isinstance(data, bytes):
+        return 404, {"user_id": user_id, "error": NOT_MAPPED}
+    mapping, conflict = codec.decode_user(data)
+    if mapping is not None:
+        return 200, mapping.record()
+    if conflict:
+        # the pairs it claims have several owners: it maps to none of them (persons.md §4)
+        return 200, {"user_id": user_id, "person_id": None, "conflict": True}
+    return 404, {"user_id": user_id, "error": NOT_MAPPED}
+
+
+def not_serving(app: StreamsApp, changelog: str, partition: int) -> str | None:
+    """Why this worker cannot answer for a table partition now (None: it can): it is not the partition's
+    active owner (a lookup routed here just before the group moved it, or no assignment yet), or the group
+    is rebalancing (Faust's flag is up from the revocation until every partition taken over is rebuilt from
+    its changelog)."""
+    if not app.assignor.is_active(TP(changelog, partition)):
+        return "is not held by this worker now (the group is assigning it)"
+    if app.rebalancing:
+        return "is not ready: the group is rebalancing, and this worker may be rebuilding it from its changelog"
+    return None
 
 
 def lookup(app: StreamsApp, device_id: str) -> dict[str, Any] | None:
@@ -149,7 +210,53 @@ def render_metrics(app: StreamsApp) -> str:
     metric("state_devices", "gauge", "devices with stored state in this worker's partitions (RocksDB estimate)",
            [({}, _devices(app))])
     metric("uptime_seconds", "gauge", "seconds since the worker started", [({}, round(time.time() - STARTED, 1))])
+    stats = person_stats(app)
+    if stats is not None:
+        p = pipeline.persons_counters
+        metric("person_claims", "gauge", "active claims made by the devices of this worker's partitions "
+               "(persons.md §2)", [({}, stats["claims"])])
+        metric("person_pairs", "gauge", "claimed pairs in this worker's partitions: 'owned' by one login user, "
+               "'shared' by several or on more devices than STREAMS_PERSON_MAX_DEVICES (persons.md §3)",
+               [({"state": "owned"}, stats["owned_pairs"]), ({"state": "shared"}, stats["shared_pairs"])])
+        metric("person_device_users", "gauge", "device users mapped now, in this worker's partitions of the "
+               "persons index, by how (persons.md §4)",
+               [({"via": "login"}, stats["via_login"]), ({"via": "identity"}, stats["via_identity"])])
+        metric("person_conflicts", "gauge", "device users in conflict now (owned pairs of several owners: mapped "
+               "to none), in this worker's partitions of the persons index", [({}, stats["conflicts"])])
+        metric("person_messages_total", "counter", "persons stage messages sent, by kind: a device's claims on a "
+               "pair, a pair's owner back to a device, a device user's mapping to the index",
+               [({"kind": "claim"}, p.claim_messages), ({"kind": "owner"}, p.owner_messages),
+                ({"kind": "user"}, p.user_messages)])
+        metric("person_mappings_written_total", "counter", "mappings written to the persons topic",
+               [({}, p.mappings_written)])
+        metric("person_tombstones_written_total", "counter", "tombstones written to the persons topic (a mapping "
+               "that no longer holds)", [({}, p.tombstones_written)])
+        metric("person_unreadable_messages_total", "counter", "persons stage messages that could not be applied "
+               "(logged and skipped)", [({}, p.unreadable)])
     return "\n".join(out) + "\n"
+
+
+def person_stats(app: StreamsApp) -> dict[str, int] | None:
+    """The persons stage's counts summed over the partitions this worker owns (None: the stage is off). A
+    partition's counts are the stage's as of its last batch here, or, before its first batch since it came
+    to this worker, as stored with its pairs (`streams.persons_stage.STATS_KEY`)."""
+    table = app.streams_persons_table
+    if table is None:
+        return None
+    pipeline = app.streams_pipeline
+    changelog = pipeline.topics.persons_changelog
+    owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == changelog}
+    totals = dict.fromkeys(STATS, 0)
+    for partition in sorted(owned | pipeline.person_stats.keys()):
+        stats = pipeline.person_stats.get(partition)
+        if stats is None:
+            try:
+                stats = stored_stats(cast(Any, table.data)._db_for_partition(partition).get(STATS_KEY))
+            except Exception:
+                continue
+        for name in STATS:
+            totals[name] += stats.get(name, 0)
+    return totals
 
 
 def _restore_counters(app: StreamsApp) -> RestoreCounters:

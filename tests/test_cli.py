@@ -9,7 +9,7 @@ import pytest
 
 from .conftest import ROOT
 
-COMMANDS = ["replay", "worker", "state", "produce", "tail", "bench"]
+COMMANDS = ["replay", "worker", "state", "person", "produce", "tail", "bench"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -45,6 +45,12 @@ def test_state_without_a_worker_says_so() -> None:
     out = run("state", "some-device", "--web-port", "1")
     assert out.returncode == 1
     assert "no worker answers" in out.stderr
+
+
+def test_person_without_a_worker_says_so() -> None:
+    out = run("person", "6b0f3c1e-8a4d-5b2e-9c7f-0d1e2f3a4b5c", "--web-port", "1")
+    assert out.returncode == 1
+    assert "streams person: no worker answers at http://127.0.0.1:1" in out.stderr
 
 
 def test_the_dashboard_only_uses_metrics_the_worker_serves() -> None:

@@ -40,8 +40,8 @@ def get(url: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    status, body = get(f"http://127.0.0.1:{port}/metrics")
+def scrape(port: int, host: str = "127.0.0.1") -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    status, body = get(f"http://{host}:{port}/metrics")
     assert status == 200
     samples = {}
     for line in body.decode().splitlines():
