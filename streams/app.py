@@ -335,14 +335,21 @@ class MarkerAwareRecovery(Recovery):
             counters.records[role] += len(fresh)
             counters.batches += 1
             counters.seconds += time.monotonic() - started
-            if role == "active":
+            if role == "active" and self._devices(tp):
                 counters.offsets[tp.partition] = offsets[tp]
         return True
 
+    def _devices(self, tp: Any) -> bool:
+        """Whether `tp` is of the device table's changelog: the per-partition figures are the device table's
+        (the persons table has its own changelog, with other offsets, under the same partition numbers)."""
+        pipeline = getattr(self.app, "streams_pipeline", None)
+        return pipeline is None or tp.topic == pipeline.topics.changelog
+
     def standby_positions(self) -> dict[int, int]:
-        """Per standby partition, the changelog offset its copy holds (one with nothing new to read too)."""
+        """Per standby partition, the changelog offset its copy of the device table holds (one with nothing new
+        to read too)."""
         return {tp.partition: offset for tp in list(self.standby_tps)
-                if (offset := self.standby_offsets.get(tp)) is not None}
+                if self._devices(tp) and (offset := self.standby_offsets.get(tp)) is not None}
 
     def settle(self) -> None:
         """Called by the consumer each time every record it fetched has been handed on: the recovery ends
@@ -357,7 +364,8 @@ class MarkerAwareRecovery(Recovery):
         if title == "active":
             self._reading = True
             for tp in tps:
-                self.restore_counters.started_after[tp.partition] = offsets[tp]
+                if self._devices(tp):
+                    self.restore_counters.started_after[tp.partition] = offsets[tp]
 
     def _set_recovery_ended(self) -> None:
         self._reading = False
@@ -365,7 +373,10 @@ class MarkerAwareRecovery(Recovery):
 
     async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any, generation_id: int = 0) -> None:
         self._reading = False
+        persons = getattr(getattr(self.app, "streams_pipeline", None), "topics", None)
         for tp in revoked:
+            if persons is not None and tp.topic == persons.persons_changelog:
+                continue  # the partition's device figures go with its other topics
             self.restore_counters.offsets.pop(tp.partition, None)
             self.restore_counters.started_after.pop(tp.partition, None)
         await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
