@@ -233,6 +233,8 @@ def render_metrics(app: StreamsApp) -> str:
                "that no longer holds)", [({}, p.tombstones_written)])
         metric("person_unreadable_messages_total", "counter", "persons stage messages that could not be applied "
                "(logged and skipped)", [({}, p.unreadable)])
+        metric("person_refused_claims_total", "counter", "claims and sign-ups not made: the device was at its "
+               "bound (1,000 of each; an unbind makes room)", [({}, p.refused_claims)])
     return "\n".join(out) + "\n"
 
 
