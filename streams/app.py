@@ -17,7 +17,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -31,7 +31,6 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
 from mode.utils.objects import cached_property
-from rocksdict import WriteBatch
 
 from . import restore
 from . import topics as kafka_topics
@@ -43,6 +42,7 @@ from .pipeline import BatchFailed, Pipeline, Topics
 from .restore import RestoreCounters
 from .retries import Retries
 from .statekeys import OFFSET_KEY
+from .statestore import write_batch
 from .transactions import PartitionProducers, transactional_producer
 
 log = logging.getLogger(__name__)
@@ -483,15 +483,6 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
                                            "bloom_filter_size": 10, "write_buffer_size": 8 << 20,
                                            "max_write_buffer_number": 2})
 
-    def make_batch(items: Iterable[tuple[bytes, bytes | None]]) -> WriteBatch:
-        batch = WriteBatch(raw_mode=True)
-        for key, value in items:
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
-        return batch
-
     faust_producer = cast(Any, app.producer)
 
     async def producer() -> Any:
@@ -508,7 +499,7 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         topics,
         producer,
         db_for_partition=lambda p: cast(Any, table.data)._db_for_partition(p),
-        write_batch=make_batch,
+        write_batch=write_batch,
         changelog_offset_key=OFFSET_KEY,
         cache_size=settings.cache_devices,
         partitioner=settings.partitioner,

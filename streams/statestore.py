@@ -89,6 +89,17 @@ class CachedStore:
             self.clean.popitem(last=False)
 
 
+def write_batch(items: Iterable[tuple[bytes, bytes | None]]) -> WriteBatch:
+    """One RocksDB write batch of raw keys and values; a value None deletes its key."""
+    batch = WriteBatch(raw_mode=True)
+    for key, value in items:
+        if value is None:
+            batch.delete(key)
+        else:
+            batch.put(key, value)
+    return batch
+
+
 def rocksdb_options(block_cache_mb: int = 64) -> Options:
     from rocksdict import BlockBasedOptions, Cache
 
@@ -134,13 +145,7 @@ class RocksBackend:
 
     def write_raw(self, items: Iterable[tuple[bytes, bytes | None]]) -> None:
         """Keys as they are (None: delete), in one write batch: the persons stage's part of the database."""
-        batch = WriteBatch(raw_mode=True)
-        for key, value in items:
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
-        self.db.write(batch)
+        self.db.write(write_batch(items))
 
     def close(self) -> None:
         self.db.close()

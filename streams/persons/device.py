@@ -40,11 +40,7 @@ class DevicePersons:
 
     def entry(self, pair: str) -> Entry | None:
         """What the pair stage keeps of this device's claims on `pair`."""
-        claimants = self.claims.get(pair)
-        if not claimants:
-            return None
-        logins = sorted(c for c, login in claimants.items() if login)[:2]
-        return Entry(tuple(logins), not all(claimants.values()))
+        return _entry(self.claims.get(pair))
 
     def claim_count(self) -> int:
         return sum(len(c) for c in self.claims.values())
