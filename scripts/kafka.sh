@@ -42,9 +42,15 @@
 #   KAFKA_CLUSTER_PORTS    nodes' PLAINTEXT ports    [19092 29092 39092]
 #                          (each node's controller listens on its port + 1)
 #   KAFKA_CLUSTER_HEAP_OPTS  heap per node           [-Xmx512m -Xms512m]
+#   KAFKA_TESTHOST_ADDRESS the test hosts' listener  [192.0.2.1]
+#   KAFKA_TESTHOST_PORT    its port                  [9096]
 #
 # Every listener binds 127.0.0.1 only (with Docker too: the compose file's
-# services use the host's network). SASL_PLAINTEXT accepts PLAIN, SCRAM-SHA-256 and
+# services use the host's network), but one: as root, the single node also
+# listens on KAFKA_TESTHOST_ADDRESS, an address of TEST-NET-1 added to the
+# loopback interface, which the test hosts (network namespaces that the
+# network-fault tests make, scripts/testhosts.py) reach through their veth
+# link. No one else's host is there: the address exists only on this machine. SASL_PLAINTEXT accepts PLAIN, SCRAM-SHA-256 and
 # SCRAM-SHA-512 for user "streams" / "streams-secret".
 #
 # With Docker, `start` starts only the kafka service of docker-compose.yml;
@@ -75,6 +81,8 @@ readonly CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 readonly START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 readonly STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 readonly BOOTSTRAP="$HOST:$PORT"
+readonly TESTHOST_ADDRESS="${KAFKA_TESTHOST_ADDRESS:-192.0.2.1}"
+readonly TESTHOST_PORT="${KAFKA_TESTHOST_PORT:-9096}"
 
 readonly PID_FILE="$DATA_DIR/kafka.pid"
 readonly SERVER_PROPS="$DATA_DIR/server.properties"
@@ -302,8 +310,20 @@ EOF
 # Broker configuration
 # --------------------------------------------------------------------------
 
+# As root: the test hosts' address on the loopback interface (kept if there);
+# prints the listener to add, or nothing where it cannot be had.
+testhost_listener() {
+    [[ "$(id -u)" == 0 ]] && command -v ip >/dev/null 2>&1 || return 0
+    if ! ip -4 addr show dev lo | grep -q "inet $TESTHOST_ADDRESS/"; then
+        ip addr add "$TESTHOST_ADDRESS/32" dev lo 2>/dev/null || return 0
+    fi
+    printf ',TESTHOSTS://%s:%s' "$TESTHOST_ADDRESS" "$TESTHOST_PORT"
+}
+
 write_server_properties() {
     mkdir -p "$DATA_DIR"
+    local testhosts
+    testhosts="$(testhost_listener)"
     cat >"$SERVER_PROPS" <<EOF
 # Written by scripts/kafka.sh on every start; edits are overwritten.
 
@@ -314,10 +334,10 @@ node.id=1
 controller.quorum.bootstrap.servers=$HOST:$CONTROLLER_PORT
 controller.listener.names=CONTROLLER
 
-# Loopback only.
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT,SASL_PLAINTEXT://$HOST:$SASL_PORT
-advertised.listeners=PLAINTEXT://$HOST:$PORT,SASL_PLAINTEXT://$HOST:$SASL_PORT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+# Loopback only (and, as root, the test hosts' address: see the top).
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT,SASL_PLAINTEXT://$HOST:$SASL_PORT$testhosts
+advertised.listeners=PLAINTEXT://$HOST:$PORT,SASL_PLAINTEXT://$HOST:$SASL_PORT$testhosts
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,TESTHOSTS:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 
 # SASL on its own listener. PLAIN users live in the JAAS line; SCRAM users

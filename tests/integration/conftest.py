@@ -234,7 +234,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
 class Worker:
     """`python -m streams worker` with `settings` in its environment; output in `log_path`."""
 
-    def __init__(self, settings: Settings, log_path: Path, name: str = "worker") -> None:
+    def __init__(self, settings: Settings, log_path: Path, name: str = "worker", prefix: Sequence[str] = ()) -> None:
         self.settings = settings
         self.name = name
         self.log_path = log_path
@@ -245,7 +245,8 @@ class Worker:
                       f"web_port={settings.web_port}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams", "worker"],
+                # `prefix`: where it runs, e.g. `ip netns exec HOST` (a test host, scripts/testhosts.py)
+                [*prefix, sys.executable, "-m", "streams", "worker"],
                 cwd=ROOT, env=worker_env(settings), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         self.started = time.monotonic()
@@ -325,8 +326,8 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     """Start workers; whatever still runs at the end of the test is stopped (SIGTERM, then SIGKILL)."""
     started: list[Worker] = []
 
-    def start(settings: Settings, name: str = "worker", **changes: Any) -> Worker:
-        worker = Worker(replace(settings, **changes), tmp_path / f"{name}.log", name)
+    def start(settings: Settings, name: str = "worker", prefix: Sequence[str] = (), **changes: Any) -> Worker:
+        worker = Worker(replace(settings, **changes), tmp_path / f"{name}.log", name, prefix)
         started.append(worker)
         return worker
 
