@@ -81,14 +81,14 @@ def input_topics(topics: Topics) -> set[str]:
 
 
 class ConsumerThread(AIOKafkaConsumerThread):
-    """Faust's consumer thread; with exactly-once, its consumer reads committed records only: of the
-    repartition topic and the changelog, nothing a crashed or fenced transaction left behind."""
+    """Faust's consumer thread, whose consumer reads committed records only: of the changelogs, the persons
+    stage's messages and (exactly-once) the repartition topic, nothing that a crashed or fenced transaction
+    left behind. The state is written in transactions in both modes (`Pipeline._commit_at_least_once`)."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        if BatchConsumer.pipeline.transactions is not None:
-            # Faust sets this only with its own exactly-once mode, whose producers this worker does not use
-            consumer._isolation_level = "read_committed"
+        # Faust sets this only with its own exactly-once mode, whose producers this worker does not use
+        consumer._isolation_level = "read_committed"
         return consumer
 
 
@@ -186,9 +186,10 @@ class BatchConsumer(AIOKafkaConsumer):
                                       type(cause).__name__, cause, pause)
                             self.pipeline.forget_partitions(tp.partition for tp in failed)
                             rewind.update({tp: batch[tp][0].offset for tp in failed})
-                            if self.pipeline.transactions is not None:
-                                # the failed partitions' producers are closed (perhaps fenced: is this worker
-                                # still their owner?): the group's answer reopens those it owns
+                            transactions = self.pipeline.transactions
+                            if transactions is not None and not transactions.holds(tp.partition for tp in batch):
+                                # a failed partition's producer is closed (perhaps fenced: is this worker still
+                                # its owner?): the group's answer reopens those it owns
                                 self._thread._ensure_consumer()._coordinator.request_rejoin()
                             await asyncio.sleep(pause)
                         else:
@@ -197,7 +198,7 @@ class BatchConsumer(AIOKafkaConsumer):
                 await self._rewind(rewind)
 
     async def _commit_batch(self, offsets: Mapping[Any, int]) -> None:
-        if offsets and self.pipeline.transactions is None:
+        if offsets and not self.pipeline.exactly_once:
             # exactly-once committed them in the batch's transactions
             await self._commit_offsets(offsets)
 
@@ -255,7 +256,8 @@ class BatchConsumer(AIOKafkaConsumer):
         if transactions is not None:
             # before Faust reads the committed offsets (and the table recovery starts): opening the producers
             # of the partitions now owned fences their previous owner, so no transaction of its can commit
-            # offsets behind the ones read here
+            # state (or, exactly-once, offsets) behind what is read here. Its owner may not know it lost them:
+            # a worker cut off from the network past the session timeout is told only once it is back
             mine = input_topics(self.pipeline.topics)
             async with self.batch_lock:
                 await transactions.own({tp.partition for tp in assigned if tp.topic in mine})
@@ -503,9 +505,10 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         changelog_offset_key=OFFSET_KEY,
         cache_size=settings.cache_devices,
         partitioner=settings.partitioner,
-        transactions=(PartitionProducers(settings.group, transactional_producer(settings.brokers,
-                                                                                  settings.kafka_options()))
-                      if settings.exactly_once else None),
+        # in both modes: the state is written in each partition's transactions, which its next owner fences
+        transactions=PartitionProducers(settings.group, transactional_producer(settings.brokers,
+                                                                                settings.kafka_options())),
+        exactly_once=settings.exactly_once,
         group=settings.group,
         persons_db_for_partition=(None if persons_table is None
                                   else lambda p: cast(Any, persons_table.data)._db_for_partition(p)),

@@ -11,8 +11,11 @@ per-partition state transaction over the Faust table's RocksDB databases, and th
    (at-least-once, once forwarded records reach a partition: first its plan, how far the batch goes in the raw
    and repartition logs, to the changelog and RocksDB; `Pipeline._order`)
 3. produce outputs, dead letters and forwards as whole record batches, and wait for all acks;
-4. produce each changed device's state, and the partition's applied marks (`Applied`), to the changelog
-   once, and wait for the acks;
+4. per partition, in one transaction of its own producer: each changed device's state, the partition's
+   applied marks (`Applied`) and the persons stage's messages. Its next owner opens that producer before
+   reading anything of the partition, which fences this worker's writes, also those still in flight: a
+   worker cut off from the network past the session timeout, told it lost its partitions only once back,
+   writes no state over its successor's;
 5. write the same states, and the changelog offset, to RocksDB in one write batch;
 6. commit the input offsets.
 A crash anywhere replays the batch from the last commit: outputs repeat byte for byte (the engine is
@@ -365,6 +368,7 @@ class Pipeline:
         changelog_offset_key: bytes,
         cache_size: int = 100_000,
         transactions: PartitionProducers | None = None,
+        exactly_once: bool = False,
         group: str = "",
         partitioner: str = "murmur2",
         persons_db_for_partition: Callable[[int], PartitionDB] | None = None,
@@ -375,7 +379,11 @@ class Pipeline:
         self.db_for_partition = db_for_partition
         self.write_batch = write_batch
         self.offset_key = changelog_offset_key
-        self.transactions = transactions  # exactly-once: one transactional producer per owned partition
+        # one transactional producer per owned partition, in both modes: a partition's state is written in its
+        # producer's transactions, so that whoever owns it next fences every write of this worker's still in
+        # flight (`streams.transactions`). Exactly-once puts the partition's outputs and input offsets in them too
+        self.transactions = transactions
+        self.exactly_once = exactly_once
         self.group = group
         # (partition, device ID) -> (state, applied offsets), or None: nothing stored (see PartitionState)
         self.cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
@@ -475,7 +483,10 @@ class Pipeline:
         # are applied. The owner is the input partition number whose transaction carries it (exactly-once);
         # at-least-once has one producer and one owner
         outboxes: dict[int, dict[tuple[str, int], list[Message]]] = {}
-        transactional = self.transactions is not None
+        transactional = self.exactly_once
+        # at-least-once: per partition, what its state transaction carries besides the changelogs (the persons
+        # stage's messages); exactly-once's transaction carries the partition's whole outbox
+        fenced: dict[int, dict[tuple[str, int], list[Message]]] = {}
         states: dict[int, PartitionState] = {}
         commit: dict[Any, int] = {}
         rewind: dict[Any, int] = {}
@@ -514,9 +525,12 @@ class Pipeline:
             if outbox is None:
                 outbox = outboxes[owner] = {}
             applied = state.applied
+            # the persons stage's messages say what holds now: a late copy from a worker that lost the partition
+            # would undo what its next owner said since, so they travel with the state, fenced
+            state_box = outbox if transactional else fenced.setdefault(p, {})
 
             def send(topic: str, partition: int, message: Message, outbox: dict[tuple[str, int], list[Message]]
-                     = outbox) -> None:
+                     = state_box) -> None:
                 _put(outbox, topic, partition, message)
 
             for (tp, records), from_raw in ((direct, True), (forwarded, False)):
@@ -605,10 +619,10 @@ class Pipeline:
             if stage is not None:
                 stage.finish(state, send)
 
-        if self.transactions is not None:
+        if self.exactly_once:
             await self._commit_transactions(outboxes, states, commit, persons)
         else:
-            await self._commit_at_least_once(outboxes.get(0, {}), states, plans, persons)
+            await self._commit_at_least_once(outboxes.get(0, {}), states, plans, persons, fenced)
         for p, stage in persons.items():
             self.person_stats[p] = stage.stats
         self.persons_counters.add(persons_counters)
@@ -689,32 +703,97 @@ class Pipeline:
 
     async def _commit_at_least_once(self, outbox: dict[tuple[str, int], list[Message]],
                                     states: dict[int, PartitionState], plans: dict[int, bytes],
-                                    persons: dict[int, PartitionPersons]) -> None:
+                                    persons: dict[int, PartitionPersons],
+                                    fenced: dict[int, dict[tuple[str, int], list[Message]]]) -> None:
+        """Outputs through the shared producer, each partition's state in a transaction of its own producer.
+
+        A worker cut off from the network loses its partitions without being told, and its writes in flight
+        (in its client, or in its kernel's socket buffers) land once the network is back, after the next owner
+        has started. A late enriched record, dead letter or forward is a byte-identical copy of one the next
+        owner writes too; a late state record would be read back over the next owner's (by a restore, a
+        standby, or the compaction that keeps the last record of a key). Opening a partition's transactional
+        producer fences its previous owner's (`on_partitions_assigned`), so the state of a worker that lost the
+        partition never lands; its transaction fails, and it rejoins the group. Readers of the changelogs read
+        committed records only."""
         if plans:
             # durable before any output of the batch: what a batch done again after a crash must apply
-            await _acked(await self.send_all({(self.topics.changelog, p): [(PLAN_KEY, plan, None)]
-                                              for p, plan in plans.items()}))
+            await self._transactions({p: {(self.topics.changelog, p): [(PLAN_KEY, plan, None)]}
+                                      for p, plan in plans.items()})
             for p, plan in plans.items():
                 states[p].db.write(self.write_batch([(PLAN_KEY, plan)]))
         # Step 3: every output acknowledged before any state that depends on it is made durable
         if outbox:
             await _acked(await self.send_all(outbox))
-        # Steps 4 and 5: the changelogs, then RocksDB with the changelog offset, per partition
-        changed = {p: s for p, s in states.items() if s.changed}
-        pairs = {p: written for p, stage in persons.items() if (written := stage.encoded())}
-        if changed or pairs:
-            encoded = {p: s.encoded() for p, s in changed.items()}
-            messages: dict[tuple[str, int], list[Message]] = {
-                (self.topics.changelog, p): [(k, v, None) for k, v in items] for p, items in encoded.items()}
-            messages.update(self._pairs_changelog(pairs))
-            sent = await self.send_all(messages)
+        # Steps 4 and 5: per partition, the changelogs and the persons messages in one transaction, then RocksDB
+        # with the changelog offset
+        boxes: dict[int, dict[tuple[str, int], list[Message]]] = {}
+        writes: dict[int, tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes | None]]]] = {}
+        for p in states:
+            state, stage = states[p], persons.get(p)
+            encoded = state.encoded() if state.changed else []
+            pairs = stage.encoded() if stage is not None else []
+            box = fenced.get(p) or {}
+            if not (encoded or pairs or box):
+                continue
+            box = dict(box)
+            if encoded:
+                box[(self.topics.changelog, p)] = [(k, v, None) for k, v in encoded]
+            if pairs:
+                box.update(self._pairs_changelog({p: pairs}))
+            boxes[p] = box
+            writes[p] = (encoded, pairs)
+
+        def written(p: int, sent: list[tuple[Any, int]]) -> None:
+            encoded, pairs = writes[p]
+            if encoded:
+                self._write_state(states[p], encoded, _last_offsets(sent, self.topics.changelog)[p] + 1)
+            if pairs:
+                self._write_pairs(p, pairs, _last_offsets(sent, self.topics.persons_changelog or "")[p] + 1)
+
+        await self._transactions(boxes, written)
+
+    async def _transactions(self, boxes: Mapping[int, dict[tuple[str, int], list[Message]]],
+                            then: Callable[[int, list[tuple[Any, int]]], None] | None = None) -> None:
+        """At-least-once: each partition's messages in one transaction of its producer, side by side; `then(p,
+        sent)` once p's has committed. Raises the first failure (the caller does the whole batch again: what
+        committed is skipped as applied)."""
+        if not boxes:
+            return
+
+        async def one(p: int) -> None:
+            sent = await self._in_transaction(p, boxes[p])
+            if then is not None:
+                then(p, sent)
+
+        results = await asyncio.gather(*(one(p) for p in sorted(boxes)), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for failure in failures:
+            if isinstance(failure, asyncio.CancelledError):
+                raise failure
+        if failures:
+            raise failures[0]
+
+    async def _in_transaction(self, p: int, outbox: dict[tuple[str, int], list[Message]],
+                              offsets: dict[Any, int] | None = None) -> list[tuple[Any, int]]:
+        """The messages (and, exactly-once, the input offsets) in one transaction of partition p's producer."""
+        if self.transactions is None:
+            raise RuntimeError("no transactional producers: the worker's state cannot be fenced")
+        producer = self.transactions.producer(p)
+        try:
+            await producer.begin_transaction()
+            sent = await self.send_all(outbox, producer)
             await _acked(sent)
-            last = _last_offsets(sent, self.topics.changelog)
-            for p, items in encoded.items():
-                self._write_state(states[p], items, last[p])
-            last_pairs = _last_offsets(sent, self.topics.persons_changelog or "")
-            for p, pair_items in pairs.items():
-                self._write_pairs(p, pair_items, last_pairs[p])
+            if offsets:
+                await producer.send_offsets_to_transaction(
+                    {TopicPartition(tp.topic, tp.partition): o for tp, o in offsets.items()}, self.group)
+            await producer.commit_transaction()
+            self.counters.transactions += 1
+        except BaseException:
+            # no abort: a fenced or broken producer cannot; the next producer opened for p (this worker's once
+            # the group confirms it owns p, or the next owner's) makes the broker abort what was left open
+            await self.transactions.lose(p)
+            raise
+        return sent
 
     def _pairs_changelog(self, pairs: Mapping[int, list[tuple[bytes, bytes | None]]]
                          ) -> dict[tuple[str, int], list[Message]]:
@@ -751,27 +830,13 @@ class Pipeline:
     async def _commit_partition(self, p: int, outbox: dict[tuple[str, int], list[Message]],
                                 state: PartitionState | None, offsets: dict[Any, int],
                                 stage: PartitionPersons | None) -> None:
-        assert self.transactions is not None
-        producer = self.transactions.producer(p)
         encoded = state.encoded() if state is not None and state.changed else []
         if encoded:
             outbox = {**outbox, (self.topics.changelog, p): [(k, v, None) for k, v in encoded]}
         pairs = stage.encoded() if stage is not None else []
         if pairs:
             outbox = {**outbox, **self._pairs_changelog({p: pairs})}
-        await producer.begin_transaction()
-        try:
-            sent = await self.send_all(outbox, producer)
-            await _acked(sent)
-            await producer.send_offsets_to_transaction(
-                {TopicPartition(tp.topic, tp.partition): o for tp, o in offsets.items()}, self.group)
-            await producer.commit_transaction()
-            self.counters.transactions += 1
-        except BaseException:
-            # no abort: a fenced or broken producer cannot; the next producer opened for p (this worker's once
-            # the group confirms it owns p, or the next owner's) makes the broker abort what was left open
-            await self.transactions.lose(p)
-            raise
+        sent = await self._in_transaction(p, outbox, offsets)
         if state is not None and encoded:
             # the changelog partition is written only by this partition's transactions, each closed by one
             # commit marker right after its last record: recording the marker's offset as the one RocksDB

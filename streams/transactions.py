@@ -1,10 +1,12 @@
-"""Exactly-once delivery: one transactional producer per partition this worker owns.
+"""Fencing and exactly-once delivery: one transactional producer per partition this worker owns.
 
 Lives here: `PartitionProducers`, which opens, hands out and closes them. Each partition number of the raw
 topic (and of the repartition topic and the changelog, which Faust assigns together) has its own
 transactional ID, `<group>-devices-<partition>`. Whoever owns partition p opens its producer, and opening
-it fences any earlier owner (a worker that was killed, or one the group gave up on but that still runs):
-the broker aborts that owner's open transaction and refuses its later writes. This is the model of
+it fences any earlier owner (a worker that was killed, or one the group gave up on but that still runs, such
+as one cut off from the network that does not know yet): the broker aborts that owner's open transaction and
+refuses its later writes, even those still in flight. Both delivery modes write a partition's state through
+its producer; exactly-once writes its outputs and input offsets there too. This is the model of
 Kafka Streams' first exactly-once mode; the later one (one producer per worker, fenced through the
 consumer group's generation, KIP-447) needs a client that sends the group's metadata with the offsets,
 which aiokafka does not.
@@ -38,6 +40,10 @@ class PartitionProducers:
             return self.producers[partition]
         except KeyError:
             raise RuntimeError(f"partition {partition} is not owned by this worker") from None
+
+    def holds(self, partitions: Iterable[int]) -> bool:
+        """Whether every one of these partitions has its producer open (none was lost since the assignment)."""
+        return all(p in self.producers for p in partitions)
 
     async def own(self, partitions: Iterable[int]) -> None:
         """Make the producers match the partitions owned now: open the new ones (fencing their previous

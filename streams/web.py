@@ -182,8 +182,8 @@ def render_metrics(app: StreamsApp) -> str:
     metric("batch_seconds_sum", "counter", "time spent processing batches", [({}, round(c.latency_sum, 6))])
     metric("batches_failed_total", "counter", "batches (or, exactly-once, partitions of one) that failed and are "
            "done again", [({}, c.failed_batches)])
-    metric("transactions_total", "counter", "transactions committed (exactly-once: one per partition per batch)",
-           [({}, c.transactions)])
+    metric("transactions_total", "counter", "transactions committed (one per partition per batch that writes "
+           "state, or with exactly-once per partition per batch)", [({}, c.transactions)])
     metric("record_age_seconds_max", "gauge", "age of the oldest record of the last batch when it was processed",
            [({}, round(c.last_record_age, 3))])
     metric("cache_hits_total", "counter", "device-state cache hits", [({}, c.cache_hits)])

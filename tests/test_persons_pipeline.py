@@ -10,7 +10,6 @@ import itertools
 import os
 import random
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,8 @@ from streams.persons_stage import CLAIM, HEADER
 from streams.pipeline import BatchResult, Pipeline, Topics
 from streams.replay import replay
 from streams.statekeys import OFFSET_KEY
-from tests.test_pipeline import TP, Crash, FakeBatch, Meta, Record
+from tests.fakes import DB, TP, Broker, Crash, Record
+from tests.fakes import recover as recover_partition
 
 T = Topics(raw="raw", repartition="raw-repartition", enriched="enriched", dead_letter="dead", changelog="changelog",
            partitions=3, persons_repartition="persons-repartition", persons_changelog="persons-changelog",
@@ -31,50 +31,10 @@ INPUTS = (T.raw, T.repartition, T.persons_repartition)
 CHANGELOGS = {"devices": T.changelog, "persons": T.persons_changelog}
 
 
-class Broker:
-    """Topics as lists of records; a send to a topic in `fail_on` fails with probability `failure_rate`."""
-
-    def __init__(self, rng: random.Random, failure_rate: float = 0.0) -> None:
-        self.logs: dict[tuple[str, int], list[Record]] = defaultdict(list)
-        self.committed: dict[tuple[str, int], int] = defaultdict(int)
-        self.rng = rng
-        self.failure_rate = failure_rate
-        self.fail_on = {T.changelog, T.enriched, T.persons_changelog, T.persons, T.persons_repartition}
-
-    def create_batch(self) -> FakeBatch:
-        return FakeBatch()
-
-    async def send_batch(self, batch: FakeBatch, topic: str, partition: int) -> asyncio.Future[Meta]:
-        if topic in self.fail_on and self.rng.random() < self.failure_rate:
-            raise Crash(topic)
-        log = self.logs[(topic, partition)]
-        first = len(log)
-        for key, value, headers in batch.messages:
-            log.append(Record(topic, partition, len(log), key, value, headers))
-        future: asyncio.Future[Meta] = asyncio.get_running_loop().create_future()
-        future.set_result(Meta(topic, partition, first))
-        return future
-
-
-class DB(dict[bytes, bytes]):
-    """A partition's RocksDB as rocksdict answers: multi-get, write batches with deletions, ordered reads."""
-
-    def get(self, key: Any, default: Any = None) -> Any:  # type: ignore[override]
-        if isinstance(key, list):
-            return [super(DB, self).get(k) for k in key]
-        return super().get(key, default)
-
-    def write(self, batch: list[tuple[bytes, bytes | None]]) -> None:
-        for key, value in batch:
-            if value is None:
-                self.pop(key, None)
-            else:
-                self[key] = value
-
-    def items(self, backwards: bool = False, from_key: Any = None) -> Iterator[tuple[bytes, bytes]]:  # type: ignore[override]
-        for key in sorted(self):
-            if from_key is None or key >= from_key:
-                yield key, self[key]
+def new_broker(rng: random.Random, failure_rate: float = 0.0) -> Broker:
+    """A send to a changelog or an output of the persons stage fails with probability `failure_rate`."""
+    persons = {T.persons_changelog or "", T.persons or "", T.persons_repartition or ""}
+    return Broker(rng, failure_rate, fail_on={T.changelog, T.enriched, *persons})
 
 
 def pipeline(broker: Broker, dbs: dict[tuple[str, int], DB], settings: EnrichSettings) -> Pipeline:
@@ -83,22 +43,14 @@ def pipeline(broker: Broker, dbs: dict[tuple[str, int], DB], settings: EnrichSet
 
     return Pipeline(Enricher(settings), T, producer, db_for_partition=lambda p: dbs[("devices", p)],
                     write_batch=list, changelog_offset_key=OFFSET_KEY, cache_size=20,
-                    persons_db_for_partition=lambda p: dbs[("persons", p)])
+                    persons_db_for_partition=lambda p: dbs[("persons", p)], transactions=broker.producers(T.partitions))
 
 
 def recover(broker: Broker, dbs: dict[tuple[str, int], DB]) -> None:
-    """Faust's table recovery on restart, for both tables: the changelog past the stored offset, into RocksDB
-    (a record without value is a deletion)."""
+    """Faust's table recovery on restart, for both tables."""
     for table, topic in CHANGELOGS.items():
         for p in range(T.partitions):
-            db = dbs[(table, p)]
-            start = int(db.get(OFFSET_KEY, b"-1")) + 1
-            changelog = broker.logs[(topic, p)]
-            for rec in changelog[start:]:
-                assert rec.key is not None
-                db.write([(rec.key, rec.value)])
-            if changelog:
-                db[OFFSET_KEY] = str(len(changelog) - 1).encode()
+            recover_partition(broker, dbs[(table, p)], topic or "", p, OFFSET_KEY)
 
 
 def run_worker(broker: Broker, rng: random.Random, settings: EnrichSettings, *, steps: int = 20_000) -> int:
@@ -115,12 +67,12 @@ def run_worker(broker: Broker, rng: random.Random, settings: EnrichSettings, *, 
             batch: dict[TP, list[Record]] = {}
             for p in range(T.partitions):
                 for topic in INPUTS:
-                    log = broker.logs[(topic, p)]
                     start = positions.get((topic, p), 0)
-                    take = log[start:start + rng.randint(0, 5)]
+                    n = rng.randint(0, 5)
+                    take = broker.visible(topic, p, start, n)
                     if take:
                         batch[TP(topic, p)] = take
-                        positions[(topic, p)] = start + len(take)
+                    positions[(topic, p)] = min(start + n, len(broker.logs[(topic, p)]))
             if not batch:
                 if all(positions.get((topic, p), 0) >= len(broker.logs[(topic, p)])
                        for topic in INPUTS for p in range(T.partitions)):
@@ -183,7 +135,7 @@ def produce(broker: Broker, lines: list[bytes], settings: EnrichSettings) -> Non
 def topic_persons(broker: Broker) -> dict[str, bytes]:
     final: dict[str, bytes] = {}
     for p in range(T.persons_partitions):
-        for rec in broker.logs[(T.persons or "", p)]:
+        for rec in broker.visible(T.persons or "", p):
             assert rec.key is not None
             if rec.value is None:
                 final.pop(rec.key.decode(), None)
@@ -208,7 +160,7 @@ def test_the_persons_topic_ends_equal_to_replay_whatever_the_crashes(seed: int, 
     settings = EnrichSettings(person_max_devices=3 if seed % 2 else 50)
     lines = persons_input(rng, devices=14, records=160)
     expected = replay_persons(tmp_path, lines, settings)
-    broker = Broker(rng, failure_rate=0.12)
+    broker = new_broker(rng, failure_rate=0.12)
     produce(broker, lines, settings)
     crashes = run_worker(broker, rng, settings)
     assert crashes > 0, "the run must crash between outputs and state to test anything"
@@ -216,7 +168,7 @@ def test_the_persons_topic_ends_equal_to_replay_whatever_the_crashes(seed: int, 
     # a tombstone only ever follows a mapping of the same key (a crash may repeat it, as any value)
     for p in range(T.persons_partitions):
         mapped: set[bytes] = set()
-        for rec in broker.logs[(T.persons or "", p)]:
+        for rec in broker.visible(T.persons or "", p):
             assert rec.key is not None
             if rec.value is None:
                 assert rec.key in mapped, "a tombstone for a key that never had a mapping"
@@ -242,7 +194,7 @@ def test_without_crashes_the_persons_topic_repeats_nothing(tmp_path: Path) -> No
     assert run_worker(broker, rng, settings) == 0
     assert topic_persons(broker) == replay_persons(tmp_path, lines, settings)
     for p in range(T.persons_partitions):
-        values = [(rec.key, rec.value) for rec in broker.logs[(T.persons or "", p)]]
+        values = [(rec.key, rec.value) for rec in broker.visible(T.persons or "", p)]
         per_key: dict[bytes | None, list[bytes | None]] = defaultdict(list)
         for key, value in values:
             per_key[key].append(value)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 import pytest
@@ -23,97 +21,25 @@ import pytest
 from streams.enrich import Enricher
 from streams.pipeline import SOURCE_HEADER, BatchResult, Pipeline, Topics
 from streams.statekeys import APPLIED_KEY, OFFSET_KEY, PLAN_KEY
+from tests.fakes import DB, TP, Broker, Crash, Record
+from tests.fakes import recover as recover_partition
 
 T = Topics(raw="raw", repartition="raw-repartition", enriched="enriched", dead_letter="dead", changelog="changelog",
            partitions=3)
 
 
-@dataclass
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-    timestamp: int | None = None
-
-
-@dataclass(frozen=True)
-class TP:
-    topic: str
-    partition: int
-
-
-class Crash(Exception):
-    """The fake broker went away in the middle of a batch."""
-
-
-class Meta:
-    def __init__(self, topic: str, partition: int, offset: int) -> None:
-        self.topic, self.partition, self.offset = topic, partition, offset
-
-
-class FakeBatch:
-    """Three messages at most: a batch's changelog spans several record batches, and a crash can leave some
-    of them written and not the others."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
-
-    def append(self, *, key: bytes | None, value: bytes, timestamp: Any, headers: Any) -> object | None:
-        if len(self.messages) >= 3:
-            return None
-        self.messages.append((key, value, list(headers)))
-        return object()
-
-    def close(self) -> None:
-        pass
-
-
-class Broker:
-    """Topics as lists of records; a send to a topic in `fail_on` fails with probability `failure_rate`."""
-
-    def __init__(self, rng: random.Random, failure_rate: float = 0.0) -> None:
-        self.logs: dict[tuple[str, int], list[Record]] = defaultdict(list)
-        self.committed: dict[tuple[str, int], int] = defaultdict(int)
-        self.rng = rng
-        self.failure_rate = failure_rate
-        self.fail_on = {T.changelog, T.enriched}
-
-    def create_batch(self) -> FakeBatch:
-        return FakeBatch()
-
-    async def send_batch(self, batch: FakeBatch, topic: str, partition: int) -> asyncio.Future[Meta]:
-        if topic in self.fail_on and self.rng.random() < self.failure_rate:
-            raise Crash(topic)
-        log = self.logs[(topic, partition)]
-        first = len(log)
-        for key, value, headers in batch.messages:
-            log.append(Record(topic, partition, len(log), key, value, headers))
-        future: asyncio.Future[Meta] = asyncio.get_running_loop().create_future()
-        future.set_result(Meta(topic, partition, first))
-        return future
-
-
-class DB(dict[bytes, bytes]):
-    """A partition's RocksDB as rocksdict answers: `get` of a list of keys is one multi-get."""
-
-    def get(self, key: Any, default: Any = None) -> Any:  # type: ignore[override]
-        if isinstance(key, list):
-            return [super(DB, self).get(k) for k in key]
-        return super().get(key, default)
-
-    def write(self, batch: list[tuple[bytes, bytes]]) -> None:
-        self.update(batch)
+def new_broker(rng: random.Random, failure_rate: float = 0.0) -> Broker:
+    """A send to the changelog or the enriched topic fails with probability `failure_rate`."""
+    return Broker(rng, failure_rate, fail_on={T.changelog, T.enriched})
 
 
 def pipeline(broker: Broker, dbs: dict[int, DB]) -> Pipeline:
+    """A new worker that owns every partition: nothing in memory, its partitions' producers opened."""
     async def producer() -> Broker:
         return broker
 
     return Pipeline(Enricher(), T, producer, db_for_partition=lambda p: dbs[p], write_batch=list,
-                    changelog_offset_key=OFFSET_KEY, cache_size=50)
+                    changelog_offset_key=OFFSET_KEY, cache_size=50, transactions=broker.producers(T.partitions))
 
 
 def run_worker(broker: Broker, rng: random.Random, *, steps: int = 5_000) -> int:
@@ -130,12 +56,12 @@ def run_worker(broker: Broker, rng: random.Random, *, steps: int = 5_000) -> int
             batch: dict[TP, list[Record]] = {}
             for p in range(T.partitions):
                 for topic in (T.raw, T.repartition):
-                    log = broker.logs[(topic, p)]
                     start = positions.get((topic, p), 0)
-                    take = log[start:start + rng.randint(0, 4)]
+                    n = rng.randint(0, 4)
+                    take = broker.visible(topic, p, start, n)
                     if take:
                         batch[TP(topic, p)] = take
-                        positions[(topic, p)] = start + len(take)
+                    positions[(topic, p)] = min(start + n, len(broker.logs[(topic, p)]))
             done = all(positions.get((topic, p), 0) >= len(broker.logs[(topic, p)])
                        for topic in (T.raw, T.repartition) for p in range(T.partitions))
             if not batch:
@@ -163,16 +89,8 @@ def run_worker(broker: Broker, rng: random.Random, *, steps: int = 5_000) -> int
 
 
 def recover(broker: Broker, dbs: dict[int, DB]) -> None:
-    """What Faust's table recovery does on restart: the changelog past the stored offset, into RocksDB."""
     for p in range(T.partitions):
-        db = dbs[p]
-        start = int(db.get(OFFSET_KEY, b"-1")) + 1
-        changelog = broker.logs[(T.changelog, p)]
-        for rec in changelog[start:]:
-            assert rec.key is not None and rec.value is not None
-            db[rec.key] = rec.value
-        if changelog:
-            db[OFFSET_KEY] = str(len(changelog) - 1).encode()
+        recover_partition(broker, dbs[p], T.changelog, p, OFFSET_KEY)
 
 
 def mixed_input(rng: random.Random, devices: int, per_device: int) -> list[tuple[bytes | None, bytes]]:
@@ -208,7 +126,7 @@ def outputs(broker: Broker) -> dict[str, list[bytes]]:
 @pytest.mark.parametrize("seed", range(8))
 def test_mixed_keying_loses_nothing_and_repeats_records_byte_for_byte(seed: int) -> None:
     rng = random.Random(seed)
-    broker = Broker(rng, failure_rate=0.15)
+    broker = new_broker(rng, failure_rate=0.15)
     lines = mixed_input(rng, devices=12, per_device=6)
     produce(broker, lines, rng)
     crashes = run_worker(broker, rng)
@@ -351,8 +269,7 @@ def test_damaged_internal_keys_do_not_stop_the_partition(key: bytes) -> None:
 def test_a_record_tried_alone_after_a_failure_is_kept_not_skipped() -> None:
     """What the worker does with a record that fails on its own (`BatchConsumer._isolate`): the failed try
     advanced the partition's applied marks in memory only; once they are forgotten, quarantine keeps it."""
-    broker = Broker(random.Random(0), failure_rate=1.0)
-    broker.fail_on = {T.enriched}
+    broker = Broker(random.Random(0), failure_rate=1.0, fail_on={T.enriched})
     worker = pipeline(broker, defaultdict(DB))
     value = orjson.dumps({"device_id": "dev-e", "platform": "web", "event": "e"})
     p = worker.partition_for("dev-e")
@@ -365,3 +282,34 @@ def test_a_record_tried_alone_after_a_failure_is_kept_not_skipped() -> None:
     assert result.commit == {TP(T.raw, p): 1}
     (letter,) = [orjson.loads(r.value or b"") for q in range(T.partitions) for r in broker.logs[(T.dead_letter, q)]]
     assert letter["reason"] == "internal_error"
+
+
+def test_a_worker_that_lost_its_partition_without_being_told_writes_no_state() -> None:
+    """A worker cut off from the network past the session timeout still holds its partitions in memory; their
+    next owner opens their producers, which fences its own. Once back, its next batch sends its outputs (copies
+    of what the next owner writes), but none of its state lands, in Kafka or in its RocksDB."""
+    broker = Broker(random.Random(0))
+    old_dbs: dict[int, DB] = defaultdict(DB)
+    old = pipeline(broker, old_dbs)
+    p = old.partition_for("dev-g")
+
+    def record(offset: int, **action: str) -> Record:
+        return Record(T.raw, p, offset, b"dev-g", orjson.dumps({"device_id": "dev-g", "platform": "web", **action}))
+
+    asyncio.run(old.process({TP(T.raw, p): [record(0, action="login", id="u1")]}, {}))
+    broker.committed[(T.raw, p)] = 1
+    # the group gave p to another worker, which fenced the old one's producer and rebuilt p's state
+    new_dbs: dict[int, DB] = defaultdict(DB)
+    new = pipeline(broker, new_dbs)
+    recover(broker, new_dbs)
+    asyncio.run(new.process({TP(T.raw, p): [record(1, action="logout"), record(2, event="e")]}, {}))
+    changelog = [(r.key, r.value) for r in broker.visible(T.changelog, p)]
+    old_state = dict(old_dbs[p])
+    with pytest.raises(Crash, match="fenced"):
+        asyncio.run(old.process({TP(T.raw, p): [record(1, action="logout"), record(2, event="e")]}, {}))
+    assert [(r.key, r.value) for r in broker.visible(T.changelog, p)] == changelog
+    assert dict(old_dbs[p]) == old_state
+    assert not old.transactions.holds([p])  # type: ignore[union-attr]
+    # what the old worker did send are byte-identical copies of the new owner's outputs
+    outputs = [r.value for r in broker.logs[(T.enriched, p)]]
+    assert len(outputs) == 3 and outputs[2] == outputs[1]
