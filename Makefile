@@ -63,15 +63,20 @@ bench-recovery: install
 ##   single   one worker, 200k records, 24 SIGKILLs and a broker restart
 ##   group    two workers, either one SIGKILLed at random (12 times), a broker restart under both
 ##   cluster  the same on the three-broker cluster, one broker SIGKILLed and started again
+## and, as root (network namespaces: scripts/testhosts.py):
+##   partition  two workers, each on its own test host, 200k records fed at 1,200/s; three times one of them
+##              cut off the network for 25 s (longer than the session timeout), then healed
+##   pause      the same with the worker stopped (SIGSTOP) for 25 s, then continued (SIGCONT)
 GUARANTEES ?= at_least_once exactly_once
-CHAOS ?= single group cluster
+CHAOS ?= single group cluster partition pause
 GROUP_CHAOS := --group --records 60000 --kills 12
 chaos: install
 	set -e; for k in $(CHAOS); do for g in $(GUARANTEES); do case $$k in \
 	  single) $(BIN)/python scripts/chaos.py --processing-guarantee $$g ;; \
 	  group) $(BIN)/python scripts/chaos.py $(GROUP_CHAOS) --processing-guarantee $$g ;; \
 	  cluster) $(BIN)/python scripts/chaos.py $(GROUP_CHAOS) --cluster --processing-guarantee $$g ;; \
-	  *) echo "unknown chaos kind $$k (single, group, cluster)"; exit 2 ;; \
+	  partition|pause) $(BIN)/python scripts/chaos.py --faults $$k --processing-guarantee $$g ;; \
+	  *) echo "unknown chaos kind $$k (single, group, cluster, partition, pause)"; exit 2 ;; \
 	esac; done; done
 
 kafka:

@@ -21,6 +21,16 @@ letters are those replay gives; the device table ends in the state replay comput
 With `--processing-guarantee exactly_once` the enriched and dead-letter topics, read committed, must hold
 each record exactly once: a duplicate, however identical, is a failure.
 
+    .venv/bin/python scripts/chaos.py --faults partition|pause [--records N] [--devices D] [--rate R] ...
+
+`--faults` runs two workers of one group, each on its own test host (a network namespace of
+`scripts/testhosts.py`, needs root), while the input flows at a steady rate (--rate, 1,200 records/s; a smaller
+input slower, so that it flows for 160 s at least). Three times, on one worker drawn at random, for 25 s
+(longer than the session timeout): `partition` cuts its test host off the network and heals it; `pause` stops
+the process (SIGSTOP) and lets it go on (SIGCONT). Before the next fault the group must be whole again (two
+stable members holding every partition). No worker is killed: at the end both are stopped with SIGTERM and
+must exit 0; the checks are the group runs' (exit 2 when no test hosts can be made here).
+
 Exit 0 when nothing was lost or invented, every duplicate is identical to its first copy, the dead letters and
 the final states match, and the worker always came back and stopped cleanly; 1 otherwise (the first
 differences and the worker's log lines are printed); 2 when the harness itself could not run.
@@ -52,6 +62,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
+import testhosts  # scripts/testhosts.py: this file's directory is on the path when it runs
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams import codec
@@ -79,6 +90,13 @@ RECORD_ID = re.compile(r"(?P<topic>.+):(?P<partition>[0-9]+):(?P<offset>[0-9]+):
 METRIC = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 SHOW = 5  # differences shown per kind
+FAULT_KINDS = ("partition", "pause")
+FAULTS = 3  # per --faults run, each on a worker drawn at random
+FAULT_SECONDS = 25.0  # longer than the session timeout (10 s): the group goes on without the worker
+FEED_RATE = 1200.0  # --faults: input records per second (the issue's run)
+FEED_SECONDS = 160.0  # --faults: a smaller input is spread over this long, so that the faults fall within it
+# --faults: the test hosts' numbers are the first free ones from stv11 on (the tests take theirs from stv1 on)
+FIRST_TEST_HOST = 11
 
 
 class HarnessError(Exception):
@@ -478,10 +496,12 @@ async def outputs_grow(settings: Settings, then: Callable[[], Any], timeout: flo
         await consumer.stop()
 
 
-def scrape(port: int) -> list[tuple[str, dict[str, str], float]] | None:
-    """The worker's /metrics as (name, labels, value); None when it does not answer."""
+def scrape(settings: Settings) -> list[tuple[str, dict[str, str], float]] | None:
+    """The worker's /metrics as (name, labels, value), at the address it binds (a wildcard: this machine's
+    loopback); None when it does not answer."""
+    host = "127.0.0.1" if settings.web_bind in ("", "0.0.0.0", "::", "[::]") else settings.web_bind
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+        with urllib.request.urlopen(f"http://{host}:{settings.web_port}/metrics", timeout=2) as response:
             text = response.read().decode()
     except (OSError, ValueError):
         return None
@@ -535,19 +555,20 @@ def worker_env(settings: Settings) -> dict[str, str]:
 class WorkerProcess:
     """`python -m streams worker` with the run's settings; every life appends to one log, after a marker."""
 
-    def __init__(self, settings: Settings, log_path: Path, life: int, note: str) -> None:
+    def __init__(self, settings: Settings, log_path: Path, life: int, note: str, prefix: Sequence[str] = ()) -> None:
         self.settings = settings
         self.log_path = log_path
         self.life = life
         with open(log_path, "ab") as out:
             self.log_from = out.tell()
-            out.write(f"==== chaos life #{life}: python -m streams worker ({note}), web port {settings.web_port}, "
-                      f"{time.strftime('%H:%M:%S')}\n".encode())
+            out.write(f"==== chaos life #{life}: python -m streams worker ({note}), web {settings.web_bind}:"
+                      f"{settings.web_port}, {time.strftime('%H:%M:%S')}\n".encode())
             out.flush()
-            # its own session: a Ctrl-C on the harness reaches the harness only, which then stops the worker
-            self.proc = subprocess.Popen([PYTHON, "-m", "streams", "worker"], cwd=ROOT, env=worker_env(settings),
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            # its own session: a Ctrl-C on the harness reaches the harness only, which then stops the worker.
+            # `prefix`: where it runs (`ip netns exec HOST`, which execs it: the pid stays the worker's)
+            self.proc = subprocess.Popen([*prefix, PYTHON, "-m", "streams", "worker"], cwd=ROOT,
+                                         env=worker_env(settings), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         self.started = time.monotonic()
 
     @property
@@ -596,6 +617,7 @@ class Job:
     spread: float  # seconds over which to send it: 0 = one burst
     started: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+    took: float | None = None  # seconds it took to send, once done
 
 
 class Feeder(threading.Thread):
@@ -647,6 +669,7 @@ class Feeder(threading.Thread):
 
     def _do(self, job: Job) -> None:
         job.started.set()
+        began = time.monotonic()
         try:
             count = min(job.count, len(self.lines) - self.next)
             chunks = max(1, int(job.spread / 0.25)) if count else 0
@@ -661,6 +684,7 @@ class Feeder(threading.Thread):
                 if pause and sent < count:
                     time.sleep(pause)
         finally:
+            job.took = time.monotonic() - began
             job.done.set()
 
     def _send(self, first: int, n: int) -> None:
@@ -783,7 +807,7 @@ class Chaos:
             if not worker.alive:
                 life.came_back = False
                 return False
-            lag = raw_lag(scrape(worker.settings.web_port), self.settings.raw_topic)
+            lag = raw_lag(scrape(worker.settings), self.settings.raw_topic)
             if set(lag) != set(range(PARTITIONS)):
                 last = f"the worker reports a lag for raw partitions {sorted(lag)}"
                 time.sleep(0.5)
@@ -803,7 +827,7 @@ class Chaos:
         return False
 
     def sample(self, life: Life) -> None:
-        samples = scrape(life.worker.settings.web_port)
+        samples = scrape(life.worker.settings)
         if samples is None:
             return
         lag = raw_lag(samples, self.settings.raw_topic)
@@ -943,7 +967,7 @@ class Chaos:
             committed = sum(max(0, c) for c in now.committed.values())
             if committed != last_committed:
                 progress_at, last_committed = time.monotonic(), committed
-            lag = raw_lag(scrape(life.worker.settings.web_port), self.settings.raw_topic)
+            lag = raw_lag(scrape(life.worker.settings), self.settings.raw_topic)
             done = (sum(now.raw_end.values()) == len(self.feeder.lines) and now.lag() == 0
                     and set(lag) == set(range(PARTITIONS)) and not any(lag.values()))
             if done and previous is not None and previous.outputs_end == now.outputs_end:
@@ -1051,6 +1075,7 @@ class Slot:
     worker: WorkerProcess | None = None
     lives: int = 0
     killed: int = 0
+    host: testhosts.TestHost | None = None  # --faults: the test host it runs on
 
 
 @dataclass
@@ -1093,8 +1118,31 @@ class GroupChaos:
         slot.lives += 1
         # a fresh port per life: the killed worker's port may not be free again at once
         settings = replace(self.settings, state_dir=slot.state_dir, web_port=free_port())
-        slot.worker = WorkerProcess(settings, slot.log_path, slot.lives, f"worker {slot.name}, {note}")
+        prefix: list[str] = []
+        if slot.host is not None:  # its HTTP server on the test host's address, which this machine reaches
+            settings = replace(settings, web_bind=slot.host.address)
+            prefix = slot.host.command([])
+            note += f", on test host {slot.host.name}"
+        slot.worker = WorkerProcess(settings, slot.log_path, slot.lives, f"worker {slot.name}, {note}", prefix)
         self.processes.append(slot.worker)
+
+    def start_group(self) -> bool:
+        """Both workers started and a stable group of the two; False (reported, and the input all produced, so
+        that the checks show what is missing) when they never formed one."""
+        for slot in self.slots:
+            self.start(slot, "first start")
+        if self.group_ready() is None:
+            self.findings.append(Finding(True, "the two workers never formed a stable group"))
+            self.feeder.submit(len(self.feeder.lines), 0.0)
+            return False
+        return True
+
+    def restart_gone(self) -> bool:
+        """Start again each worker that exited by itself (already reported); whether there was one."""
+        gone = [slot for slot in self.slots if slot.worker is None]
+        for slot in gone:
+            self.start(slot, "after exiting by itself")
+        return bool(gone)
 
     def exited_by_itself(self) -> bool:
         gone = [s for s in self.slots if s.worker is not None and not s.worker.alive]
@@ -1115,7 +1163,7 @@ class GroupChaos:
             if self.exited_by_itself():
                 return None
             # each worker reports a lag for the raw partitions it holds and fetches (its tables restored)
-            held = [set(raw_lag(scrape(s.worker.settings.web_port), self.settings.raw_topic))
+            held = [set(raw_lag(scrape(s.worker.settings), self.settings.raw_topic))
                     for s in self.slots if s.worker is not None]
             if all(held) and set().union(*held) == set(range(PARTITIONS)) and not held[0] & held[1]:
                 try:
@@ -1169,11 +1217,7 @@ class GroupChaos:
         log(f"node {node} back after {took:.1f}s")
 
     def run(self) -> None:
-        for slot in self.slots:
-            self.start(slot, "first start")
-        if self.group_ready() is None:
-            self.findings.append(Finding(True, "the two workers never formed a stable group"))
-            self.feeder.submit(len(self.feeder.lines), 0.0)
+        if not self.start_group():
             return
         event_at = self.rng.randrange(1, max(2, self.kills - 2))
         deletes = {self.rng.randrange(2, max(3, self.kills))}
@@ -1210,9 +1254,7 @@ class GroupChaos:
                 f"produced {self.feeder.produced:,}")
             if back is None:
                 self.findings.append(Finding(True, f"after kill #{number + 1} the group did not come back"))
-                for other in self.slots:
-                    if other.worker is None:
-                        self.start(other, "after exiting by itself")
+                self.restart_gone()
         self.node_back()
         self.final()
 
@@ -1249,7 +1291,7 @@ class GroupChaos:
             committed = sum(max(0, c) for c in now.committed.values())
             if committed != last_committed:
                 progress_at, last_committed = time.monotonic(), committed
-            lags = [raw_lag(scrape(s.worker.settings.web_port), self.settings.raw_topic)
+            lags = [raw_lag(scrape(s.worker.settings), self.settings.raw_topic)
                     for s in self.slots if s.worker is not None]
             done = (sum(now.raw_end.values()) == len(self.feeder.lines) and now.lag() == 0
                     and not any(v for lag in lags for v in lag.values()))
@@ -1271,6 +1313,149 @@ class GroupChaos:
                 slot.worker.kill()
         self.feeder.join(30)
 
+    # -- the report
+
+    def headline(self, seed: int) -> str:
+        where = "a three-broker cluster (replication factor 3, min ISR 2)" if self.cluster else "a single broker"
+        return (f"group chaos: {self.settings.raw_topic}, {PARTITIONS} partitions, group {self.settings.group}, "
+                f"2 workers on {where}, seed {seed}, {len(self.history)} kills, {self.settings.processing_guarantee}")
+
+    def event_lines(self) -> list[str]:
+        backs = sorted(k.back_after for k in self.history if k.back_after is not None)
+        per_slot = ", ".join(f"{s.name}: {s.killed}" for s in self.slots)
+        deleted = sum(1 for k in self.history if k.delete_state)
+        return [
+            f"kills survived        {len(backs)} of {len(self.history)} SIGKILLs of either worker ({per_slot}; "
+            f"{deleted} restart{'s' if deleted != 1 else ''} with the state directory deleted); group whole again "
+            f"after {spread(backs)}",
+            f"{'broker' if self.cluster is None else 'cluster':<22}" + "; ".join(self.broker_events or ["-"]),
+        ]
+
+
+# -- 3c. network faults: two workers on test hosts, one cut off or paused at a time ------------------------------
+
+
+@dataclass
+class Fault:
+    number: int
+    slot: str
+    at: float  # seconds into the input stream
+    lasted: float  # from the cut (SIGSTOP) to the heal (SIGCONT)
+    dropped_after: float | None  # the group went on without the worker: stable, the other holding everything
+    back_after: float | None  # after the heal (SIGCONT): two members holding every partition again
+    produced: int  # input records produced during the fault
+
+
+class FaultChaos(GroupChaos):
+    """Two workers in one group, each on its own test host, the input flowing at a steady rate. Three times, on
+    one worker drawn at random, for FAULT_SECONDS: its host cut off the network (`partition`) or its process
+    stopped (`pause`), then healed (continued) and the group whole again before the next. None is killed; at the
+    end both are stopped with SIGTERM (`final`, as the group runs)."""
+
+    def __init__(self, settings: Settings, run_dir: Path, feeder: Feeder, kind: str, hosts: Sequence[
+            testhosts.TestHost], seed: int, rate: float) -> None:
+        super().__init__(settings, run_dir, feeder, 0, seed, None, None)
+        self.kind = kind
+        self.rate = rate
+        self.rng = random.Random(f"chaos-{kind}-{seed}")
+        for slot, host in zip(self.slots, hosts, strict=True):
+            slot.host = host
+        self.faults: list[Fault] = []
+        self.feed: Job | None = None
+        self.feed_started = 0.0
+
+    def run(self) -> None:
+        if not self.start_group():
+            return
+        lines = len(self.feeder.lines)
+        self.feed_started = time.monotonic()
+        self.feed = self.feeder.submit(lines, lines / self.rate)
+        log(f"feeding {lines:,} records at {self.rate:,.0f}/s over {lines / self.rate:.0f}s")
+        for number in range(1, FAULTS + 1):
+            time.sleep(self.rng.uniform(3.0, 8.0))
+            slot = self.rng.choice(self.slots)
+            if self.restart_gone():  # one exited by itself (reported): the group whole again first
+                self.group_ready()
+            self.fault(number, slot)
+        self.final()
+
+    def fault(self, number: int, slot: Slot) -> None:
+        worker, host = slot.worker, slot.host
+        assert worker is not None and host is not None
+        at, produced = time.monotonic() - self.feed_started, self.feeder.produced
+        what = f"test host {host.name} cut off" if self.kind == "partition" else f"pid {worker.proc.pid} stopped"
+        log(f"fault #{number}/{FAULTS}: {self.kind} of worker {slot.name} ({what}) for {FAULT_SECONDS:.0f}s, "
+            f"{at:.1f}s into the input")
+        began = time.monotonic()
+        try:
+            if self.kind == "partition":
+                host.cut()
+            else:
+                worker.proc.send_signal(signal.SIGSTOP)
+            dropped = self.group_without_it(began + FAULT_SECONDS)
+        finally:
+            if self.kind == "partition":
+                host.heal()
+            elif worker.alive:
+                worker.proc.send_signal(signal.SIGCONT)
+        lasted = time.monotonic() - began
+        back = self.group_ready()
+        self.faults.append(Fault(number, slot.name, at, lasted, dropped, back, self.feeder.produced - produced))
+        log(f"fault #{number}/{FAULTS}: healed after {lasted:.1f}s; the group went on without worker {slot.name} "
+            f"after {fmt_s(dropped)}, whole again {fmt_s(back)} after the heal; produced {self.feeder.produced:,}")
+        if dropped is None:
+            self.findings.append(Finding(False, f"fault #{number}: the group did not go on without worker "
+                                                f"{slot.name} within {FAULT_SECONDS:.0f}s"))
+        if back is None:
+            self.findings.append(Finding(True, f"after fault #{number} ({self.kind} of worker {slot.name}) the group "
+                                               f"was not whole again within {READY_TIMEOUT:.0f}s"))
+            self.restart_gone()
+
+    def group_without_it(self, until: float) -> float | None:
+        """Waits until `until` (the fault's end); returns the seconds after which the group was stable with one
+        member (the other worker) holding every partition (None: not seen). A worker exiting meanwhile is
+        reported."""
+        began, dropped = time.monotonic(), None
+        while (left := until - time.monotonic()) > 0:
+            self.exited_by_itself()
+            if dropped is None:
+                with contextlib.suppress(Exception):
+                    state, members = run_async(kafka_topics.group_assignment(self.settings), timeout=min(left, 10))
+                    if state == "Stable" and members == [set(range(PARTITIONS))]:
+                        dropped = time.monotonic() - began
+            time.sleep(min(1.0, max(0.0, until - time.monotonic())))
+        return dropped
+
+    def headline(self, seed: int) -> str:
+        hosts = ", ".join(f"{s.name} on {s.host.name} ({s.host.address})" for s in self.slots if s.host)
+        return (f"{self.kind} chaos: {self.settings.raw_topic}, {PARTITIONS} partitions, group {self.settings.group}, "
+                f"2 workers on test hosts ({hosts}) of the broker at {self.settings.brokers}, seed {seed}, "
+                f"{len(self.faults)} faults of {FAULT_SECONDS:.0f}s, {self.settings.processing_guarantee}")
+
+    def event_lines(self) -> list[str]:
+        drops = sorted(f.dropped_after for f in self.faults if f.dropped_after is not None)
+        backs = sorted(f.back_after for f in self.faults if f.back_after is not None)
+        per_slot = ", ".join(f"{s.name}: {sum(1 for f in self.faults if f.slot == s.name)}" for s in self.slots)
+        lines = len(self.feeder.lines)
+        took = self.feed.took if self.feed is not None else None
+        fed = f"in {took:.0f}s ({lines / took:,.0f}/s)" if took else "(not all)"
+        action = {"partition": "cut off", "pause": "SIGSTOP"}[self.kind]
+        out = [f"input flow            {lines:,} records at {self.rate:,.0f}/s asked, fed {fed}",
+               f"faults survived       {len(backs)} of {len(self.faults)} ({self.kind}, worker {per_slot}); group on "
+               f"without it after {spread(drops)}, whole again {spread(backs)} after the heal"]
+        for f in self.faults:
+            out.append(f"  fault #{f.number:<13}worker {f.slot} {action} {f.at:.1f}s into the input for "
+                       f"{f.lasted:.1f}s; the group on without it after {fmt_s(f.dropped_after)}, whole again "
+                       f"{fmt_s(f.back_after)} after the heal; {f.produced:,} records produced meanwhile")
+        return out
+
+
+def spread(values: Sequence[float]) -> str:
+    """Sorted seconds as `min-max (median)`."""
+    if not values:
+        return "-"
+    return f"{values[0]:.1f}-{values[-1]:.1f}s (median {values[len(values) // 2]:.1f}s)"
+
 
 def group_report(checks: list[Check], chaos: GroupChaos, records: int, devices_seen: int, wall: float,
                  settings: Settings, seed: int, code: str, out: TextIO) -> bool:
@@ -1278,19 +1463,10 @@ def group_report(checks: list[Check], chaos: GroupChaos, records: int, devices_s
         print(text, file=out)
 
     failed = any(c.failed for c in checks) or any(f.fatal for f in chaos.findings)
-    where = "a three-broker cluster (replication factor 3, min ISR 2)" if chaos.cluster else "a single broker"
     w()
-    w(f"== group chaos: {settings.raw_topic}, {PARTITIONS} partitions, group {settings.group}, 2 workers on "
-      f"{where}, seed {seed}, {len(chaos.history)} kills, {settings.processing_guarantee}; worker code {code}")
-    for line in result_lines(checks, records, devices_seen):
+    w(f"== {chaos.headline(seed)}; worker code {code}")
+    for line in [*result_lines(checks, records, devices_seen), *chaos.event_lines()]:
         w(line)
-    backs = sorted(k.back_after for k in chaos.history if k.back_after is not None)
-    per_slot = ", ".join(f"{s.name}: {s.killed}" for s in chaos.slots)
-    deleted = sum(1 for k in chaos.history if k.delete_state)
-    w(f"kills survived        {len(backs)} of {len(chaos.history)} SIGKILLs of either worker ({per_slot}; {deleted} "
-      f"restart{'s' if deleted != 1 else ''} with the state directory deleted); group whole again after "
-      + (f"{backs[0]:.1f}-{backs[-1]:.1f}s (median {backs[len(backs) // 2]:.1f}s)" if backs else "-"))
-    w(f"{'broker' if chaos.cluster is None else 'cluster':<22}" + "; ".join(chaos.broker_events or ["-"]))
     selfexits = sum(1 for f in chaos.findings if "exited by itself" in f.text)
     w(f"exits by themselves   {selfexits}")
     stops = ", ".join(f"{name}: exit {c} after {t:.1f}s{' (forced)' if forced else ''}"
@@ -1754,12 +1930,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cluster", action="store_true",
                         help="with --group: on the three-broker cluster (scripts/kafka.sh cluster-start), one node "
                              "killed with SIGKILL and started again instead of the broker restart")
+    parser.add_argument("--faults", choices=FAULT_KINDS, default=None,
+                        help=f"two workers in one group, each on its own test host (root): {FAULTS} times one of "
+                             f"them cut off the network (partition) or stopped with SIGSTOP (pause) for "
+                             f"{FAULT_SECONDS:.0f}s while the input flows; none killed")
+    parser.add_argument("--rate", type=float, default=None,
+                        help=f"with --faults: input records per second (default {FEED_RATE:,.0f}, less for an input "
+                             f"smaller than {FEED_RATE * FEED_SECONDS:,.0f}: it flows for {FEED_SECONDS:.0f}s)")
     args = parser.parse_args(argv)
     if args.cluster and not args.group:
         parser.error("--cluster goes with --group")
+    if args.faults and (args.group or args.cluster):
+        parser.error("--faults runs its own two workers: not with --group or --cluster")
+    if args.rate is not None and (not args.faults or args.rate <= 0):
+        parser.error("--rate goes with --faults, and must be positive")
     if args.records < 100 or args.kills < 1:
         parser.error("--records must be at least 100 and --kills at least 1")
     args.devices = args.devices or max(1, args.records // 10)
+    args.rate = args.rate or min(FEED_RATE, args.records / FEED_SECONDS)
     return args
 
 
@@ -1806,7 +1994,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = CHAOS_DIR / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = run_settings(stamp, run_dir, args.brokers, args.processing_guarantee)
-    log(f"run {stamp}: {args.records:,} records, {args.devices:,} devices, {args.kills} kills, seed {args.seed}, "
+    faults = f"{FAULTS} {args.faults} faults of {FAULT_SECONDS:.0f}s" if args.faults else f"{args.kills} kills"
+    log(f"run {stamp}: {args.records:,} records, {args.devices:,} devices, {faults}, seed {args.seed}, "
         f"{args.processing_guarantee}; files in {run_dir}")
 
     path = timed(phases, "input", lambda: generate(input_path(args.records, args.devices, args.seed),
@@ -1820,7 +2009,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     log(f"reference: {ref.replay_summary}; {len(ref.states):,} devices with state")
 
-    if args.group:
+    if args.group or args.faults:
         return main_group(args, settings, run_dir, lines, ref, started)
 
     broker: Broker | None = None
@@ -1885,9 +2074,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def main_group(args: argparse.Namespace, settings: Settings, run_dir: Path, lines: list[bytes], ref: Reference,
                started: float) -> int:
     """make chaos's group runs: two workers, either one killed at random, and a broker restarted (single
-    broker) or killed and started again (the three-broker cluster)."""
+    broker) or killed and started again (the three-broker cluster); or (--faults) two workers on test hosts,
+    one cut off or paused at a time."""
     broker: Broker | ClusterBroker | None = None
     chaos: GroupChaos | None = None
+    hosts: list[testhosts.TestHost] = []
     try:
         with terminate_as_exit():
             if args.cluster:
@@ -1899,10 +2090,16 @@ def main_group(args: argparse.Namespace, settings: Settings, run_dir: Path, line
                 broker = chaos_broker = Broker()
                 broker.ensure_up()
                 cluster = None
+            if args.faults:
+                hosts = make_test_hosts()
+                settings = replace(settings, brokers=testhosts.BROKERS)  # the listener the test hosts reach
             run_async(kafka_topics.ensure_topics(settings, PARTITIONS))
             feeder = Feeder(settings, lines)
             feeder.start()
-            chaos = GroupChaos(settings, run_dir, feeder, args.kills, args.seed, chaos_broker, cluster)
+            if args.faults:
+                chaos = FaultChaos(settings, run_dir, feeder, args.faults, hosts, args.seed, args.rate)
+            else:
+                chaos = GroupChaos(settings, run_dir, feeder, args.kills, args.seed, chaos_broker, cluster)
             code = code_version()
             try:
                 chaos.run()
@@ -1930,6 +2127,9 @@ def main_group(args: argparse.Namespace, settings: Settings, run_dir: Path, line
                 for name in ("replay.jsonl", "replay-dead.jsonl", "replay-persons.jsonl"):
                     (run_dir / name).unlink(missing_ok=True)
             return 0 if ok else 1
+    except testhosts.Unavailable as e:
+        print(f"chaos: cannot make test hosts here: {e}", file=sys.stderr)
+        return 2
     except HarnessError as e:
         print(f"chaos: {e}", file=sys.stderr)
         if chaos is not None:
@@ -1942,7 +2142,37 @@ def main_group(args: argparse.Namespace, settings: Settings, run_dir: Path, line
     finally:
         if chaos is not None:
             chaos.stop_everything()
+        remove_test_hosts(hosts)
         cleanup(settings, run_dir, broker, args.keep)
+
+
+def make_test_hosts() -> list[testhosts.TestHost]:
+    """Two fresh test hosts, after removing those a run killed before its clean-up left. Raises
+    testhosts.Unavailable where this machine cannot make them, HarnessError where the broker is not there for
+    them."""
+    testhosts.ensure_tools()
+    if not testhosts.broker_reachable():
+        raise HarnessError(f"the broker does not listen on {testhosts.BROKERS} for the test hosts: it was started "
+                           "before scripts/kafka.sh added that listener, or not as root (`bash scripts/kafka.sh "
+                           "restart` as root)")
+    testhosts.remove_all()
+    try:
+        hosts = testhosts.make_hosts(2, first=FIRST_TEST_HOST)
+    except RuntimeError as e:  # a step of making one failed: what was made goes
+        testhosts.remove_all()
+        raise HarnessError(f"making the test hosts failed: {e}") from e
+    log("test hosts: " + ", ".join(f"{h.name} ({h.address})" for h in hosts))
+    return hosts
+
+
+def remove_test_hosts(hosts: Sequence[testhosts.TestHost]) -> None:
+    """Healed and removed (their workers are stopped first), whatever happened."""
+    for host in hosts:
+        try:
+            host.heal()
+            host.remove()
+        except Exception as e:
+            print(f"chaos: removing test host {host.name}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def cleanup(settings: Settings, run_dir: Path, broker: Broker | ClusterBroker | None, keep: bool) -> None:

@@ -81,10 +81,12 @@ class TestHost:
         """`argv` run on this host."""
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def create(self) -> None:
-        self.remove()
+    def create(self) -> bool:
+        """Make it; False when a host of this number exists already (another run's: left alone)."""
         outside, inside = f"{self.name}h", f"{self.name}n"
-        _run("ip", "netns", "add", self.name)
+        if _run("ip", "netns", "add", self.name, check=False).returncode != 0:
+            return False
+        _run("ip", "link", "delete", outside, check=False)  # a link a killed run left behind
         _run("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
         _run("ip", "link", "set", inside, "netns", self.name)
         _run("ip", "addr", "add", f"{self.gateway}/30", "dev", outside)
@@ -92,6 +94,7 @@ class TestHost:
         for argv in (["ip", "addr", "add", f"{self.address}/30", "dev", inside], ["ip", "link", "set", inside, "up"],
                      ["ip", "link", "set", "lo", "up"], ["ip", "route", "add", "default", "via", self.gateway]):
             _run(*self.command(argv))
+        return True
 
     def cut(self) -> None:
         """Every packet in or out dropped from now on."""
@@ -122,19 +125,30 @@ def broker_reachable(timeout: float = 3.0) -> bool:
 
 
 def make_hosts(count: int, first: int = 1) -> list[TestHost]:
-    """`count` fresh test hosts; raises `Unavailable` where this machine cannot make them."""
+    """`count` fresh test hosts, of numbers from `first` on that no other run holds (runs side by side each get
+    their own); raises `Unavailable` where this machine cannot make them."""
     ensure_tools()
-    hosts = [TestHost(n) for n in range(first, first + count)]
+    hosts: list[TestHost] = []
+    for n in range(first, 61):
+        host = TestHost(n)
+        if host.create():
+            hosts.append(host)
+            if len(hosts) == count:
+                return hosts
     for host in hosts:
-        host.create()
-    return hosts
+        host.remove()
+    raise Unavailable("no free test host numbers (1..60): `ip netns list` shows what holds them")
 
 
 def remove_all() -> None:
-    """Every test host a run left behind (a run killed before its clean-up)."""
+    """Every test host a run left behind (a run killed before its clean-up): those no process runs in. One that
+    a process still runs in is a run's going on (a test's, `make chaos`'s) and is left alone: removing it would
+    cut that run's workers off."""
     if shutil.which("ip") is None:
         return
     for line in _run("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         if name.startswith(PREFIX) and name[len(PREFIX):].isdigit():
+            if _run("ip", "netns", "pids", name, check=False).stdout.split():
+                continue
             TestHost(int(name[len(PREFIX):])).remove()
