@@ -453,17 +453,24 @@ class Pipeline:
             batch.close()
             sent.append((await producer.send_batch(batch, topic, partition=partition), count))
 
-        for (topic, partition), messages in outbox.items():
-            batch, count = producer.create_batch(), 0
-            for key, value, headers in messages:
-                if batch.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
-                    await send(batch, topic, partition, count)
-                    batch, count = producer.create_batch(), 0
+        try:
+            for (topic, partition), messages in outbox.items():
+                batch, count = producer.create_batch(), 0
+                for key, value, headers in messages:
                     if batch.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
-                        raise ValueError(f"a message of {len(value or b'')} bytes does not fit in a batch")
-                count += 1
-            if count:
-                await send(batch, topic, partition, count)
+                        await send(batch, topic, partition, count)
+                        batch, count = producer.create_batch(), 0
+                        if batch.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
+                            raise ValueError(f"a message of {len(value or b'')} bytes does not fit in a batch")
+                    count += 1
+                if count:
+                    await send(batch, topic, partition, count)
+        except BaseException:
+            # the batches sent before the failure are nobody's to wait for now: their outcome is read here, so
+            # that a failed one (a fenced producer's) is not reported as an exception never retrieved
+            for future, _ in sent:
+                future.add_done_callback(_retrieved)
+            raise
         return sent
 
     async def process(self, batch: Mapping[Any, Sequence[KafkaRecord]],
@@ -848,6 +855,11 @@ class Pipeline:
     def _write_state(self, state: PartitionState, items: list[tuple[bytes, bytes]], changelog_offset: int) -> None:
         state.db.write(self.write_batch([*items, (self.offset_key, str(changelog_offset).encode())]))
         state.committed()
+
+
+def _retrieved(future: Any) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _acked(sent: list[tuple[Any, int]]) -> None:

@@ -62,6 +62,7 @@ class PartitionProducers:
     async def close(self, partitions: Iterable[int]) -> None:
         for p in [p for p in list(partitions) if p in self.producers]:
             producer = self.producers.pop(p)
+            _read_outcome(producer)
             # an open transaction is aborted by the broker when the next owner opens its producer
             try:
                 await producer.stop()
@@ -78,6 +79,15 @@ class PartitionProducers:
         that owner has already moved past. The caller rejoins the group; the assignment it gets back
         reopens the producers of the partitions really owned (`own`)."""
         await self.close([partition])
+
+
+def _read_outcome(producer: AIOKafkaProducer) -> None:
+    """A failed transaction's outcome, which aiokafka hands only to an abort or a commit: a fenced producer is
+    closed without either, and its failure would be logged as an exception never retrieved."""
+    manager = getattr(producer, "_txn_manager", None)
+    waiter = manager.wait_for_transaction_end() if manager is not None else None
+    if waiter is not None and waiter.done() and not waiter.cancelled():
+        waiter.exception()
 
 
 def transactional_producer(brokers: str, options: dict[str, Any]) -> Callable[[str], AIOKafkaProducer]:

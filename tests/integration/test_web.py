@@ -91,8 +91,8 @@ def test_metrics_count_a_known_input(topics: Settings, start_worker: Callable[..
     transactions = samples[("streams_transactions_total", frozenset())]
     if guarantee == "exactly_once":  # one per partition with records in a batch
         assert batches <= transactions <= batches * topics.partitions, (batches, transactions)
-    else:
-        assert transactions == 0
+    else:  # one per partition whose state a batch changed (the sample changes some)
+        assert 1 <= transactions <= batches * topics.partitions, (batches, transactions)
 
 
 def expected_states() -> dict[str, dict[str, Any]]:
