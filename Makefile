@@ -21,9 +21,12 @@ install: $(INSTALLED)
 run: install
 	bash scripts/run.sh
 
-## every test: lint, types, unit and engine tests, conformance, and the integration tests on a real broker
+## every test: lint, types, unit and engine tests, conformance, and the integration tests on a real broker,
+## in TEST_JOBS processes side by side (the three-broker cluster's tests in one of them, one after the other);
+## the 15 slowest are listed at the end
+TEST_JOBS ?= 4
 test: install lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_JOBS) --dist loadgroup --durations=15
 
 lint: install
 	$(BIN)/ruff check streams tests scripts

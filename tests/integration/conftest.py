@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import signal
@@ -63,19 +64,40 @@ async def _admin_call(brokers: str, call: Callable[[Any], Any]) -> Any:
         await admin.close()
 
 
+@contextlib.contextmanager
+def _one_at_a_time(name: str) -> Iterator[None]:
+    """Across the test processes of one `pytest -n` run: one starts the broker (or the cluster), the others wait
+    for it and find it up."""
+    lock_dir = ROOT / ".cache"
+    lock_dir.mkdir(exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _stop_at_the_end() -> bool:
+    """Whether this test process stops at its end what it started: not when others of the same run (`pytest -n`)
+    may still use it; the broker is then left running, as `make run` leaves it."""
+    return "PYTEST_XDIST_WORKER" not in os.environ
+
+
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[str]:
     """The bootstrap address of a broker that answers. Never skips: no broker is a failure."""
     if not KAFKA_SH.exists():
         pytest.fail(f"{KAFKA_SH} is missing: it installs and starts the test broker", pytrace=False)
     started = False
-    if _kafka_sh("status", timeout=120).returncode != 0:
-        # on a fresh machine this downloads the broker's jars first
-        run = _kafka_sh("start", timeout=1800)
-        if run.returncode != 0:
-            pytest.fail(f"`bash scripts/kafka.sh start` failed with exit code {run.returncode}:\n"
-                        f"{run.stdout[-2000:]}\n{run.stderr[-4000:]}", pytrace=False)
-        started = True
+    with _one_at_a_time("kafka"):
+        if _kafka_sh("status", timeout=120).returncode != 0:
+            # on a fresh machine this downloads the broker's jars first
+            run = _kafka_sh("start", timeout=1800)
+            if run.returncode != 0:
+                pytest.fail(f"`bash scripts/kafka.sh start` failed with exit code {run.returncode}:\n"
+                            f"{run.stdout[-2000:]}\n{run.stderr[-4000:]}", pytrace=False)
+            started = _stop_at_the_end()
     try:
         asyncio.run(asyncio.wait_for(_admin_call(BOOTSTRAP, lambda a: a.list_topics()), 60))
     except Exception as e:
@@ -186,12 +208,14 @@ class Cluster:
 def kafka_cluster() -> Iterator[Cluster]:
     """Three brokers (scripts/kafka.sh cluster-start), for the tests that need them only; stopped at the end
     when this session started them. Never skips: a cluster that does not come up is a failure."""
-    started = _kafka_sh("cluster-status", timeout=120).returncode != 0
-    if started:
-        run = _kafka_sh("cluster-start", timeout=1800)
-        if run.returncode != 0:
-            pytest.fail(f"`bash scripts/kafka.sh cluster-start` failed with exit code {run.returncode}:\n"
-                        f"{run.stdout[-2000:]}\n{run.stderr[-4000:]}", pytrace=False)
+    with _one_at_a_time("kafka-cluster"):
+        started = _kafka_sh("cluster-status", timeout=120).returncode != 0
+        if started:
+            run = _kafka_sh("cluster-start", timeout=1800)
+            if run.returncode != 0:
+                pytest.fail(f"`bash scripts/kafka.sh cluster-start` failed with exit code {run.returncode}:\n"
+                            f"{run.stdout[-2000:]}\n{run.stderr[-4000:]}", pytrace=False)
+    # the cluster's tests run in one process (`xdist_group`), so the one that started it may stop it
     brokers = _kafka_sh("cluster-brokers", timeout=60).stdout.strip()
     try:
         asyncio.run(asyncio.wait_for(_admin_call(brokers, lambda a: a.list_topics()), 60))

@@ -37,7 +37,8 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_worker import GUARANTEES, StartWorker, generate, keyed, produce, sample_lines
 
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(480)]
+# one process runs them all, one after the other: each kills, wipes and starts the cluster's nodes
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(480), pytest.mark.xdist_group("cluster")]
 
 OUTPUT_TIMEOUT = 240.0  # a broker's death moves leaders and coordinators: slower than the single broker
 
