@@ -8,6 +8,8 @@ partition's RocksDB database.
   offset no record holds) to each partition written, and the records of a transaction that never committed
   stay in the log, aborted. `Broker.visible` is what such a reader sees.
 - `DB`: a dict answering as rocksdict does: multi-get, write batches with deletions, ordered reads.
+- `run_worker`: a worker's consumer over the fake broker, in batches of random sizes, with a crash and a
+  restart from the committed offsets whenever a batch fails.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.pipeline import BatchResult, Pipeline
 from streams.transactions import PartitionProducers
 
 
@@ -204,3 +207,48 @@ def recover(broker: Broker, db: DB, changelog: str, partition: int, offset_key: 
         db.write([(rec.key, rec.value)])
     if log:
         db[offset_key] = str(len(log) - 1).encode()
+
+
+def run_worker(broker: Broker, rng: random.Random, new_worker: Callable[[], Pipeline], recover: Callable[[], None],
+               inputs: Sequence[str], partitions: int, *, take: int, steps: int) -> int:
+    """Consume `inputs` in batches of 0 to `take` records per partition until all are read (what the batches
+    write to them is read too); a batch that fails is a crash: the table is recovered and a new worker (nothing
+    in memory) starts from the committed offsets. Returns the crash count."""
+    crashes = 0
+
+    async def run() -> None:
+        nonlocal crashes
+        worker = new_worker()
+        positions = dict(broker.committed)
+        for _ in range(steps):
+            batch: dict[TP, list[Record]] = {}
+            for p in range(partitions):
+                for topic in inputs:
+                    start = positions.get((topic, p), 0)
+                    n = rng.randint(0, take)
+                    records = broker.visible(topic, p, start, n)
+                    if records:
+                        batch[TP(topic, p)] = records
+                    positions[(topic, p)] = min(start + n, len(broker.logs[(topic, p)]))
+            if not batch:
+                if all(positions.get((topic, p), 0) >= len(broker.logs[(topic, p)])
+                       for topic in inputs for p in range(partitions)):
+                    return
+                continue
+            try:
+                ends = {(topic, p): len(broker.logs[(topic, p)]) for topic in inputs for p in range(partitions)}
+                result: BatchResult = await worker.process(batch, dict(positions), ends)
+            except Crash:
+                crashes += 1
+                recover()
+                worker = new_worker()
+                positions = dict(broker.committed)
+                continue
+            for tp, offset in result.commit.items():
+                broker.committed[(tp.topic, tp.partition)] = offset
+            for tp, offset in result.rewind.items():
+                positions[(tp.topic, tp.partition)] = offset
+        raise AssertionError("the worker did not finish")
+
+    asyncio.run(run())
+    return crashes

@@ -18,11 +18,12 @@ import pytest
 
 from streams.enrich import Enricher, EnrichSettings
 from streams.persons_stage import CLAIM, HEADER
-from streams.pipeline import BatchResult, Pipeline, Topics
+from streams.pipeline import Pipeline, Topics
 from streams.replay import replay
 from streams.statekeys import OFFSET_KEY
-from tests.fakes import DB, TP, Broker, Crash, Record
+from tests.fakes import DB, TP, Broker, Record
 from tests.fakes import recover as recover_partition
+from tests.fakes import run_worker as fake_worker
 
 T = Topics(raw="raw", repartition="raw-repartition", enriched="enriched", dead_letter="dead", changelog="changelog",
            partitions=3, persons_repartition="persons-repartition", persons_changelog="persons-changelog",
@@ -54,47 +55,11 @@ def recover(broker: Broker, dbs: dict[tuple[str, int], DB]) -> None:
 
 
 def run_worker(broker: Broker, rng: random.Random, settings: EnrichSettings, *, steps: int = 20_000) -> int:
-    """Consume the three inputs in batches of random sizes until all are read (the persons stage's messages
-    beget more); a failed batch is a crash: a new pipeline starts from the committed offsets."""
+    """The three inputs consumed in batches of random sizes (the persons stage's messages beget more), crashes
+    and all (`fakes.run_worker`)."""
     dbs: dict[tuple[str, int], DB] = defaultdict(DB)
-    crashes = 0
-
-    async def run() -> None:
-        nonlocal crashes
-        worker = pipeline(broker, dbs, settings)
-        positions = dict(broker.committed)
-        for _ in range(steps):
-            batch: dict[TP, list[Record]] = {}
-            for p in range(T.partitions):
-                for topic in INPUTS:
-                    start = positions.get((topic, p), 0)
-                    n = rng.randint(0, 5)
-                    take = broker.visible(topic, p, start, n)
-                    if take:
-                        batch[TP(topic, p)] = take
-                    positions[(topic, p)] = min(start + n, len(broker.logs[(topic, p)]))
-            if not batch:
-                if all(positions.get((topic, p), 0) >= len(broker.logs[(topic, p)])
-                       for topic in INPUTS for p in range(T.partitions)):
-                    return
-                continue
-            try:
-                ends = {(topic, p): len(broker.logs[(topic, p)]) for topic in INPUTS for p in range(T.partitions)}
-                result: BatchResult = await worker.process(batch, dict(positions), ends)
-            except Crash:
-                crashes += 1
-                recover(broker, dbs)
-                worker = pipeline(broker, dbs, settings)
-                positions = dict(broker.committed)
-                continue
-            for tp, offset in result.commit.items():
-                broker.committed[(tp.topic, tp.partition)] = offset
-            for tp, offset in result.rewind.items():
-                positions[(tp.topic, tp.partition)] = offset
-        raise AssertionError("the worker did not finish")
-
-    asyncio.run(run())
-    return crashes
+    return fake_worker(broker, rng, lambda: pipeline(broker, dbs, settings), lambda: recover(broker, dbs),
+                       INPUTS, T.partitions, take=5, steps=steps)
 
 
 def persons_input(rng: random.Random, devices: int, records: int) -> list[bytes]:

@@ -19,10 +19,11 @@ import orjson
 import pytest
 
 from streams.enrich import Enricher
-from streams.pipeline import SOURCE_HEADER, BatchResult, Pipeline, Topics
+from streams.pipeline import SOURCE_HEADER, Pipeline, Topics
 from streams.statekeys import APPLIED_KEY, OFFSET_KEY, PLAN_KEY
 from tests.fakes import DB, TP, Broker, Crash, Record
 from tests.fakes import recover as recover_partition
+from tests.fakes import run_worker as fake_worker
 
 T = Topics(raw="raw", repartition="raw-repartition", enriched="enriched", dead_letter="dead", changelog="changelog",
            partitions=3)
@@ -43,49 +44,10 @@ def pipeline(broker: Broker, dbs: dict[int, DB]) -> Pipeline:
 
 
 def run_worker(broker: Broker, rng: random.Random, *, steps: int = 5_000) -> int:
-    """Consume the raw and repartition topics in batches of random sizes until both are read; a failed batch is
-    a crash: a new pipeline (nothing in memory) starts from the committed offsets. Returns the crash count."""
+    """The raw and repartition topics consumed in batches of random sizes, crashes and all (`fakes.run_worker`)."""
     dbs: dict[int, DB] = defaultdict(DB)
-    crashes = 0
-
-    async def run() -> None:
-        nonlocal crashes
-        worker = pipeline(broker, dbs)
-        positions = dict(broker.committed)
-        for _ in range(steps):
-            batch: dict[TP, list[Record]] = {}
-            for p in range(T.partitions):
-                for topic in (T.raw, T.repartition):
-                    start = positions.get((topic, p), 0)
-                    n = rng.randint(0, 4)
-                    take = broker.visible(topic, p, start, n)
-                    if take:
-                        batch[TP(topic, p)] = take
-                    positions[(topic, p)] = min(start + n, len(broker.logs[(topic, p)]))
-            done = all(positions.get((topic, p), 0) >= len(broker.logs[(topic, p)])
-                       for topic in (T.raw, T.repartition) for p in range(T.partitions))
-            if not batch:
-                if done:
-                    return
-                continue
-            try:
-                ends = {(topic, p): len(broker.logs[(topic, p)]) for topic in (T.raw, T.repartition)
-                        for p in range(T.partitions)}
-                result: BatchResult = await worker.process(batch, dict(positions), ends)
-            except Exception:
-                crashes += 1
-                recover(broker, dbs)
-                worker = pipeline(broker, dbs)
-                positions = dict(broker.committed)
-                continue
-            for tp, offset in result.commit.items():
-                broker.committed[(tp.topic, tp.partition)] = offset
-            for tp, offset in result.rewind.items():
-                positions[(tp.topic, tp.partition)] = offset
-        raise AssertionError("the worker did not finish")
-
-    asyncio.run(run())
-    return crashes
+    return fake_worker(broker, rng, lambda: pipeline(broker, dbs), lambda: recover(broker, dbs),
+                       (T.raw, T.repartition), T.partitions, take=4, steps=steps)
 
 
 def recover(broker: Broker, dbs: dict[int, DB]) -> None:

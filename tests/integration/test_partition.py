@@ -11,7 +11,6 @@ Needs root (namespaces, nftables), as CI has.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -34,7 +33,7 @@ from tests.integration.conftest import (
     without_repeats,
     write_jsonl,
 )
-from tests.integration.test_worker import generate, keyed, produce
+from tests.integration.test_worker import generate, produce_slowly
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
@@ -67,21 +66,6 @@ def host_topics(kafka: str, tmp_path: Path) -> Iterator[Settings]:
         yield settings
 
 
-def feed(settings: Settings, lines: list[bytes], seconds: float) -> threading.Thread:
-    """The lines produced at a steady rate over `seconds`, from this machine (never cut)."""
-    chunk = 20
-    pause = seconds / max(1, len(lines) // chunk)
-
-    def run() -> None:
-        for i in range(0, len(lines), chunk):
-            produce(settings, keyed(lines[i:i + chunk]))
-            time.sleep(pause)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_a_cut_off_worker_corrupts_nothing(host_topics: Settings, hosts: list[testhosts.TestHost],
                                            start_worker: StartWorker, tmp_path: Path, guarantee: str) -> None:
@@ -95,7 +79,8 @@ def test_a_cut_off_worker_corrupts_nothing(host_topics: Settings, hosts: list[te
     for w in workers:
         w.wait_ready(members=2, timeout=120)
     cut_host = hosts[0]
-    feeding = feed(settings, lines, seconds=120)
+    # a steady stream over about 120 s, from this machine (never cut)
+    feeding = produce_slowly(settings, lines, chunks=len(lines) // 20, pause=120 / (len(lines) // 20))
     for _ in range(CUTS):
         time.sleep(4)
         cut_host.cut()
