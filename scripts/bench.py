@@ -6,9 +6,14 @@ the machine is small and shared: absolute numbers move from run to run, ratios m
 1. generate a realistic raw stream (JSONL under .cache/bench/, reused when it exists);
 2. load it into a fresh raw topic, keyed by device_id;
 3. measure, each on fresh output topics, consumer group and state directory, one after the other:
-   - the ceiling: a bare aiokafka consume-and-produce passthrough (no logic at all);
+   - the ceilings: a bare aiokafka consume-and-produce passthrough (no logic at all), twice, each named by
+     its delivery contract: fire-and-forget (acks=1, offsets committed without waiting for acks) and
+     at-least-once (acks=all, offsets committed only after the outputs are acknowledged: the worker's);
    - the baseline: a stock Faust agent around the same engine (scripts/bench_baseline.py), on a prefix;
    - the worker end to end (`python -m streams worker`), its CPU per event and peak RSS;
+   - the peers, the same shape of work at their default settings (bench/peers/): a Kafka Streams app (its jar
+     built by Maven on first use into .cache/bench-peers/) and a Quix Streams app, each a RocksDB store
+     with a changelog keyed by device, one output per input carrying the device's running identity;
    - the worker's added latency at a fixed lower input rate;
    - `python -m streams replay` offline, and its RSS with `--state-dir` at 1x and 10x the devices;
    - correctness: the worker's output must equal replay's for the same input (fields the schema marks
@@ -31,7 +36,7 @@ topics are created with message.timestamp.type=LogAppendTime, so the broker's cl
 `--scale` (make bench-scale) runs the scale runs instead, each beside its own ceiling and checked against
 replay: (a) --records (default 1,000,000) over as many device IDs; (b) --state-devices (default 10,000,000)
 logged in through the worker, which is restarted on its state, then --records over them; (c) two workers in
-one group against one on (a)'s input. Report in .cache/bench/last-scale.md.
+one group against one on (a)'s input; the peers beside (a). Report in .cache/bench/last-scale.md.
 
     .venv/bin/python scripts/bench.py --scale [--records N] [--state-devices N] [--brokers HOST:PORT] [--keep]
 """
@@ -69,7 +74,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import murmur2
 
 from streams.config import env_name
-from streams.topics import device_key
+from streams.kafka.topics import device_key
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / ".cache" / "bench"
@@ -109,7 +114,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class Names:
-    """Every topic, group and directory of one run starts with its stamp: cleanup deletes by prefix."""
+    """Every topic, group and directory of one run holds its stamp: cleanup deletes the topics by it."""
 
     stamp: str
     run_dir: Path
@@ -377,8 +382,10 @@ class Kafka:
         offsets = await self.admin.list_consumer_group_offsets(group)
         return sum(max(0, o.offset) for tp, o in offsets.items() if tp.topic == topic)
 
-    async def delete_run_topics(self, prefix: str) -> list[str]:
-        names = sorted(t for t in await self.admin.list_topics() if t.startswith(prefix))
+    async def delete_run_topics(self, stamp: str) -> list[str]:
+        """Every topic whose name holds the run's stamp: it starts most (Quix names its changelogs
+        changelog__<group>--<topic>--<store>)."""
+        names = sorted(t for t in await self.admin.list_topics() if stamp in t)
         for i in range(0, len(names), 20):
             await self.admin.delete_topics(names[i: i + 20])
         return names
@@ -763,18 +770,39 @@ async def run_replay(names: Names, label: str, src: Path, state_dir: Path | None
                      child.peak_rss_mib, out, dead, persons_file)
 
 
-# -- 3b. the ceiling ---------------------------------------------------------------------------------------
+# -- 3b. the ceilings -------------------------------------------------------------------------------------
 
 
-async def passthrough(brokers: str, source: str, target: str, group: str) -> None:
-    """The ceiling, run as a child (`bench.py --passthrough ...`): what aiokafka alone costs for this traffic.
-    Consumer group, big fetches, a send per record keyed as it came, commit after the acks: the worker's
-    Kafka work (same fetch and producer settings) without its logic."""
+@dataclass(frozen=True)
+class Contract:
+    """What a passthrough promises about its outputs, and so what it waits for."""
+
+    name: str
+    acks: int | str
+    wait_for_acks: bool  # commit the input offsets only after the outputs are acknowledged
+    how: str
+
+
+CONTRACTS = {c.name: c for c in (
+    Contract("fire-and-forget", 1, False, "acks=1, input offsets committed without waiting for any ack"),
+    Contract("at-least-once", "all", True, "acks=all, input offsets committed only after the outputs are "
+             "acknowledged"),
+)}
+CEILINGS = list(CONTRACTS)  # make bench measures both, side by side
+WORKER_CONTRACT = "at-least-once"  # the worker's (at its default processing guarantee): the ceiling of (b)-(c)
+
+
+async def passthrough(brokers: str, group: str, source: str, target: str, contract: str = WORKER_CONTRACT) -> None:
+    """A ceiling, run as a child (`bench.py --passthrough ... [--passthrough-contract C]`): what aiokafka alone
+    costs for this traffic. Consumer group, big fetches, a send per record keyed as it came, then the commit;
+    at-least-once waits for the acks (acks=all) before it, as the worker does (same fetch and producer
+    settings), fire-and-forget (acks=1) does not."""
+    terms = CONTRACTS[contract]
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     consumer = AIOKafkaConsumer(source, bootstrap_servers=brokers, group_id=group, enable_auto_commit=False,
                                 auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20)
-    producer = AIOKafkaProducer(bootstrap_servers=brokers, acks="all", linger_ms=5, max_batch_size=1 << 20)
+    producer = AIOKafkaProducer(bootstrap_servers=brokers, acks=terms.acks, linger_ms=5, max_batch_size=1 << 20)
     await consumer.start()
     await producer.start()
     try:
@@ -783,25 +811,124 @@ async def passthrough(brokers: str, source: str, target: str, group: str) -> Non
             if not batch:
                 continue
             futures = [await producer.send(target, r.value, key=r.key) for rs in batch.values() for r in rs]
-            await asyncio.gather(*futures)
+            if terms.wait_for_acks:
+                await asyncio.gather(*futures)
             await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
     finally:
         await producer.stop()
         await consumer.stop()
 
 
-async def measure_ceiling(kafka: Kafka, names: Names, raw: str, records: int, label: str = "ceiling") -> Result:
+async def measure_child(kafka: Kafka, names: Names, label: str, raw: str, records: int, argv: list[str], name: str,
+                        note: str, changelog: str | None = None) -> Result:
+    """A consume-and-produce child that writes one output per input to the topic it is given: `argv` is
+    completed with the brokers, its group, `raw`, its output topic (fresh, LogAppendTime) and, when it keeps
+    state (`changelog`: its changelog topic, in which `{group}` stands for its group), a fresh state directory."""
     out, group = names.topic(f"{label}.out"), names.group(label)
     await kafka.create_topics([out])
-    child = Child(label, [PYTHON, __file__, "--passthrough", kafka.brokers, raw, out, group], clean_env(),
-                  names.run_dir / f"{label}.log")
+    argv = [*argv, kafka.brokers, group, raw, out]
+    if changelog is not None:
+        argv.append(str(names.run_dir / f"{label}-state"))
+    child = Child(label, argv, clean_env(), names.run_dir / f"{label}.log")
     await wait_consumed(kafka, child, group, raw, records, [out], records)
-    result = await consumer_result(kafka, child, "ceiling: bare aiokafka passthrough", "all", records, [out],
-                                   f"no logic: fetch {BATCH_RECORDS:,}, send each, commit after acks")
+    result = await consumer_result(kafka, child, name, "all", records, [out], note,
+                                   changelog=None if changelog is None else changelog.format(group=group))
     produced = await kafka.count([out])
     if produced != records:
         result.note += f"; WARNING {produced:,} records out for {records:,} in"
     return result
+
+
+async def measure_ceiling(kafka: Kafka, names: Names, raw: str, records: int, label: str = "ceiling",
+                          contract: str = WORKER_CONTRACT) -> Result:
+    return await measure_child(
+        kafka, names, label, raw, records, [PYTHON, __file__, "--passthrough-contract", contract, "--passthrough"],
+        f"ceiling, {contract}: bare aiokafka passthrough",
+        f"no logic: fetch {BATCH_RECORDS:,}, send each; {CONTRACTS[contract].how}")
+
+
+async def measure_ceilings(kafka: Kafka, names: Names, raw: str, records: int, label: str = "ceiling") -> dict[
+        str, Result]:
+    """Both ceilings, one after the other, each on its own output topic and group."""
+    return {c: await measure_ceiling(kafka, names, raw, records, f"{label}-{c}", c) for c in CEILINGS}
+
+
+# -- 3b'. the peers: the same shape of work in Kafka Streams and in Quix Streams ----------------------------------
+
+PEERS_DIR = ROOT / "bench" / "peers"
+KSTREAMS_POM = PEERS_DIR / "kstreams" / "pom.xml"
+KSTREAMS_JAR = ROOT / ".cache" / "bench-peers" / "kstreams" / "kstreams-peer.jar"  # the pom's build directory
+QUIX_PEER = PEERS_DIR / "quix_peer.py"
+PEER_NOTE = ("per record: parse the JSON, read the device's state, update a running identity, write it back, "
+             "one output carrying it")
+
+
+def build_kstreams_peer() -> Path:
+    """The Kafka Streams peer's runnable jar, built by Maven when it is missing or older than its sources."""
+    sources = [KSTREAMS_POM, *KSTREAMS_POM.parent.glob("src/**/*.java")]
+    if KSTREAMS_JAR.exists() and KSTREAMS_JAR.stat().st_mtime >= max(p.stat().st_mtime for p in sources):
+        return KSTREAMS_JAR
+    for tool in ("mvn", "java"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"the Kafka Streams peer needs {tool} (Maven and a JDK 17) on the PATH")
+    proc = subprocess.run(["mvn", "-q", "-f", str(KSTREAMS_POM), "package"], cwd=ROOT, capture_output=True,
+                          text=True)
+    if proc.returncode != 0 or not KSTREAMS_JAR.exists():
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
+        raise BenchError(f"building the Kafka Streams peer (mvn -q -f {KSTREAMS_POM} package) failed:\n{tail}")
+    return KSTREAMS_JAR
+
+
+def check_peers() -> Path:
+    """Before anything is measured: the Kafka Streams peer built, Quix Streams installed."""
+    try:
+        importlib.metadata.version("quixstreams")
+    except importlib.metadata.PackageNotFoundError:
+        raise BenchError("the Quix Streams peer needs quixstreams: make install (pip install -e '.[dev]')") from None
+    return build_kstreams_peer()
+
+
+@dataclass
+class Peers:
+    kstreams: Result
+    quix: Result
+
+
+def kstreams_version() -> str:
+    m = re.search(r"<kafka.version>([^<]+)</kafka.version>", KSTREAMS_POM.read_text())
+    return m.group(1) if m else "?"
+
+
+async def measure_peers(kafka: Kafka, names: Names, raw: str, records: int, jar: Path, took: dict[str, float],
+                        case: str = "") -> Peers:
+    """Kafka Streams then Quix Streams on `raw`, each with a fresh group (application id), output topic and
+    state directory; `case` (e.g. "a") names a scale run's case."""
+    prefix, title = (f"{case}-", f"({case}) ") if case else ("", "")
+    with timed(f"{prefix}kstreams", f"{title}the Kafka Streams peer", took):
+        kstreams = await measure_child(
+            kafka, names, f"{prefix}kstreams", raw, records, ["java", "-jar", str(jar)],
+            f"{title}Kafka Streams {kstreams_version()} peer (bench/peers/kstreams)",
+            f"{PEER_NOTE}; at_least_once, commit every 30 s, 1 thread; RocksDB store with its record cache",
+            changelog="{group}-devices-changelog")
+    with timed(f"{prefix}quix", f"{title}the Quix Streams peer", took):
+        quix = await measure_child(
+            kafka, names, f"{prefix}quix", raw, records, [PYTHON, str(QUIX_PEER)],
+            f"{title}Quix Streams {importlib.metadata.version('quixstreams')} peer (bench/peers/quix_peer.py)",
+            f"{PEER_NOTE}; at-least-once, commit every 5 s; stateful apply, RocksDB",
+            changelog=f"changelog__{{group}}--{raw}--default")  # Quix's name for the changelog of the state
+    return Peers(kstreams, quix)
+
+
+def versus_lines(worker: Result, ceilings: dict[str, Result], peers: Peers, what: str = "worker") -> list[str]:
+    """The report's lines: the worker against each ceiling (its contract named) and each peer."""
+    lines = [f"- **{what} / ceiling ({c}): {ratio(worker.rate, r.rate)} of the events/s** of a bare passthrough "
+             f"that promises {c} ({CONTRACTS[c].how}), {ratio(worker.cpu_us, r.cpu_us)}x its CPU per event."
+             for c, r in ceilings.items()]
+    for peer, r in (("Kafka Streams", peers.kstreams), ("Quix Streams", peers.quix)):
+        lines.append(f"- **{what} / {peer}: {ratio(worker.rate, r.rate)}x** the events/s ({fmt(worker.rate)} "
+                     f"against {fmt(r.rate)}), {ratio(r.cpu_us, worker.cpu_us)}x less CPU per event, peak RSS "
+                     f"{fmt(worker.peak_rss_mib)} MiB against {fmt(r.peak_rss_mib)} MiB.")
+    return lines
 
 
 # -- 3c. the baseline --------------------------------------------------------------------------------------
@@ -1237,7 +1364,7 @@ async def measure_persons_run(kafka: Kafka, names: Names, label: str, raw: str, 
     await kafka.create_topics([enriched, dead])
     await kafka.create_topics([persons_topic], configs={"cleanup.policy": "compact"})
     group = names.group(label)
-    repartition = f"{group}-persons-repartition"  # the stage's internal topic (streams.app.topic_names)
+    repartition = f"{group}-persons-repartition"  # the stage's internal topic (streams.worker.app.topic_names)
     child = worker_child(kafka, names, label, raw, enriched, dead, persons="on" if persons else "off",
                          persons_topic=persons_topic)
     records = ref.replay.records
@@ -1466,6 +1593,8 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             await kafka_script("start")
             started_broker = True
 
+        with timed("peers-build", "the peers: Kafka Streams' jar (built by Maven when missing), Quix Streams", took):
+            jar = await asyncio.to_thread(check_peers)
         with timed("inputs", "generating the inputs (cached under .cache/bench)", took):
             main_in = await asyncio.to_thread(
                 generate, input_path("main", plan.records, plan.devices, plan.seed), plan.records, plan.devices,
@@ -1515,13 +1644,14 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             if loaded != plan.records:
                 raise BenchError(f"loaded {loaded:,} records, expected {plan.records:,}")
 
-        with timed("ceiling", "the ceiling: bare aiokafka passthrough", took):
-            ceiling = await measure_ceiling(kafka, names, raw, plan.records)
+        with timed("ceilings", f"the ceilings: bare aiokafka passthroughs, {' then '.join(CEILINGS)}", took):
+            ceilings = await measure_ceilings(kafka, names, raw, plan.records)
         with timed("baseline", f"the baseline: stock Faust agent on the first {plan.baseline_records:,} records", took):
             baseline, baseline_digest = await measure_baseline(kafka, names, prefix_raw, plan.baseline_records,
                                                                prefix)
         with timed("worker", "the worker, end to end", took):
             worker, worker_digest = await measure_worker(kafka, names, raw, plan.records, memory)
+        peers = await measure_peers(kafka, names, raw, plan.records, jar, took)
         with timed("worker-eos", "the worker in exactly-once mode, end to end", took):
             eos, eos_digest = await measure_worker(kafka, names, raw, plan.records, memory, "exactly_once")
         with timed("compare", "correctness: the worker's output against replay's", took):
@@ -1553,7 +1683,7 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
                           run.peak_rss_mib, note)
 
         results = [
-            ceiling, baseline, worker, eos,
+            *ceilings.values(), baseline, worker, peers.kstreams, peers.quix, eos,
             replay_result("replay (state in memory)", memory, "all", "JSONL file in and out, no broker"),
             replay_result("replay --jobs 2", jobs, "all", "devices split between 2 processes; CPU of all, RSS of "
                           "the merging one"),
@@ -1576,8 +1706,7 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             f"- **worker / baseline: {ratio(worker.rate, baseline.rate)}x the events/s**, "
             f"{ratio(baseline.cpu_us, worker.cpu_us)}x less CPU per event "
             f"(the baseline ran on the first {plan.baseline_records:,} records only: it is slow).",
-            f"- **worker / ceiling: {ratio(worker.rate, ceiling.rate)} of the events/s** of a bare passthrough, "
-            f"{ratio(worker.cpu_us, ceiling.cpu_us)}x its CPU per event.",
+            *versus_lines(worker, ceilings, peers),
             f"- worker / replay (memory): {ratio(worker.rate, memory.rate)} of the events/s.",
             f"- **exactly-once / at-least-once: {ratio(eos.rate, worker.rate)} of the events/s**, "
             f"{ratio(eos.cpu_us, worker.cpu_us)}x the CPU per event (four transactions a batch, one per partition).",
@@ -1599,7 +1728,7 @@ async def bench(plan: Plan, brokers: str, keep: bool) -> int:
             "",
             "How: events/s of the Kafka runs = input records / (last - first output record's broker append "
             "time), topics with LogAppendTime; the window starts after the first fetched batch is done, for "
-            "all three alike. CPU = the process's user+sys in that window (sampled from /proc every 0.05 s). "
+            "all alike. CPU = the process's user+sys in that window (sampled from /proc every 0.05 s). "
             "Replay: records/s from its own summary line, CPU from wait4 minus a replay of an empty file "
             f"({startup_cpu:.2f}s). Peak RSS = the process's VmHWM (its last sample, at most 0.05 s before it ended). "
             "Each run has its own "
@@ -1758,6 +1887,8 @@ async def bench_scale(brokers: str, keep: bool, records: int, state_devices: int
     kafka: Kafka | None = None
     failures: list[str] = []
     try:
+        with timed("peers-build", "the peers: Kafka Streams' jar (built by Maven when missing), Quix Streams", took):
+            jar = await asyncio.to_thread(check_peers)
         with timed("inputs", "generating the scale inputs (cached under .cache/bench; the first time takes "
                    "minutes)", took):
             wide_in = await asyncio.to_thread(
@@ -1795,12 +1926,13 @@ async def bench_scale(brokers: str, keep: bool, records: int, state_devices: int
         wide_out = wide_ref.enriched + wide_ref.dead_letters
         with timed("a-ceiling", f"(a) the ceiling on {records:,} records over {records:,} devices", took):
             a_ceiling = await measure_ceiling(kafka, names, wide_raw, records, "a-ceiling")
-            a_ceiling.name = "(a) ceiling: bare aiokafka passthrough"
+            a_ceiling.name = f"(a) {a_ceiling.name}"
         with timed("a-worker", "(a) the worker", took):
             a_worker, digest = await measure_workers(
                 kafka, names, "a-worker", wide_raw, records, wide_out, name="(a) worker, one process",
                 note=f"{records:,} records over {records:,} device IDs")
             a_line = verdict_line(wide_digest, digest, "(a) worker", failures)
+        a_peers = await measure_peers(kafka, names, wide_raw, records, jar, took, "a")
         with timed("c-workers", "(c) two workers in one group", took):
             c_workers, digest = await measure_workers(
                 kafka, names, "c-workers", wide_raw, records, wide_out, count=2,
@@ -1810,7 +1942,7 @@ async def bench_scale(brokers: str, keep: bool, records: int, state_devices: int
         # (b)
         with timed("b-ceiling", f"(b) the ceiling on the {records:,} records over {state_devices:,} devices", took):
             b_ceiling = await measure_ceiling(kafka, names, over_raw, records, "b-ceiling")
-            b_ceiling.name = "(b) ceiling: bare aiokafka passthrough"
+            b_ceiling.name = f"(b) {b_ceiling.name}"
         with timed("b-preload", f"(b) the worker logs in {state_devices:,} devices", took):
             # 10M records: counted, not digested (that would take minutes and gigabytes)
             b_preload, _ = await measure_workers(
@@ -1844,7 +1976,7 @@ async def bench_scale(brokers: str, keep: bool, records: int, state_devices: int
                           run.peak_rss_mib, note)
 
         results = [
-            a_ceiling, a_worker, c_workers, b_ceiling, b_preload, b_worker,
+            a_ceiling, a_worker, a_peers.kstreams, a_peers.quix, c_workers, b_ceiling, b_preload, b_worker,
             replay_result(f"replay, {records:,} device IDs", wide_ref, "state in memory"),
             replay_result(f"replay --state-dir, {records:,} device IDs", wide_state, "RocksDB behind a "
                           "100,000-device cache"),
@@ -1857,9 +1989,7 @@ async def bench_scale(brokers: str, keep: bool, records: int, state_devices: int
             "",
             *table(results),
             "",
-            f"- (a) **worker / ceiling: {ratio(a_worker.rate, a_ceiling.rate)}** of the events/s "
-            f"({ratio(a_worker.cpu_us, a_ceiling.cpu_us)}x its CPU per event); peak RSS "
-            f"{a_worker.peak_rss_mib:,.0f} MiB.",
+            *versus_lines(a_worker, {WORKER_CONTRACT: a_ceiling}, a_peers, "(a) worker"),
             f"- (b) **worker / ceiling: {ratio(b_worker.rate, b_ceiling.rate)}** of the events/s with "
             f"{state_devices:,} devices in state ({ratio(b_worker.cpu_us, b_ceiling.cpu_us)}x its CPU per event); "
             f"**peak RSS {b_worker.peak_rss_mib:,.0f} MiB** (while loading them: {b_preload.peak_rss_mib:,.0f} MiB).",
@@ -2014,11 +2144,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"{PERSONS_TIMEOUT:.0f})")
     parser.add_argument("--state-devices", type=int, default=SCALE_STATE_DEVICES,
                         help=f"devices in state for --scale (default {SCALE_STATE_DEVICES:,})")
-    parser.add_argument("--passthrough", nargs=4, metavar=("BROKERS", "SOURCE", "TARGET", "GROUP"),
-                        help=argparse.SUPPRESS)  # the ceiling's child process
+    parser.add_argument("--passthrough", nargs=4, metavar=("BROKERS", "GROUP", "SOURCE", "TARGET"),
+                        help=argparse.SUPPRESS)  # a ceiling's child process
+    parser.add_argument("--passthrough-contract", choices=CEILINGS, default=WORKER_CONTRACT,
+                        help=argparse.SUPPRESS)  # what that passthrough waits for
     args = parser.parse_args(argv)
     if args.passthrough:
-        asyncio.run(passthrough(*args.passthrough))
+        brokers, group, source, target = args.passthrough
+        asyncio.run(passthrough(brokers, group, source, target, args.passthrough_contract))
         return 0
     if args.scale:
         BENCH_DIR.mkdir(parents=True, exist_ok=True)

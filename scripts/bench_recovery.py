@@ -7,7 +7,7 @@
    the output of a probe record in every partition (the probes were produced before it started, so their
    outputs come once the table is rebuilt). Then stop it and check that its RocksDB holds every state,
    byte for byte, and nothing else. Done for the batched restore (the worker as it is) and for Faust's own
-   restore path (the same worker with `streams.restore.BATCHED = False`), side by side; and for a worker with
+   restore path (the same worker with `streams.state.restore.BATCHED = False`), side by side; and for a worker with
    an empty changelog (start-up alone).
    With `--guarantee exactly_once` the changelog is written in transactions, and ends in an aborted one
    that overwrites some states with junk: the rebuild must not show any of it.
@@ -50,7 +50,7 @@ from streams import codec
 from streams.config import env_name
 from streams.identity import CustomerId, DeviceState
 from streams.identity.platforms import LOGIN_KEY
-from streams.murmur2 import murmur2
+from streams.kafka.murmur2 import murmur2
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".cache" / "bench-recovery"
@@ -386,7 +386,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-RUN_FAUST_PATH = ("import sys, streams.restore; streams.restore.BATCHED = False; "
+RUN_FAUST_PATH = ("import sys, streams.state.restore; streams.state.restore.BATCHED = False; "
                   "from streams.cli import main; sys.exit(main(['worker']))")
 
 

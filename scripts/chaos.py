@@ -66,11 +66,11 @@ import testhosts  # scripts/testhosts.py: this file's directory is on the path w
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams import codec
-from streams import topics as kafka_topics
 from streams.config import Settings, env_name
 from streams.enrich import Enricher, MemoryStore
 from streams.identity import DeviceState
-from streams.statekeys import is_internal
+from streams.kafka import topics as kafka_topics
+from streams.state.keys import is_internal
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAOS_DIR = ROOT / ".cache" / "chaos"

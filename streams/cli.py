@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import config
+from streams import config
 
 REPLAY_EXAMPLES = """examples:
   python -m streams replay --input streams/samples/seed.jsonl --output - --dead-letter dead.jsonl
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     person.add_argument("--url", help="a worker's web address (default: http://WEB_BIND:WEB_PORT from the settings)")
     config.add_arguments(person, "state")
 
-    from . import topics
+    from streams.kafka import topics
 
     topics.add_commands(commands)
 
@@ -125,13 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "person":
         return run_person(args, settings)
     if args.command in ("produce", "tail"):
-        from . import topics
+        from streams.kafka import topics
 
         return topics.run(args, settings)
     if args.command == "worker":
         drop_faust_environment()
-        from . import web
-        from .app import run_worker
+        from streams import web
+        from streams.worker.app import run_worker
 
         return run_worker(settings, web.install)
     parser.error(f"unknown command {args.command}")
@@ -142,7 +142,7 @@ def drop_faust_environment() -> None:
     """Only STREAMS_* variables configure the worker. Faust reads FAUST_* and F_* variables when it is
     imported (its web port, data dir, event loop: a Kubernetes service named `faust-web` injects
     FAUST_WEB_PORT=tcp://...), before any setting of ours applies; the app is built with an empty
-    environment for the rest (`streams.app`)."""
+    environment for the rest (`streams.worker.app`)."""
     for name in [n for n in os.environ if n.startswith(("FAUST_", "F_"))]:
         print(f"streams worker: ignoring {name} (the worker is configured by STREAMS_* variables only)",
               file=sys.stderr)
@@ -150,9 +150,9 @@ def drop_faust_environment() -> None:
 
 
 def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:
-    from .gcpolicy import tune_gc
-    from .replay import replay
-    from .replay_jobs import MAX_JOBS
+    from streams.gcpolicy import tune_gc
+    from streams.offline.jobs import MAX_JOBS
+    from streams.offline.replay import replay
 
     tune_gc()
     if not 1 <= settings.replay_jobs <= MAX_JOBS or (settings.replay_jobs > 1 and args.state_dir):

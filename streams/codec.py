@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
-from .identity import CustomerId, DeviceState, Reason, Rejected
-from .persons import DevicePersons, Entry
-from .persons import Mapping as PersonMapping
-from .persons.pairs import Summary
+from streams.identity import CustomerId, DeviceState, Reason, Rejected
+from streams.persons import DevicePersons, Entry
+from streams.persons import Mapping as PersonMapping
+from streams.persons.pairs import Summary
 
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
 # the largest value the worker produces: under Kafka's default message limit (max.message.bytes 1048588 and the
@@ -141,7 +141,7 @@ def dead_letter(
 def encode_state(state: DeviceState, applied: Mapping[int, int] | None = None,
                  persons: DevicePersons | None = None) -> bytes:
     """A device's state as stored in RocksDB and its changelog. `applied`: per input log of its partition
-    (`streams.pipeline.FORWARDED`), the offset of the last record applied when the state was written (the
+    (`streams.worker.batch.FORWARDED`), the offset of the last record applied when the state was written (the
     worker skips records up to it after a crash). `persons`: the device's persons part, stored with the state
     so that a record's effect on both is durable at once."""
     return dumps(
@@ -198,7 +198,7 @@ def decode_full(data: bytes) -> tuple[DeviceState, dict[int, int], DevicePersons
 
 
 def encode_applied(raw: int, foreign: int, forwarded: Mapping[int, int]) -> bytes:
-    """What a table partition's stored states hold of its inputs (`streams.pipeline.Applied`)."""
+    """What a table partition's stored states hold of its inputs (`streams.worker.batch.Applied`)."""
     return dumps([raw, foreign, [[q, o] for q, o in sorted(forwarded.items())]])
 
 

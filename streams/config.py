@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
-from .codec import DEFAULT_MAX_RECORD_BYTES
-from .enrich import EnrichSettings
-from .identity import PLATFORMS
-from .identity import Settings as IdentitySettings
+from streams.codec import DEFAULT_MAX_RECORD_BYTES
+from streams.enrich import EnrichSettings
+from streams.identity import PLATFORMS
+from streams.identity import Settings as IdentitySettings
 
 ENV_PREFIX = "STREAMS_"
 

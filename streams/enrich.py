@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import codec
-from .identity import DeviceState, Reason, Rejected, Settings, apply, device_id_of, plain_track
-from .persons import UserIds
+from streams import codec
+from streams.identity import DeviceState, Reason, Rejected, Settings, apply, device_id_of, plain_track
+from streams.persons import UserIds
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 Lives here: `install(app)`, which adds `GET /metrics`, `GET /devices/{device_id}` and `GET /persons/{user_id}`
 (each lookup routed to the worker that owns the key's partition, as Faust's table views are), and the
-Prometheus text rendering. Faust's raw `/table` dump stays off (`web_tables_enabled=False` in `streams.app`).
-`faust -A streams.web worker` runs the worker with these views (`faust -A streams.app worker` without them).
+Prometheus text rendering. Faust's raw `/table` dump stays off (`web_tables_enabled=False` in `streams.worker.app`).
+`faust -A streams.web worker` runs the worker with these views (`faust -A streams.worker.app worker` without them).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from faust.types import TP
 from faust.web import Request, Response, View
 from yarl import URL
 
-from . import codec
-from .app import PERSONS_TABLE, TABLE, MarkerAwareRecovery, StreamsApp, from_environment
-from .persons_stage import STATS, STATS_KEY, stored_stats
-from .pipeline import FORWARDED
-from .restore import RestoreCounters
-from .statekeys import INTERNAL
+from streams import codec
+from streams.state.keys import INTERNAL
+from streams.state.restore import RestoreCounters
+from streams.worker.app import PERSONS_TABLE, TABLE, MarkerAwareRecovery, StreamsApp, from_environment
+from streams.worker.batch import FORWARDED
+from streams.worker.persons_stage import STATS, STATS_KEY, stored_stats
 
 STARTED = time.time()
 
@@ -142,14 +142,14 @@ def lookup(app: StreamsApp, device_id: str) -> dict[str, Any] | None:
         if not isinstance(data, bytes):
             return None
         entry = codec.decode_stored(data)
-    # a cached entry also holds the device's persons part (`streams.pipeline.Entry`)
+    # a cached entry also holds the device's persons part (`streams.worker.batch.Entry`)
     state, applied = entry[0], entry[1]
     return {"device_id": device_id, "partition": partition, **codec.state_as_json(state),
             "applied_offsets": {_log(key): o for key, o in sorted(applied.items())}}
 
 
 def _log(key: int) -> str:
-    """A watermark key (`streams.pipeline.FORWARDED`) as people read it."""
+    """A watermark key (`streams.worker.batch.FORWARDED`) as people read it."""
     if key >= FORWARDED:
         return f"forwarded from {key - FORWARDED}"
     if key < 0:
@@ -241,7 +241,7 @@ def render_metrics(app: StreamsApp) -> str:
 def person_stats(app: StreamsApp) -> dict[str, int] | None:
     """The persons stage's counts summed over the partitions this worker owns (None: the stage is off). A
     partition's counts are the stage's as of its last batch here, or, before its first batch since it came
-    to this worker, as stored with its pairs (`streams.persons_stage.STATS_KEY`)."""
+    to this worker, as stored with its pairs (`streams.worker.persons_stage.STATS_KEY`)."""
     table = app.streams_persons_table
     if table is None:
         return None

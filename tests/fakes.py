@@ -3,7 +3,7 @@ partition's RocksDB database.
 
 - `Broker`: topics as lists of records, where a record's offset is its index. A send to a topic in `fail_on`
   fails with probability `failure_rate` (a crash in the middle of a batch). Its transactional producers
-  (`Broker.producers()`, as `streams.transactions.PartitionProducers`) behave as Kafka's do for a reader that
+  (`Broker.producers()`, as `streams.kafka.transactions.PartitionProducers`) behave as Kafka's do for a reader that
   reads committed records: a transaction's records take their offsets at once, a commit appends a marker (an
   offset no record holds) to each partition written, and the records of a transaction that never committed
   stay in the log, aborted. `Broker.visible` is what such a reader sees.
@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams.pipeline import BatchResult, Pipeline
-from streams.transactions import PartitionProducers
+from streams.kafka.transactions import PartitionProducers
+from streams.worker.batch import BatchResult, Pipeline
 
 
 @dataclass

@@ -8,10 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
-from streams.app import Layout, create_app
 from streams.config import Settings
-from streams.devicestore import DeviceStore, DeviceTable
-from streams.statekeys import OFFSET_KEY, is_internal
+from streams.state.devicestore import DeviceStore, DeviceTable
+from streams.state.keys import OFFSET_KEY, is_internal
+from streams.worker.app import Layout, create_app
 
 
 def test_fausts_variables_change_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.keyhash import KeyHashes, murmur2_many
-from streams.murmur2 import murmur2
+from streams.kafka.keyhash import KeyHashes, murmur2_many
+from streams.kafka.murmur2 import murmur2
 
 
 @settings(max_examples=300)

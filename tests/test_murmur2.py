@@ -6,7 +6,7 @@ from aiokafka.partitioner import murmur2 as reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.murmur2 import murmur2, partition_of
+from streams.kafka.murmur2 import murmur2, partition_of
 
 
 @settings(max_examples=2000)

@@ -8,7 +8,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.partitioners import aiokafka_partitioner, key_hash
+from streams.kafka.partitioners import aiokafka_partitioner, key_hash
 
 
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=64))

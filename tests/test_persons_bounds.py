@@ -7,8 +7,8 @@ import orjson
 
 from streams import codec
 from streams.enrich import Enricher, EnrichSettings, MemoryStore
+from streams.offline.persons import OfflinePersons
 from streams.persons.device import MAX_CLAIMS, MAX_SIGNUPS
-from streams.persons_offline import OfflinePersons
 
 
 def run(records: list[dict[str, object]]) -> OfflinePersons:

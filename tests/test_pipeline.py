@@ -19,8 +19,8 @@ import orjson
 import pytest
 
 from streams.enrich import Enricher
-from streams.pipeline import SOURCE_HEADER, Pipeline, Topics
-from streams.statekeys import APPLIED_KEY, OFFSET_KEY, PLAN_KEY
+from streams.state.keys import APPLIED_KEY, OFFSET_KEY, PLAN_KEY
+from streams.worker.batch import SOURCE_HEADER, Pipeline, Topics
 from tests.fakes import DB, TP, Broker, Crash, Record
 from tests.fakes import recover as recover_partition
 from tests.fakes import run_worker as fake_worker

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from streams.enrich import EnrichSettings
-from streams.replay import replay as run_replay
+from streams.offline.replay import replay as run_replay
 
 from .conftest import ROOT, validate
 
@@ -158,7 +158,7 @@ def spellings(record: dict[str, object]) -> list[bytes]:
 
 
 def test_route_sends_every_spelling_of_a_device_to_one_job() -> None:
-    from streams.replay_jobs import route
+    from streams.offline.jobs import route
 
     record = {"device_id": "été-42", "platform": "web", "event": "x"}
     for jobs in (2, 3, 7):
@@ -186,7 +186,7 @@ def test_owners_of_a_block_are_the_route_of_each_line(jobs: int) -> None:
     """`owners` reads most lines by their start and checks the rest on the whole block: for every line that
     holds a device's record it must agree with `route`, whatever else the block holds. A line that holds
     none (not JSON, no device ID) touches no state: any job will do."""
-    from streams.replay_jobs import NOBODY, owners, route
+    from streams.offline.jobs import NOBODY, owners, route
 
     def has_device(line: bytes) -> bool:
         try:
@@ -215,7 +215,7 @@ def test_owners_of_a_block_are_the_route_of_each_line(jobs: int) -> None:
 
 @pytest.mark.parametrize("text", [b"", b"a\n", b"a", b"a\n\nbb\nccc", b"a\nbb\n\n", b"x" * 50 + b"\ny\n" + b"z" * 70])
 def test_blocks_cover_the_input_with_its_line_numbers(text: bytes) -> None:
-    from streams.replay import Counts, blocks
+    from streams.offline.replay import Counts, blocks
 
     for size in (1, 2, 7, 1 << 20):
         counts = Counts()
@@ -230,7 +230,7 @@ def test_blocks_cover_the_input_with_its_line_numbers(text: bytes) -> None:
 
 
 def test_jobs_give_the_bytes_of_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from streams import replay as replay_module
+    from streams.offline import replay as replay_module
 
     source = tmp_path / "in.jsonl"
     source.write_bytes(b"\n".join(mixed_input()) + b"\n")
@@ -267,8 +267,8 @@ def test_jobs_refuse_a_state_dir(tmp_path: Path) -> None:
 def test_state_is_written_as_the_replay_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --state-dir the changed states are written every FLUSH_EVERY lines, not kept to the end (memory
     would grow with the devices)."""
-    from streams import replay as replay_module
-    from streams.statestore import CachedStore
+    from streams.offline import replay as replay_module
+    from streams.state.store import CachedStore
     from tests.integration.test_worker import generate
 
     flushes: list[int] = []
@@ -293,7 +293,7 @@ def test_state_dir_with_devices_beyond_the_cache_gives_the_bytes_of_memory(
     """States read ahead in one multi-get per block of lines (some IDs spelled so that the read-ahead misses
     or misreads them), written every few hundred lines, and evicted from a cache far smaller than the devices:
     the bytes of an in-memory replay, in one run and in two runs over one state directory."""
-    from streams import replay as replay_module
+    from streams.offline import replay as replay_module
 
     monkeypatch.setattr(replay_module, "FLUSH_EVERY", 300)
     monkeypatch.setattr(replay_module, "PREFETCH_LINES", 64)

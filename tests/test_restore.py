@@ -1,4 +1,4 @@
-"""`streams.restore` on a real RocksDB database: changelog records and the persisted offset in one write."""
+"""`streams.state.restore` on a real RocksDB database: changelog records and the persisted offset in one write."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from rocksdict import Options, Rdict
 
-from streams.restore import newer_than, write_records
+from streams.state.restore import newer_than, write_records
 
 
 @dataclass

@@ -34,8 +34,8 @@ import orjson
 import pytest
 from aiokafka.admin import NewTopic
 
-from streams import topics as kafka_topics
 from streams.config import Settings, env_name
+from streams.kafka import topics as kafka_topics
 from tests.conftest import ROOT, validate
 
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from streams import topics as kafka_topics
 from streams.config import Settings
+from streams.kafka import topics as kafka_topics
 from tests.integration.conftest import (
     Cluster,
     Outputs,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from streams import topics as kafka_topics
 from streams.config import Settings, env_name
+from streams.kafka import topics as kafka_topics
 from tests.conftest import ROOT
 from tests.integration.conftest import (
     Worker,

@@ -17,9 +17,9 @@ from typing import Any
 import orjson
 import pytest
 
-from streams import topics as kafka_topics
 from streams.config import Settings
-from streams.partitioners import key_hash
+from streams.kafka import topics as kafka_topics
+from streams.kafka.partitioners import key_hash
 from tests.integration.conftest import (
     Worker,
     assert_same_per_device,

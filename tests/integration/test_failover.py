@@ -25,10 +25,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams import codec
-from streams.app import TABLE
 from streams.config import Settings
 from streams.identity import DeviceState
-from streams.murmur2 import murmur2
+from streams.kafka.murmur2 import murmur2
+from streams.worker.app import TABLE
 from tests.integration.conftest import (
     PARTITIONS,
     Worker,

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from streams import topics as kafka_topics
 from streams.config import Settings
+from streams.kafka import topics as kafka_topics
 from tests.integration.conftest import Worker, wait_for_outputs
 
 pytestmark = pytest.mark.kafka

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from streams.config import Settings
-from streams.partitioners import key_hash
+from streams.kafka.partitioners import key_hash
 from tests.conftest import ROOT
 from tests.integration.conftest import Worker, free_port, group_assignment, worker_env, write_jsonl
 from tests.integration.test_persons import replay_persons, wait_for_persons

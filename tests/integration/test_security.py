@@ -12,8 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streams import topics as kafka_topics
 from streams.config import Settings
+from streams.kafka import topics as kafka_topics
 from tests.conftest import ROOT
 from tests.integration.conftest import Worker, replay_outputs, wait_for_outputs
 

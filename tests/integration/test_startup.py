@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from streams import topics as kafka_topics
 from streams.config import Settings
+from streams.kafka import topics as kafka_topics
 from tests.conftest import ROOT
 from tests.integration.conftest import Worker, _admin_call, worker_env
 

@@ -1,4 +1,4 @@
-"""`streams.topics` against the real broker: topics, producing a file, reading back, the two commands."""
+"""`streams.kafka.topics` against the real broker: topics, producing a file, reading back, the two commands."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from streams import config
-from streams import topics as kafka_topics
 from streams.config import Settings
+from streams.kafka import topics as kafka_topics
 from tests.conftest import validate
 from tests.integration.conftest import replay_outputs, write_jsonl
 

@@ -19,9 +19,9 @@ import orjson
 import pytest
 
 from streams import codec
-from streams import topics as kafka_topics
 from streams.config import Settings
 from streams.enrich import Enricher, MemoryStore
+from streams.kafka import topics as kafka_topics
 from tests.conftest import ROOT
 from tests.integration.conftest import Worker, group_assignment, replay_outputs, wait_for_outputs, worker_env
 

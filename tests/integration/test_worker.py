@@ -22,8 +22,8 @@ from typing import Any
 import orjson
 import pytest
 
-from streams import topics as kafka_topics
 from streams.config import Settings
+from streams.kafka import topics as kafka_topics
 from tests.integration.conftest import (
     Worker,
     assert_same_per_device,

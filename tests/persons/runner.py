@@ -1,4 +1,4 @@
-"""Run raw records through `streams.replay.replay` with `--persons`, as files, and read what it wrote."""
+"""Run raw records through `streams.offline.replay.replay` with `--persons`, as files, and read what it wrote."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import orjson
 
 from streams.enrich import EnrichSettings
 from streams.identity import Settings
-from streams.replay import replay
+from streams.offline.replay import replay
 
 from .model import Config
 

@@ -1,6 +1,6 @@
 """Kafka's partitioner hash of many device IDs at once, and the worker's bounded cache of it.
 
-Lives here: `murmur2_many`, the same hash as `streams.murmur2.murmur2` computed for a whole list of keys in
+Lives here: `murmur2_many`, the same hash as `streams.kafka.murmur2.murmur2` computed for a whole list of keys in
 a few big-integer operations per 4-byte word instead of a dozen Python operations per word and key: keys of
 one length are laid side by side, one per 64-bit lane of a Python int, and every step of murmur2 (a 32-bit
 multiply, a shift, a xor) is done for all lanes at once. A lane holds a 32-bit value and a product of two
@@ -18,8 +18,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from .murmur2 import murmur2
-from .partitioners import key_hash
+from streams.kafka.murmur2 import murmur2
+from streams.kafka.partitioners import key_hash
 
 _M = 0x5BD1E995
 _SEED = 0x9747B28C
@@ -75,7 +75,7 @@ def _murmur2_many_positive(keys: list[bytes]) -> list[int]:
 
 
 class KeyHashes:
-    """Device ID -> the producers' partitioner's hash of its UTF-8 (`streams.partitioners`), for the devices
+    """Device ID -> the producers' partitioner's hash of its UTF-8 (`streams.kafka.partitioners`), for the devices
     seen in the last one or two generations of `size` devices."""
 
     def __init__(self, size: int = 200_000, partitioner: str = "murmur2") -> None:

@@ -22,7 +22,7 @@ import random
 import zlib
 from collections.abc import Callable, Sequence
 
-from .murmur2 import murmur2
+from streams.kafka.murmur2 import murmur2
 
 PARTITIONERS = ("murmur2", "crc32")
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from . import codec
-from .enrich import EnrichSettings, Outcome
-from .pairstore import StoredPairs
-from .persons import DevicePersons, Mapping, UserIds, claim, mappings, observe, owner_of_entries
-from .persons.device import may_claim
-from .persons.pairs import Entry, MemoryPairs, Summary
+from streams import codec
+from streams.enrich import EnrichSettings, Outcome
+from streams.persons import DevicePersons, Mapping, UserIds, claim, mappings, observe, owner_of_entries
+from streams.persons.device import may_claim
+from streams.persons.pairs import Entry, MemoryPairs, Summary
+from streams.state.pairs import StoredPairs
 
 # replay's persons keys in its device database: after a byte no device ID's UTF-8 starts with
 PREFIX = b"\xfe"

@@ -3,7 +3,7 @@ builds one, inside the batch step.
 
 Three kinds of message travel through one internal topic, each keyed so that it lands where its state is:
 1. a device's claims on a pair (`claim`), keyed by the pair, to the partition that keeps the pair's claims
-   (the persons table, `streams.pairstore`);
+   (the persons table, `streams.state.pairs`);
 2. the pair's owner (`owner`), keyed by the device ID, back to the device's partition, where its device
    users' claims live (in the device's stored state);
 3. a device user's mapping (`user`), keyed by its user ID, to the partition that keeps the persons index and
@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import codec
-from .enrich import EnrichSettings, Outcome
-from .pairstore import StoredPairs
-from .persons import DevicePersons, UserIds, claim, mapping_of, observe, on_owner
-from .persons.device import NOTHING, may_claim
-from .statekeys import INTERNAL
+from streams import codec
+from streams.enrich import EnrichSettings, Outcome
+from streams.persons import DevicePersons, UserIds, claim, mapping_of, observe, on_owner
+from streams.persons.device import NOTHING, may_claim
+from streams.state.keys import INTERNAL
+from streams.state.pairs import StoredPairs
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ Send = Callable[[str, int, tuple[bytes | None, bytes | None, list[tuple[str, byt
 
 
 class Devices:
-    """What the stage needs of the device side of a partition (`streams.pipeline.PartitionState`)."""
+    """What the stage needs of the device side of a partition (`streams.worker.batch.PartitionState`)."""
 
     def persons(self, device_id: str) -> DevicePersons | None: ...
 

@@ -15,7 +15,7 @@ import faust
 from faust.stores.rocksdb import Store
 from yarl import URL
 
-from .statekeys import OFFSET_KEY, is_internal
+from streams.state.keys import OFFSET_KEY, is_internal
 
 
 class DeviceStore(Store):

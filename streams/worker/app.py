@@ -1,12 +1,12 @@
 """The Faust worker: the raw topic in, enriched records and dead letters out, device state in a RocksDB table.
 
 Read top to bottom: the app, its topics, the device table, then the consumer that feeds whole fetched
-batches to `streams.pipeline` instead of handing Faust one event at a time. Faust keeps what it is good at:
+batches to `streams.worker.batch` instead of handing Faust one event at a time. Faust keeps what it is good at:
 the consumer group and its partition assignment, the table's RocksDB stores, its changelog and recovery,
 the web server. What it is slow at (an Event, a task and an await per record; a RocksDB write and a
 changelog record per table assignment) is what the batch step replaces.
 
-`python -m streams worker` runs it; `faust -A streams.app worker` works too (settings from STREAMS_*).
+`python -m streams worker` runs it; `faust -A streams.worker.app worker` works too (settings from STREAMS_*).
 """
 
 from __future__ import annotations
@@ -32,23 +32,23 @@ from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
 from mode.utils.objects import cached_property
 
-from . import restore
-from . import topics as kafka_topics
-from .config import Settings
-from .devicestore import DeviceTable
-from .enrich import Enricher
-from .gcpolicy import tune_gc
-from .pipeline import BatchFailed, Pipeline, Topics
-from .restore import RestoreCounters
-from .retries import Retries
-from .statekeys import OFFSET_KEY
-from .statestore import write_batch
-from .transactions import PartitionProducers, transactional_producer
+from streams.config import Settings
+from streams.enrich import Enricher
+from streams.gcpolicy import tune_gc
+from streams.kafka import topics as kafka_topics
+from streams.kafka.transactions import PartitionProducers, transactional_producer
+from streams.state import restore
+from streams.state.devicestore import DeviceTable
+from streams.state.keys import OFFSET_KEY
+from streams.state.restore import RestoreCounters
+from streams.state.store import write_batch
+from streams.worker.batch import BatchFailed, Pipeline, Topics
+from streams.worker.retries import Retries
 
 log = logging.getLogger(__name__)
 
 TABLE = "devices"
-PERSONS_TABLE = "persons"  # pair claims and the persons index (`streams.pairstore`)
+PERSONS_TABLE = "persons"  # pair claims and the persons index (`streams.state.pairs`)
 EX_CONFIG = 78  # sysexits.h: a configuration error; restarting will not help
 
 
@@ -284,7 +284,7 @@ class StreamsApp(faust.App):
 
 class MarkerAwareRecovery(Recovery):
     """Faust's table recovery, which also knows a changelog that ends in a transaction marker, and which
-    writes fetched changelog records straight to RocksDB (`streams.restore`) instead of through Faust's
+    writes fetched changelog records straight to RocksDB (`streams.state.restore`) instead of through Faust's
     event path.
 
     Recovery is done when the last record read is the one before the partition's end offset; with
@@ -703,7 +703,7 @@ _app: faust.App | None = None
 
 
 def __getattr__(name: str) -> Any:
-    """`faust -A streams.app worker`: the app, built on first use from the environment's settings."""
+    """`faust -A streams.worker.app worker`: the app, built on first use from the environment's settings."""
     global _app
     if name != "app":
         raise AttributeError(name)

@@ -27,7 +27,7 @@ changelog records and its input offsets are committed together or not at all, an
 committed see nothing of a batch a crash cut short. Step 5 follows the commit; a crash before it leaves
 RocksDB behind the changelog, which Faust's recovery reads back on restart.
 
-Knows Kafka records and the producer; knows nothing of Faust's App (`streams.app` wires it in).
+Knows Kafka records and the producer; knows nothing of Faust's App (`streams.worker.app` wires it in).
 """
 
 from __future__ import annotations
@@ -42,15 +42,23 @@ from typing import Any, Protocol, cast
 
 from aiokafka.structs import TopicPartition
 
-from . import codec
-from .enrich import Enricher
-from .identity import DeviceState, Reason, Rejected, device_id_of
-from .keyhash import KeyHashes
-from .pairstore import StoredPairs
-from .persons import DevicePersons, UserIds
-from .persons_stage import OWNER, STATS_KEY, PartitionPersons, PersonsCounters, Route, kind_of, stored_stats
-from .statekeys import APPLIED_KEY, PLAN_KEY
-from .transactions import PartitionProducers
+from streams import codec
+from streams.enrich import Enricher
+from streams.identity import DeviceState, Reason, Rejected, device_id_of
+from streams.kafka.keyhash import KeyHashes
+from streams.kafka.transactions import PartitionProducers
+from streams.persons import DevicePersons, UserIds
+from streams.state.keys import APPLIED_KEY, PLAN_KEY
+from streams.state.pairs import StoredPairs
+from streams.worker.persons_stage import (
+    OWNER,
+    STATS_KEY,
+    PartitionPersons,
+    PersonsCounters,
+    Route,
+    kind_of,
+    stored_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +389,7 @@ class Pipeline:
         self.offset_key = changelog_offset_key
         # one transactional producer per owned partition, in both modes: a partition's state is written in its
         # producer's transactions, so that whoever owns it next fences every write of this worker's still in
-        # flight (`streams.transactions`). Exactly-once puts the partition's outputs and input offsets in them too
+        # flight (`streams.kafka.transactions`). Exactly-once puts the partition's outputs and input offsets in them too
         self.transactions = transactions
         self.exactly_once = exactly_once
         self.group = group
@@ -393,14 +401,14 @@ class Pipeline:
         self.positions: dict[tuple[str, int], int] = {}
         self.key_hashes = KeyHashes(200_000, partitioner)
         self.applied: dict[int, Applied] = {}  # per owned table partition, as of the last batch
-        # the persons stage (`streams.persons_stage`): on when its topics are named and its table given
+        # the persons stage (`streams.worker.persons_stage`): on when its topics are named and its table given
         self.persons_db_for_partition = persons_db_for_partition if topics.persons_repartition else None
         self.user_ids = UserIds(enricher.settings.person_salt)
         self.person_stats: dict[int, dict[str, int]] = {}  # per owned partition, as of the last batch
         self.persons_counters = PersonsCounters()
 
     def key_hash(self, device_id: str) -> int:
-        """The producers' partitioner's hash of the key (`streams.partitioners`), cached: murmur2 is Python
+        """The producers' partitioner's hash of the key (`streams.kafka.partitioners`), cached: murmur2 is Python
         and would otherwise run for every record sent."""
         return self.key_hashes.get(device_id)
 

@@ -4,7 +4,7 @@ Lives here: `CachedStore`, which the enrich step reads and writes. Reads see the
 changed device is encoded and written once per flush, however many of its records the batch held (as
 Quix Streams' and Kafka Streams' state transactions do). Clean states stay in a bounded LRU cache so memory
 does not grow with the number of devices. And `RocksBackend`, RocksDB through rocksdict, for `replay
---state-dir`. The worker plugs in its own backend over its Faust table (`streams.app`).
+--state-dir`. The worker plugs in its own backend over its Faust table (`streams.worker.app`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 from rocksdict import Options, Rdict, WriteBatch
 
-from . import codec
-from .identity import DeviceState
+from streams import codec
+from streams.identity import DeviceState
 
 
 class Backend(Protocol):

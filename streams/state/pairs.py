@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from . import codec
-from .persons.pairs import EMPTY, Entry, Summary
+from streams import codec
+from streams.persons.pairs import EMPTY, Entry, Summary
 
 
 class KeyValueDB(Protocol):

@@ -10,7 +10,7 @@ input order, so the merge, which puts each line's output where the line was, giv
 of one process. Per record the merging process only reads the start of a line and takes one item of a list:
 the jobs carry the cost.
 
-Knows processes and queues; the files and the counts stay in `streams.replay`.
+Knows processes and queues; the files and the counts stay in `streams.offline.replay`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 
 import orjson
 
-from .enrich import Enricher, EnrichSettings, MemoryStore, Outcome, StateStore
-from .gcpolicy import tune_gc
-from .persons_offline import OfflinePersons, merge
+from streams.enrich import Enricher, EnrichSettings, MemoryStore, Outcome, StateStore
+from streams.gcpolicy import tune_gc
+from streams.offline.persons import OfflinePersons, merge
 
 MAX_JOBS = 64
 Step = Callable[[bytes, Mapping[str, Any], StateStore], Outcome]

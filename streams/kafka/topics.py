@@ -4,7 +4,7 @@ Lives here: what the `produce` and `tail` commands do and what the integration t
 broker: `partition_count`, `ensure_topics` (the raw topic, then the enriched and dead-letter topics with
 its partition count), `produce_file` / `produce` (one message per line, keyed by device ID, delivery
 awaited), `tail` (a topic as people read it) and `read_all` (a topic's whole content). aiokafka only: the
-worker's Faust app (`streams.app`) is not needed to feed it or to look at what it wrote. Topic names come
+worker's Faust app (`streams.worker.app`) is not needed to feed it or to look at what it wrote. Topic names come
 from `config.Settings`.
 """
 
@@ -29,9 +29,9 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import KafkaError, NodeNotReadyError, TopicAlreadyExistsError, for_code
 
-from . import config
-from .config import Settings
-from .partitioners import aiokafka_partitioner
+from streams import config
+from streams.config import Settings
+from streams.kafka.partitioners import aiokafka_partitioner
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "seed.jsonl"
 UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION
@@ -611,7 +611,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    raise ValueError(f"not a command of streams.topics: {name}")
+    raise ValueError(f"not a command of streams.kafka.topics: {name}")
 
 
 async def _run_produce(args: argparse.Namespace, settings: Settings) -> int:

@@ -17,10 +17,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
-from .enrich import Enricher, EnrichSettings, MemoryStore, StateStore
-from .persons_offline import OfflinePersons
-from .replay_jobs import ReplayJobs
-from .statestore import CachedStore, RocksBackend
+from streams.enrich import Enricher, EnrichSettings, MemoryStore, StateStore
+from streams.offline.jobs import ReplayJobs
+from streams.offline.persons import OfflinePersons
+from streams.state.store import CachedStore, RocksBackend
 
 # lines between writes of the RocksDB state (its write-back cache holds the changed states until then)
 FLUSH_EVERY = 50_000
@@ -255,7 +255,7 @@ def blocks(src: BinaryIO, counts: Counts, size: int = BLOCK_BYTES) -> Iterator[t
 def _replay_in_jobs(input_path: str, output_path: str, dead_letter_path: str, settings: EnrichSettings, jobs: int,
                     progress: TextIO | None, progress_interval: float | None,
                     persons_path: str | None = None) -> Counts:
-    """The same replay with the devices split between `jobs` processes (`streams.replay_jobs`)."""
+    """The same replay with the devices split between `jobs` processes (`streams.offline.jobs`)."""
     counts = Counts()
     # a file the jobs read themselves (piping every block to every job costs more than the reading)
     runner = ReplayJobs(settings, jobs, input_path if input_path != "-" and os.path.isfile(input_path) else None,

@@ -1,0 +1,1 @@
+"""the Faust shell and the batch step."""
