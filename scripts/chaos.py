@@ -69,7 +69,8 @@ from streams import codec
 from streams.config import Settings, env_name
 from streams.enrich import Enricher, MemoryStore
 from streams.identity import DeviceState
-from streams.kafka import topics as kafka_topics
+from streams.kafka import admin as kafka_admin
+from streams.kafka import clients as kafka_clients
 from streams.state.keys import is_internal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -421,7 +422,7 @@ class Broker:
 @contextlib.asynccontextmanager
 async def admin_client(brokers: str) -> Any:
     # the project's admin client: it asks a broker that answers, also while one of the cluster is down
-    admin = kafka_topics.Admin(bootstrap_servers=brokers, request_timeout_ms=15_000)
+    admin = kafka_admin.Admin(bootstrap_servers=brokers, request_timeout_ms=15_000)
     await admin.start()
     try:
         yield admin
@@ -632,7 +633,7 @@ class Feeder(threading.Thread):
         super().__init__(name="feeder", daemon=True)
         self.settings = settings
         self.lines = lines
-        self.keys = [kafka_topics.device_key(v) for v in lines]
+        self.keys = [kafka_clients.device_key(v) for v in lines]
         self.placed: list[tuple[int, int] | None] = [None] * len(lines)
         self.next = 0
         self.jobs: queue.Queue[Job | None] = queue.Queue()
@@ -689,7 +690,7 @@ class Feeder(threading.Thread):
 
     def _send(self, first: int, n: int) -> None:
         messages = [(self.keys[i], self.lines[i]) for i in range(first, first + n)]
-        delivered = run_async(kafka_topics.produce(self.settings, messages), timeout=120)
+        delivered = run_async(kafka_clients.produce(self.settings, messages), timeout=120)
         for i, md in enumerate(delivered, first):
             self.placed[i] = (md.partition, md.offset)
         self.next = first + n
@@ -813,7 +814,7 @@ class Chaos:
                 time.sleep(0.5)
                 continue
             try:
-                state, held = run_async(kafka_topics.group_assignment(self.settings), timeout=20)
+                state, held = run_async(kafka_admin.group_assignment(self.settings), timeout=20)
             except Exception as e:
                 state, held = f"unknown ({type(e).__name__})", []
             last = f"group {state}, raw partitions per member {held}"
@@ -1167,7 +1168,7 @@ class GroupChaos:
                     for s in self.slots if s.worker is not None]
             if all(held) and set().union(*held) == set(range(PARTITIONS)) and not held[0] & held[1]:
                 try:
-                    state, members = run_async(kafka_topics.group_assignment(self.settings), timeout=40)
+                    state, members = run_async(kafka_admin.group_assignment(self.settings), timeout=40)
                 except Exception:
                     state, members = "unknown", []
                 if state == "Stable" and len(members) == 2 and all(members):
@@ -1420,7 +1421,7 @@ class FaultChaos(GroupChaos):
             self.exited_by_itself()
             if dropped is None:
                 with contextlib.suppress(Exception):
-                    state, members = run_async(kafka_topics.group_assignment(self.settings), timeout=min(left, 10))
+                    state, members = run_async(kafka_admin.group_assignment(self.settings), timeout=min(left, 10))
                     if state == "Stable" and members == [set(range(PARTITIONS))]:
                         dropped = time.monotonic() - began
             time.sleep(min(1.0, max(0.0, until - time.monotonic())))
@@ -1769,8 +1770,8 @@ def check_persons(settings: Settings, ref: Reference, timeout: float = 180.0) ->
 
 def read_topic(settings: Settings, topic: str) -> list[Any]:
     try:
-        return list(run_async(kafka_topics.read_all(settings, topic, idle_timeout=10.0), timeout=900))
-    except kafka_topics.TopicMissing:
+        return list(run_async(kafka_clients.read_all(settings, topic, idle_timeout=10.0), timeout=900))
+    except kafka_admin.TopicMissing:
         return []
 
 
@@ -2018,7 +2019,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with terminate_as_exit():
             broker = Broker()
             broker.ensure_up()
-            run_async(kafka_topics.ensure_topics(settings, PARTITIONS))
+            run_async(kafka_admin.ensure_topics(settings, PARTITIONS))
             feeder = Feeder(settings, lines)
             feeder.start()
             plan = make_plan(args.kills, len(lines), args.seed)
@@ -2093,7 +2094,7 @@ def main_group(args: argparse.Namespace, settings: Settings, run_dir: Path, line
             if args.faults:
                 hosts = make_test_hosts()
                 settings = replace(settings, brokers=testhosts.BROKERS)  # the listener the test hosts reach
-            run_async(kafka_topics.ensure_topics(settings, PARTITIONS))
+            run_async(kafka_admin.ensure_topics(settings, PARTITIONS))
             feeder = Feeder(settings, lines)
             feeder.start()
             if args.faults:

@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     person.add_argument("--url", help="a worker's web address (default: http://WEB_BIND:WEB_PORT from the settings)")
     config.add_arguments(person, "state")
 
-    from streams.kafka import topics
+    from streams.kafka import commands as kafka_commands
 
-    topics.add_commands(commands)
+    kafka_commands.add_commands(commands)
 
     bench = commands.add_parser(
         "bench",
@@ -125,9 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "person":
         return run_person(args, settings)
     if args.command in ("produce", "tail"):
-        from streams.kafka import topics
+        from streams.kafka import commands as kafka_commands
 
-        return topics.run(args, settings)
+        return kafka_commands.run(args, settings)
     if args.command == "worker":
         drop_faust_environment()
         from streams import web

@@ -20,9 +20,11 @@ from yarl import URL
 from streams import codec
 from streams.state.keys import INTERNAL
 from streams.state.restore import RestoreCounters
-from streams.worker.app import PERSONS_TABLE, TABLE, MarkerAwareRecovery, StreamsApp, from_environment
-from streams.worker.batch import FORWARDED
-from streams.worker.persons_stage import STATS, STATS_KEY, stored_stats
+from streams.state.transaction import FORWARDED
+from streams.worker.app import StreamsApp, from_environment
+from streams.worker.names import PERSONS_TABLE, TABLE
+from streams.worker.recovery import MarkerAwareRecovery
+from streams.worker.stages.persons import STATS, STATS_KEY, stored_stats
 
 STARTED = time.time()
 
@@ -142,7 +144,7 @@ def lookup(app: StreamsApp, device_id: str) -> dict[str, Any] | None:
         if not isinstance(data, bytes):
             return None
         entry = codec.decode_stored(data)
-    # a cached entry also holds the device's persons part (`streams.worker.batch.Entry`)
+    # a cached entry also holds the device's persons part (`streams.state.transaction.Entry`)
     state, applied = entry[0], entry[1]
     return {"device_id": device_id, "partition": partition, **codec.state_as_json(state),
             "applied_offsets": {_log(key): o for key, o in sorted(applied.items())}}
@@ -241,7 +243,7 @@ def render_metrics(app: StreamsApp) -> str:
 def person_stats(app: StreamsApp) -> dict[str, int] | None:
     """The persons stage's counts summed over the partitions this worker owns (None: the stage is off). A
     partition's counts are the stage's as of its last batch here, or, before its first batch since it came
-    to this worker, as stored with its pairs (`streams.worker.persons_stage.STATS_KEY`)."""
+    to this worker, as stored with its pairs (`streams.worker.stages.persons.STATS_KEY`)."""
     table = app.streams_persons_table
     if table is None:
         return None

@@ -11,7 +11,8 @@ from yarl import URL
 from streams.config import Settings
 from streams.state.devicestore import DeviceStore, DeviceTable
 from streams.state.keys import OFFSET_KEY, is_internal
-from streams.worker.app import Layout, create_app
+from streams.worker.app import create_app
+from streams.worker.startup import Layout
 
 
 def test_fausts_variables_change_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:

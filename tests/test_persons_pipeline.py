@@ -19,8 +19,9 @@ import pytest
 from streams.enrich import Enricher, EnrichSettings
 from streams.offline.replay import replay
 from streams.state.keys import OFFSET_KEY
-from streams.worker.batch import Pipeline, Topics
-from streams.worker.persons_stage import CLAIM, HEADER
+from streams.worker.batch import Pipeline
+from streams.worker.names import Topics
+from streams.worker.stages.persons import CLAIM, HEADER
 from tests.fakes import DB, TP, Broker, Record
 from tests.fakes import recover as recover_partition
 from tests.fakes import run_worker as fake_worker

@@ -20,7 +20,9 @@ import pytest
 
 from streams.enrich import Enricher
 from streams.state.keys import APPLIED_KEY, OFFSET_KEY, PLAN_KEY
-from streams.worker.batch import SOURCE_HEADER, Pipeline, Topics
+from streams.worker.batch import Pipeline
+from streams.worker.names import Topics
+from streams.worker.stages.route import SOURCE_HEADER
 from tests.fakes import DB, TP, Broker, Crash, Record
 from tests.fakes import recover as recover_partition
 from tests.fakes import run_worker as fake_worker

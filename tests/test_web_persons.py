@@ -11,7 +11,7 @@ from faust.types import TP
 
 from streams import codec, web
 from streams.persons.mapping import Mapping
-from streams.worker.persons_stage import STATS_KEY
+from streams.worker.stages.persons import STATS_KEY
 
 CHANGELOG = "g-persons-changelog"
 USER = "6b0f3c1e-8a4d-5b2e-9c7f-0d1e2f3a4b5c"

@@ -12,7 +12,7 @@ starts (the persisted offset), when recovery is complete, and the changelog's re
 exactly-once the consumer reads committed records only, so nothing of an aborted transaction is applied,
 and commit markers are never records.
 
-Lives here: `RestoreCounters` and `write_records`; `streams.worker.app.MarkerAwareRecovery` calls them.
+Lives here: `RestoreCounters` and `write_records`; `streams.worker.recovery.MarkerAwareRecovery` calls them.
 Knows rocksdict and Kafka records; knows nothing of Faust's App.
 """
 

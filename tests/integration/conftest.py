@@ -35,7 +35,8 @@ import pytest
 from aiokafka.admin import NewTopic
 
 from streams.config import Settings, env_name
-from streams.kafka import topics as kafka_topics
+from streams.kafka import admin as kafka_admin
+from streams.kafka import clients as kafka_clients
 from tests.conftest import ROOT, validate
 
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
@@ -56,7 +57,7 @@ def _kafka_sh(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 async def _admin_call(brokers: str, call: Callable[[Any], Any]) -> Any:
     # the project's admin client: it asks a broker that answers, also with one of three down
-    admin = kafka_topics.Admin(bootstrap_servers=brokers, request_timeout_ms=15_000)
+    admin = kafka_admin.Admin(bootstrap_servers=brokers, request_timeout_ms=15_000)
     await admin.start()
     try:
         return await call(admin)
@@ -155,7 +156,7 @@ def fresh_topics(brokers: str, tmp_path: Path) -> Iterator[Settings]:
     )
     asyncio.run(_create_topic(brokers, settings.raw_topic, PARTITIONS))
     deadline = time.monotonic() + 15
-    while asyncio.run(kafka_topics.partition_count(settings, settings.raw_topic)) != PARTITIONS:
+    while asyncio.run(kafka_admin.partition_count(settings, settings.raw_topic)) != PARTITIONS:
         assert time.monotonic() < deadline, f"{settings.raw_topic} does not show in the broker's metadata"
         time.sleep(0.1)
     yield settings
@@ -363,7 +364,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
 def group_assignment(settings: Settings) -> tuple[str, list[set[int]]]:
     """The group's state and, per member, the raw-topic partitions it holds."""
     try:
-        return asyncio.run(kafka_topics.group_assignment(settings))
+        return asyncio.run(kafka_admin.group_assignment(settings))
     except Exception as e:
         return f"unknown ({e!r})", []
 
@@ -409,8 +410,8 @@ class Outputs:
 
 def _read(settings: Settings, topic: str) -> list[Any]:
     try:
-        return asyncio.run(kafka_topics.read_all(settings, topic, idle_timeout=5.0))
-    except kafka_topics.TopicMissing:
+        return asyncio.run(kafka_clients.read_all(settings, topic, idle_timeout=5.0))
+    except kafka_admin.TopicMissing:
         return []
 
 

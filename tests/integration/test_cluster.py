@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from streams.config import Settings
-from streams.kafka import topics as kafka_topics
+from streams.kafka import admin as kafka_admin
+from streams.kafka import clients as kafka_clients
 from tests.integration.conftest import (
     Cluster,
     Outputs,
@@ -99,8 +100,8 @@ def finish(thread: threading.Thread) -> None:
 
 def outputs_so_far(settings: Settings) -> int:
     try:
-        return len(asyncio.run(kafka_topics.read_all(settings, settings.enriched_topic, idle_timeout=2)))
-    except kafka_topics.TopicMissing:
+        return len(asyncio.run(kafka_clients.read_all(settings, settings.enriched_topic, idle_timeout=2)))
+    except kafka_admin.TopicMissing:
         return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from streams.config import Settings, env_name
-from streams.kafka import topics as kafka_topics
+from streams.kafka import clients as kafka_clients
 from tests.conftest import ROOT
 from tests.integration.conftest import (
     Worker,
@@ -38,7 +38,7 @@ from tests.integration.conftest import (
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(2400)]
 
 CONTAINER_SH = ROOT / "scripts" / "container.sh"
-SAMPLE = kafka_topics.SAMPLE
+SAMPLE = kafka_clients.SAMPLE
 IMAGE = "localhost/streams:latest"
 STATE_DIR = "/var/lib/streams/state"  # the image's volume
 # what this machine's Podman needs on every run (../shared/spec/vendor/faust-and-kafka.md §7)

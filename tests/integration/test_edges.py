@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from streams.config import Settings
-from streams.kafka import topics as kafka_topics
+from streams.kafka import clients as kafka_clients
 from streams.kafka.partitioners import key_hash
 from tests.integration.conftest import (
     Worker,
@@ -40,7 +40,7 @@ GUARANTEES = ["at_least_once", "exactly_once"]
 
 
 def produce(settings: Settings, messages: list[tuple[bytes | None, bytes]]) -> list[Any]:
-    return asyncio.run(kafka_topics.produce(settings, messages))
+    return asyncio.run(kafka_clients.produce(settings, messages))
 
 
 def record_ids(settings: Settings, sent: list[Any]) -> set[str]:
@@ -132,14 +132,14 @@ def test_no_device_id_or_stored_value_stalls_a_partition(topics: Settings, start
     worker.wait_ready()
     normal = [orjson.dumps({"device_id": f"n-{i:03d}", "platform": "web", "action": "login", "id": f"u{i}"})
               for i in range(100)]
-    produce(topics, [(kafka_topics.device_key(v), v) for v in normal])
+    produce(topics, [(kafka_clients.device_key(v), v) for v in normal])
     wait_for_outputs(topics, 100, workers=[worker], settle=0)
 
     # device IDs equal to the keys Faust and older versions kept beside the states, and odd bytes
     hostile_ids = ["__faust\x00offset__", "__faust\\u0000offset__", "\x00", "\u00ff\u00fe", "\U0001f600" * 60]
     hostile = [orjson.dumps({"device_id": d, "platform": "web", "action": "login", "id": "evil"}) for d in hostile_ids]
     after = [orjson.dumps({"device_id": f"a-{i:03d}", "platform": "web", "event": "after"}) for i in range(200)]
-    produce(topics, [(kafka_topics.device_key(v), v) for v in hostile + after])
+    produce(topics, [(kafka_clients.device_key(v), v) for v in hostile + after])
     out = wait_for_outputs(topics, 100 + len(hostile) + len(after), workers=[worker])
     devices = {v["device_id"] for v in out.enriched_values}
     assert set(hostile_ids) <= devices and {f"a-{i:03d}" for i in range(200)} <= devices
@@ -157,7 +157,7 @@ def test_no_device_id_or_stored_value_stalls_a_partition(topics: Settings, start
     worker.wait_ready()
     more = [orjson.dumps({"device_id": damaged, "platform": "web", "event": "e"})] + [
         orjson.dumps({"device_id": f"b-{i:03d}", "platform": "web", "event": "later"}) for i in range(100)]
-    produce(topics, [(kafka_topics.device_key(v), v) for v in more])
+    produce(topics, [(kafka_clients.device_key(v), v) for v in more])
     out = wait_for_outputs(topics, 100 + len(hostile) + len(after) + len(more), workers=[worker])
     (letter,) = out.dead_values
     assert (letter["reason"], letter["field"], letter["device_id"]) == ("unreadable_state", "device_id", damaged)
@@ -168,7 +168,7 @@ def test_no_device_id_or_stored_value_stalls_a_partition(topics: Settings, start
 
 
 async def _produce_to(settings: Settings, topic: str, partition: int, key: bytes, value: bytes) -> None:
-    producer = kafka_topics.producer(settings)
+    producer = kafka_clients.producer(settings)
     await producer.start()
     try:
         await producer.send_and_wait(topic, value, key=key, partition=partition)
@@ -191,8 +191,8 @@ def test_fausts_own_variables_do_not_change_the_worker(topics: Settings, start_w
     monkeypatch.setenv("EVIL_BROKER_URL", "kafka://127.0.0.1:2")
     worker = start_worker(topics)
     worker.wait_ready()
-    asyncio.run(kafka_topics.produce_file(topics, None))
-    expected, letters = replay_outputs(topics, kafka_topics.SAMPLE)
+    asyncio.run(kafka_clients.produce_file(topics, None))
+    expected, letters = replay_outputs(topics, kafka_clients.SAMPLE)
     out = wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
     assert_same_per_device(enriched_by_device(out.enriched), by_device(expected))
     assert "ignoring FAUST_WEB_PORT" in worker.log_tail(400)
@@ -213,7 +213,7 @@ def test_lookups_are_routed_between_two_hosts(topics: Settings, start_worker: St
     second.wait_ready(members=2)
     logins = [orjson.dumps({"device_id": f"h-{i:02d}", "platform": "web", "action": "login", "id": f"u{i}"})
               for i in range(40)]
-    produce(topics, [(kafka_topics.device_key(v), v) for v in logins])
+    produce(topics, [(kafka_clients.device_key(v), v) for v in logins])
     wait_for_outputs(topics, 40, workers=[first, second])
     answered_by: dict[str, set[int]] = defaultdict(set)
     for i in range(40):
@@ -236,13 +236,13 @@ def test_records_placed_by_librdkafka_are_not_repartitioned_with_crc32(topics: S
     every keyed record in its device's partition and forwards none; the output equals replay's."""
     from confluent_kafka import Producer
 
-    lines = [line for line in kafka_topics.SAMPLE.read_bytes().splitlines() if line.strip()]
+    lines = [line for line in kafka_clients.SAMPLE.read_bytes().splitlines() if line.strip()]
     extra = [orjson.dumps({"device_id": f"rd-{i:03d}", "platform": "mp-wechat", "action": "login", "id": f"u{i}"})
              for i in range(200)]
     placed: list[tuple[bytes, int]] = []
     producer = Producer({"bootstrap.servers": topics.brokers, "acks": "all"})
     for value in lines + extra:
-        key = kafka_topics.device_key(value)
+        key = kafka_clients.device_key(value)
         if key is None:
             continue
 
@@ -252,7 +252,7 @@ def test_records_placed_by_librdkafka_are_not_repartitioned_with_crc32(topics: S
 
         producer.produce(topics.raw_topic, value, key=key, on_delivery=delivered)
     assert producer.flush(30) == 0
-    keyed = [v for v in lines + extra if kafka_topics.device_key(v) is not None]
+    keyed = [v for v in lines + extra if kafka_clients.device_key(v) is not None]
     assert len(placed) == len(keyed)
     crc32, murmur2 = key_hash("crc32"), key_hash("murmur2")
     assert all(p == crc32(k) % topics.partitions for k, p in placed), "librdkafka's default is CRC32"

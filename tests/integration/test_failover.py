@@ -28,7 +28,7 @@ from streams import codec
 from streams.config import Settings
 from streams.identity import DeviceState
 from streams.kafka.murmur2 import murmur2
-from streams.worker.app import TABLE
+from streams.worker.names import TABLE
 from tests.integration.conftest import (
     PARTITIONS,
     Worker,

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from streams.config import Settings
-from streams.kafka import topics as kafka_topics
+from streams.kafka import clients as kafka_clients
 from tests.integration.conftest import Worker, wait_for_outputs
 
 pytestmark = pytest.mark.kafka
@@ -81,7 +81,7 @@ def test_every_class_of_bad_input_is_kept_and_the_worker_goes_on(topics: Setting
     worker = start_worker(topics, max_record_bytes=MAX_RECORD_BYTES)
     worker.wait_ready()
     good = b'{"device_id": "h1", "platform": "mp-wechat", "event": "after"}'
-    sent = asyncio.run(kafka_topics.produce(topics, [(b"h1", raw) for _, raw, _, _ in HOSTILE] + [(b"h1", good)]))
+    sent = asyncio.run(kafka_clients.produce(topics, [(b"h1", raw) for _, raw, _, _ in HOSTILE] + [(b"h1", good)]))
     outputs = wait_for_outputs(topics, len(HOSTILE) + 1, workers=[worker])
     worker.check_alive()
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from streams.config import Settings
-from streams.kafka import topics as kafka_topics
+from streams.kafka import clients as kafka_clients
 from tests.conftest import ROOT
 from tests.integration.conftest import Worker, replay_outputs, wait_for_outputs
 
@@ -35,7 +35,7 @@ def test_the_worker_and_tools_over_sasl(topics: Settings, start_worker: Callable
     secured = sasl(topics, mechanism)
     worker = start_worker(secured)
     worker.wait_ready()
-    asyncio.run(kafka_topics.produce_file(secured, str(SAMPLE)))
+    asyncio.run(kafka_clients.produce_file(secured, str(SAMPLE)))
     expected, letters = replay_outputs(secured, SAMPLE)
     outputs = wait_for_outputs(secured, len(expected) + len(letters), workers=[worker])
     assert len(outputs.enriched) == len(expected)
@@ -58,7 +58,7 @@ def test_a_wrong_password_is_refused_with_a_clear_message(topics: Settings, tmp_
 def test_no_identity_value_in_the_log(topics: Settings, start_worker: Callable[..., Worker]) -> None:
     worker = start_worker(topics, log_level="info")
     worker.wait_ready()
-    asyncio.run(kafka_topics.produce_file(topics, str(SAMPLE)))
+    asyncio.run(kafka_clients.produce_file(topics, str(SAMPLE)))
     expected, letters = replay_outputs(topics, SAMPLE)
     wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
     worker.stop()

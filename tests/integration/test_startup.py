@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from streams.config import Settings
-from streams.kafka import topics as kafka_topics
+from streams.kafka import admin as kafka_admin
 from tests.conftest import ROOT
 from tests.integration.conftest import Worker, _admin_call, worker_env
 
@@ -28,7 +28,7 @@ def run_worker(settings: Settings) -> subprocess.CompletedProcess[str]:
 
 
 def replication(settings: Settings, topic: str) -> set[int]:
-    async def call(admin: kafka_topics.Admin) -> object:
+    async def call(admin: kafka_admin.Admin) -> object:
         return await admin.describe_topics([topic])
 
     metadata = asyncio.run(_admin_call(settings.brokers, call))
@@ -44,7 +44,7 @@ def test_a_missing_raw_topic_stops_the_worker_with_a_clear_error(topics: Setting
     assert "STREAMS_MISSING_RAW_TOPIC=create" in message
     # nothing was created: no empty raw topic, no outputs
     for topic in (typo.raw_topic, typo.enriched_topic, typo.dead_letter_topic):
-        assert asyncio.run(kafka_topics.partition_count(typo, topic)) is None, topic
+        assert asyncio.run(kafka_admin.partition_count(typo, topic)) is None, topic
 
 
 def test_the_worker_creates_the_raw_topic_when_allowed(topics: Settings,
@@ -52,7 +52,7 @@ def test_the_worker_creates_the_raw_topic_when_allowed(topics: Settings,
     fresh = replace(topics, raw_topic=topics.raw_topic + "-new", missing_raw_topic="create")
     worker = start_worker(fresh)
     worker.wait_ready()
-    assert asyncio.run(kafka_topics.partition_count(fresh, fresh.raw_topic)) == fresh.partitions
+    assert asyncio.run(kafka_admin.partition_count(fresh, fresh.raw_topic)) == fresh.partitions
     # the single broker's default.replication.factor
     assert replication(fresh, fresh.raw_topic) == {1}
     assert replication(fresh, f"{fresh.group}-devices-changelog") == {1}
@@ -66,16 +66,16 @@ def test_a_topic_the_brokers_refuse_is_reported(topics: Settings) -> None:
     message = run.stderr.strip().splitlines()[-1]
     assert f"cannot create topic '{three.enriched_topic}': InvalidReplicationFactorError (error code 38)" in message
     assert three.brokers in message and "replication factor 3" in message, message
-    assert asyncio.run(kafka_topics.partition_count(three, three.enriched_topic)) is None
+    assert asyncio.run(kafka_admin.partition_count(three, three.enriched_topic)) is None
 
     # the tools report it the same way
-    with pytest.raises(kafka_topics.TopicCreationFailed, match="InvalidReplicationFactorError"):
-        asyncio.run(kafka_topics.ensure_topics(replace(three, raw_topic=three.raw_topic + "2")))
+    with pytest.raises(kafka_admin.TopicCreationFailed, match="InvalidReplicationFactorError"):
+        asyncio.run(kafka_admin.ensure_topics(replace(three, raw_topic=three.raw_topic + "2")))
 
 
 def test_the_replication_factor_is_the_setting_or_the_brokers_default(topics: Settings) -> None:
     async def resolve(settings: Settings) -> int:
-        return int(await _admin_call(settings.brokers, lambda a: kafka_topics.replication_factor(a, settings)))
+        return int(await _admin_call(settings.brokers, lambda a: kafka_admin.replication_factor(a, settings)))
 
     assert asyncio.run(resolve(topics)) == 1  # -1: the broker's default.replication.factor
     assert asyncio.run(resolve(replace(topics, replication_factor=2))) == 2

@@ -21,7 +21,7 @@ import pytest
 from streams import codec
 from streams.config import Settings
 from streams.enrich import Enricher, MemoryStore
-from streams.kafka import topics as kafka_topics
+from streams.kafka import clients as kafka_clients
 from tests.conftest import ROOT
 from tests.integration.conftest import Worker, group_assignment, replay_outputs, wait_for_outputs, worker_env
 
@@ -67,7 +67,7 @@ def test_metrics_count_a_known_input(topics: Settings, start_worker: Callable[..
                                      guarantee: str) -> None:
     worker = start_worker(topics, processing_guarantee=guarantee)
     worker.wait_ready()
-    asyncio.run(kafka_topics.produce_file(topics, str(SAMPLE)))
+    asyncio.run(kafka_clients.produce_file(topics, str(SAMPLE)))
     expected, letters = replay_outputs(topics, SAMPLE)
     wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
 
@@ -109,7 +109,7 @@ def test_lookup_is_routed_to_the_owner(topics: Settings, start_worker: Callable[
                           if topics.web_port < 65000 else topics.web_port - 1)
     first.wait_ready(members=2)
     second.wait_ready(members=2)
-    asyncio.run(kafka_topics.produce_file(topics, str(SAMPLE)))
+    asyncio.run(kafka_clients.produce_file(topics, str(SAMPLE)))
     expected, letters = replay_outputs(topics, SAMPLE)
     wait_for_outputs(topics, len(expected) + len(letters), workers=[first, second])
     _, owned = group_assignment(topics)
@@ -143,7 +143,7 @@ def found_partition(device_id: str, settings: Settings) -> int:
 def test_state_command_asks_a_worker(topics: Settings, start_worker: Callable[..., Worker]) -> None:
     worker = start_worker(topics)
     worker.wait_ready()
-    asyncio.run(kafka_topics.produce_file(topics, str(SAMPLE)))
+    asyncio.run(kafka_clients.produce_file(topics, str(SAMPLE)))
     expected, letters = replay_outputs(topics, SAMPLE)
     wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
     device = "1712042794795-4430041-097b46dd83f7da8-29832842"

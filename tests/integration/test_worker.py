@@ -23,7 +23,8 @@ import orjson
 import pytest
 
 from streams.config import Settings
-from streams.kafka import topics as kafka_topics
+from streams.kafka import admin as kafka_admin
+from streams.kafka import clients as kafka_clients
 from tests.integration.conftest import (
     Worker,
     assert_same_per_device,
@@ -44,7 +45,7 @@ from tests.integration.conftest import (
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
-SAMPLE = kafka_topics.SAMPLE
+SAMPLE = kafka_clients.SAMPLE
 StartWorker = Callable[..., Worker]
 
 
@@ -113,15 +114,15 @@ def restart_parts(n_devices: int = 60, *, prefix: str = "r") -> tuple[list[bytes
 
 
 def produce(settings: Settings, messages: list[tuple[bytes | None, bytes]]) -> list[Any]:
-    return asyncio.run(kafka_topics.produce(settings, messages))
+    return asyncio.run(kafka_clients.produce(settings, messages))
 
 
 def produce_file(settings: Settings, path: Path | None, *, keyed: bool = True) -> int:
-    return asyncio.run(kafka_topics.produce_file(settings, None if path is None else str(path), keyed=keyed))
+    return asyncio.run(kafka_clients.produce_file(settings, None if path is None else str(path), keyed=keyed))
 
 
 def keyed(lines: list[bytes]) -> list[tuple[bytes | None, bytes]]:
-    return [(kafka_topics.device_key(v), v) for v in lines]
+    return [(kafka_clients.device_key(v), v) for v in lines]
 
 
 def sample_lines() -> list[bytes]:
@@ -310,8 +311,8 @@ def test_restart_keeps_device_state(topics: Settings, start_worker: StartWorker,
 
 def kafka_read_enriched(settings: Settings) -> list[Any]:
     try:
-        return asyncio.run(kafka_topics.read_all(settings, settings.enriched_topic, idle_timeout=2))
-    except kafka_topics.TopicMissing:
+        return asyncio.run(kafka_clients.read_all(settings, settings.enriched_topic, idle_timeout=2))
+    except kafka_admin.TopicMissing:
         return []
 
 

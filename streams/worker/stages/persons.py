@@ -1,5 +1,5 @@
-"""The worker's persons stage (persons.md §4, "Worker"): a foreign-key join across partitions, as Kafka Streams
-builds one, inside the batch step.
+"""The persons stage (persons.md §4, "Worker"): a foreign-key join across partitions, as Kafka Streams builds
+one, inside the worker's batch step.
 
 Three kinds of message travel through one internal topic, each keyed so that it lands where its state is:
 1. a device's claims on a pair (`claim`), keyed by the pair, to the partition that keeps the pair's claims
@@ -14,8 +14,8 @@ Every message says what holds now, not what changed: the same message twice, or 
 crash, ends in the same state. The device and pair rules are `streams.persons`'s; here is only where each
 runs and what it sends.
 
-Knows the messages and the tables' layout; the pipeline sends what is put in its outbox and makes the writes
-durable with the rest of the batch.
+Knows the messages and the tables' layout; the commit stage sends what is put in the partition's state outbox
+and makes the writes durable with the rest of the batch, in the partition's transaction.
 """
 
 from __future__ import annotations
@@ -23,13 +23,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from streams import codec
 from streams.enrich import EnrichSettings, Outcome
 from streams.persons import DevicePersons, UserIds, claim, mapping_of, observe, on_owner
 from streams.persons.device import NOTHING, may_claim
 from streams.state.keys import INTERNAL
+from streams.worker.send import Message, put
+
+if TYPE_CHECKING:
+    from streams.worker.batch import Run
+    from streams.worker.stages.route import KafkaRecord
 from streams.state.pairs import StoredPairs
 
 log = logging.getLogger(__name__)
@@ -45,7 +50,7 @@ Send = Callable[[str, int, tuple[bytes | None, bytes | None, list[tuple[str, byt
 
 
 class Devices:
-    """What the stage needs of the device side of a partition (`streams.worker.batch.PartitionState`)."""
+    """What the stage needs of the device side of a partition (`streams.state.transaction.PartitionState`)."""
 
     def persons(self, device_id: str) -> DevicePersons | None: ...
 
@@ -232,3 +237,63 @@ def kind_of(headers: Any) -> bytes | None:
         if name == HEADER:
             return bytes(value)
     return None
+
+
+# -- the stage in the batch step ------------------------------------------------------------------------------
+
+
+def begin(run: Run, p: int) -> None:
+    """Partition p's persons work for this batch, watching what the device stage emits (when the stage is on)."""
+    step = run.step
+    if step.persons_db_for_partition is None:
+        return
+    t = step.topics
+    assert t.persons_repartition is not None and t.persons is not None
+    db = step.persons_db_for_partition(p)
+    stats = step.person_stats.get(p)
+    if stats is None:
+        stats = stored_stats(db.get(STATS_KEY))
+    route = Route(t.persons_repartition, t.persons, t.partitions, t.persons_partitions or t.partitions,
+                  step.key_hash)
+    stage = run.persons[p] = PartitionPersons(p, step.enricher.settings, step.user_ids, route,
+                                              StoredPairs(cast(Any, db)), dict(stats), run.persons_counters)
+    state, send = run.states[p], _sender(run, p)
+    run.observers.setdefault(p, []).append(lambda outcome: stage.observe(state, outcome, send))
+
+
+def messages(run: Run, p: int) -> None:
+    """Partition p's messages of the persons repartition topic, then its device users' mappings."""
+    tp, records = run.parts[p][2]
+    stage = run.persons.get(p)
+    state, send = run.states[p], _sender(run, p)
+    if stage is not None:
+        for rec in records:
+            _message(stage, state, rec, send, run.quarantine)
+    run.read(tp, records)
+    if stage is not None:
+        stage.finish(state, send)
+
+
+def _sender(run: Run, p: int) -> Callable[[str, int, Message], None]:
+    outbox = run.state_outbox(p)
+
+    def send(topic: str, partition: int, message: Message) -> None:
+        put(outbox, topic, partition, message)
+
+    return send
+
+
+def _message(stage: PartitionPersons, state: Any, rec: KafkaRecord, send: Send, quarantine: bool) -> None:
+    """A record of the persons repartition topic. Ours alone write it: one that cannot be read is logged and
+    counted, never a reason to stop the partition."""
+    try:
+        if quarantine:
+            raise RuntimeError("the worker failed on this message alone")
+        kind = kind_of(rec.headers)
+        if kind is None or rec.key is None or rec.value is None:
+            raise ValueError("not a persons message")
+        stage.apply(state, kind, rec.key, rec.value, send)
+    except Exception as e:
+        stage.counters.unreadable += 1
+        log.error("partition %d: persons message at offset %d skipped (%s: %s)", rec.partition, rec.offset,
+                  type(e).__name__, str(e)[:200])

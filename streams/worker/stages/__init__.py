@@ -1,0 +1,2 @@
+"""The stages of the worker's batch step, in the order `streams.worker.batch.Pipeline.process` runs them:
+`plan` (at-least-once), `route`, `devices`, `persons`, `commit`. Each reads and writes the batch's `Run`."""
