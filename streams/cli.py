@@ -60,34 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(worker, "worker")
 
-    state = commands.add_parser(
-        "state",
-        help="print a device's identity state, asked of a running worker",
-        description="Ask a running worker (any worker of the group: the request is routed to the one that owns "
-        "the device's partition) for a device's current identity state, and print it as JSON.",
-        epilog="examples:\n  python -m streams state 1712042794795-4430041-097b46dd83f7da8-29832842\n"
-        "  python -m streams state web-visitor-7f3c --url http://10.0.0.5:6066",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    state.add_argument("device_id", help="the device ID (the raw records' device_id)")
-    state.add_argument("--url", help="a worker's web address (default: http://WEB_BIND:WEB_PORT from the settings)")
-    config.add_arguments(state, "state")
-
-    person = commands.add_parser(
-        "person",
-        help="print a device user's persons mapping, asked of a running worker",
-        description="Ask a running worker (any worker of the group: the request is routed to the one that owns "
-        "the user ID's\npartition of the persons index) for a device user's persons mapping (persons.md §4), and "
-        "print it as JSON:\nthe mapping record, or person_id null and conflict true when the pairs it claims have "
-        "several owners.\nA user ID without a mapping (a login user, or a device user mapped to no one) is its own "
-        "person: exit code 1.",
-        epilog="examples:\n  python -m streams person 0c6f7a4e-2d3b-5e8f-9a1c-4b7d2e6f8a90\n"
-        "  python -m streams person 0c6f7a4e-2d3b-5e8f-9a1c-4b7d2e6f8a90 --url http://10.0.0.5:6066",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    person.add_argument("user_id", help="a device user's ID (the user_id of its enriched records, a UUID)")
-    person.add_argument("--url", help="a worker's web address (default: http://WEB_BIND:WEB_PORT from the settings)")
-    config.add_arguments(person, "state")
+    lookup(commands, "state", "device_id", "the device ID (the raw records' device_id)",
+           help="print a device's identity state, asked of a running worker",
+           description="Ask a running worker (any worker of the group: the request is routed to the one that owns "
+           "the device's partition) for a device's current identity state, and print it as JSON.",
+           epilog="examples:\n  python -m streams state 1712042794795-4430041-097b46dd83f7da8-29832842\n"
+           "  python -m streams state web-visitor-7f3c --url http://10.0.0.5:6066")
+    lookup(commands, "person", "user_id", "a device user's ID (the user_id of its enriched records, a UUID)",
+           help="print a device user's persons mapping, asked of a running worker",
+           description="Ask a running worker (any worker of the group: the request is routed to the one that owns "
+           "the user ID's\npartition of the persons index) for a device user's persons mapping (persons.md §4), and "
+           "print it as JSON:\nthe mapping record, or person_id null and conflict true when the pairs it claims have "
+           "several owners.\nA user ID without a mapping (a login user, or a device user mapped to no one) is its "
+           "own person: exit code 1.",
+           epilog="examples:\n  python -m streams person 0c6f7a4e-2d3b-5e8f-9a1c-4b7d2e6f8a90\n"
+           "  python -m streams person 0c6f7a4e-2d3b-5e8f-9a1c-4b7d2e6f8a90 --url http://10.0.0.5:6066")
 
     from streams.kafka import commands as kafka_commands
 
@@ -106,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="scripts/bench.py's own options")
     return parser
+
+
+def lookup(commands: Any, name: str, argument: str, argument_help: str, **texts: str) -> None:
+    """A command that asks a running worker for one thing by its key, over HTTP."""
+    parser = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **texts)
+    parser.add_argument(argument, help=argument_help)
+    parser.add_argument("--url", help="a worker's web address (default: http://WEB_BIND:WEB_PORT from the settings)")
+    config.add_arguments(parser, "state")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from streams import codec
 from streams.state.keys import INTERNAL
 from streams.state.restore import RestoreCounters
 from streams.state.transaction import FORWARDED
-from streams.worker.app import StreamsApp, from_environment
+from streams.worker.app import StreamsApp, built_on_first_use
 from streams.worker.names import PERSONS_TABLE, TABLE
 from streams.worker.recovery import MarkerAwareRecovery
 from streams.worker.stages.persons import STATS, STATS_KEY, stored_stats
@@ -316,15 +316,5 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-_app: StreamsApp | None = None
-
-
-def __getattr__(name: str) -> Any:
-    """`faust -A streams.web worker`: the worker with its HTTP views, settings from the environment."""
-    global _app
-    if name != "app":
-        raise AttributeError(name)
-    if _app is None:
-        _app = from_environment()
-        install(_app)
-    return _app
+# `faust -A streams.web worker`: the worker with its HTTP views
+__getattr__ = built_on_first_use(install)

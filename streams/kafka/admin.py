@@ -25,8 +25,6 @@ from streams.config import Settings
 
 UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION
 TOPIC_EXISTS = TopicAlreadyExistsError.errno  # 36
-SEND_WINDOW = 10_000  # deliveries awaited in chunks: memory stays flat for any file size
-RAW_PREVIEW = 120
 
 
 T = TypeVar("T")

@@ -11,24 +11,19 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import TopicAlreadyExistsError
 
 from streams.config import Settings
 from streams.kafka.admin import TopicMissing, partition_count
 from streams.kafka.partitioners import aiokafka_partitioner
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "seed.jsonl"
-UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION
-TOPIC_EXISTS = TopicAlreadyExistsError.errno  # 36
 SEND_WINDOW = 10_000  # deliveries awaited in chunks: memory stays flat for any file size
-RAW_PREVIEW = 120
 
 
-T = TypeVar("T")
 
 
 def producer(settings: Settings) -> Any:

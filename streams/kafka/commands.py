@@ -10,23 +10,19 @@ import logging
 import os
 import sys
 import time
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
 import orjson
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError
 
 from streams import config
 from streams.config import Settings
 from streams.kafka.admin import TopicMissing, ensure_topics, partition_count
 from streams.kafka.clients import assigned, produce_file, topic_of
 
-UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION
-TOPIC_EXISTS = TopicAlreadyExistsError.errno  # 36
-SEND_WINDOW = 10_000  # deliveries awaited in chunks: memory stays flat for any file size
 RAW_PREVIEW = 120
 
 
-T = TypeVar("T")
 
 
 def _text(value: Any) -> str:

@@ -203,17 +203,26 @@ def run_worker(settings: Settings, extend: Callable[[StreamsApp], None] | None =
     return 0
 
 
-_app: faust.App | None = None
+def built_on_first_use(extend: Callable[[StreamsApp], None] | None = None) -> Callable[[str], Any]:
+    """A module's `__getattr__` for `faust -A MODULE worker`: its `app`, built on first use from the
+    environment's settings (and `extend`ed)."""
+    built: list[StreamsApp] = []
+
+    def attribute(name: str) -> Any:
+        if name != "app":
+            raise AttributeError(name)
+        if not built:
+            app = from_environment()
+            if extend is not None:
+                extend(app)
+            built.append(app)
+        return built[0]
+
+    return attribute
 
 
-def __getattr__(name: str) -> Any:
-    """`faust -A streams.worker.app worker`: the app, built on first use from the environment's settings."""
-    global _app
-    if name != "app":
-        raise AttributeError(name)
-    if _app is None:
-        _app = from_environment()
-    return _app
+# `faust -A streams.worker.app worker`: the worker without its HTTP views
+__getattr__ = built_on_first_use()
 
 
 def from_environment() -> StreamsApp:
