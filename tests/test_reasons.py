@@ -114,7 +114,7 @@ CASES: dict[Reason, list[tuple[bytes, str]]] = {
 }
 # no input reaches these two: orjson refuses lone surrogates before the engine sees them, and internal
 # errors are defects; both are driven below by breaking the engine on purpose. unreadable_state is the worker's
-# (a stored state it cannot decode): tests/test_pipeline.py and tests/integration/test_edges.py drive it
+# (a stored state it cannot decode): tests/worker/test_devices.py and tests/integration/test_edges.py drive it
 UNREACHABLE_FROM_INPUT = {Reason.UNENCODABLE, Reason.INTERNAL_ERROR, Reason.UNREADABLE_STATE}
 
 

@@ -1,5 +1,5 @@
-"""The persons stage in the worker's batch step without a broker: the fake producer and consumer of
-`tests/test_pipeline.py`, now with the persons topics and table, and crashes between a batch's outputs and
+"""The persons stage in the worker's batch step without a broker: the fakes of `tests/fakes.py`, with the
+persons topics and table, and crashes between a batch's outputs and
 its state (a changelog cut short included). Whatever the fetch sizes and crashes, the persons topic read as a
 table (last value per key, tombstones removing it) ends equal to replay's mapping."""
 
