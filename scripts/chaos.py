@@ -1402,8 +1402,9 @@ class FaultChaos(GroupChaos):
         lasted = time.monotonic() - began
         back = self.group_ready()
         self.faults.append(Fault(number, slot.name, at, lasted, dropped, back, self.feeder.produced - produced))
-        log(f"fault #{number}/{FAULTS}: healed after {lasted:.1f}s; the group went on without worker {slot.name} "
-            f"after {fmt_s(dropped)}, whole again {fmt_s(back)} after the heal; produced {self.feeder.produced:,}")
+        log(f"fault #{number}/{FAULTS}: {self.ended} after {lasted:.1f}s; the group went on without worker "
+            f"{slot.name} after {fmt_s(dropped)}, whole again {fmt_s(back)} after that; produced "
+            f"{self.feeder.produced:,}")
         if dropped is None:
             self.findings.append(Finding(False, f"fault #{number}: the group did not go on without worker "
                                                 f"{slot.name} within {FAULT_SECONDS:.0f}s"))
@@ -1443,12 +1444,17 @@ class FaultChaos(GroupChaos):
         action = {"partition": "cut off", "pause": "SIGSTOP"}[self.kind]
         out = [f"input flow            {lines:,} records at {self.rate:,.0f}/s asked, fed {fed}",
                f"faults survived       {len(backs)} of {len(self.faults)} ({self.kind}, worker {per_slot}); group on "
-               f"without it after {spread(drops)}, whole again {spread(backs)} after the heal"]
+               f"without it after {spread(drops)}, whole again {spread(backs)} after the {self.ended}"]
         for f in self.faults:
             out.append(f"  fault #{f.number:<13}worker {f.slot} {action} {f.at:.1f}s into the input for "
                        f"{f.lasted:.1f}s; the group on without it after {fmt_s(f.dropped_after)}, whole again "
-                       f"{fmt_s(f.back_after)} after the heal; {f.produced:,} records produced meanwhile")
+                       f"{fmt_s(f.back_after)} after the {self.ended}; {f.produced:,} records produced meanwhile")
         return out
+
+    @property
+    def ended(self) -> str:
+        """How the fault ends: a cut is healed, a stopped worker continued."""
+        return "heal" if self.kind == "partition" else "SIGCONT"
 
 
 def spread(values: Sequence[float]) -> str:

@@ -820,10 +820,11 @@ launch_node() {
 wait_node_ready() {
     local n="$1" deadline=$((SECONDS + START_TIMEOUT)) pid
     # the pid file's process, not node_pid: right after the launch the child may not have exec'd java yet
-    # (its command line is still this script's), which is no exit
-    pid="$(<"$(node_dir "$n")/kafka.pid")"
+    # (its command line is still this script's), which is no exit. A node found running already may have lost
+    # its pid file since (killed meanwhile): then only its answer counts
+    pid="$(cat "$(node_dir "$n")/kafka.pid" 2>/dev/null || true)"
     while ((SECONDS < deadline)); do
-        if ! kill -0 "$pid" 2>/dev/null; then
+        if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
             log "node $n exited during startup"
             tail -n 30 "$(node_dir "$n")/kafka.out" "$(node_dir "$n")/server.log" >&2 2>/dev/null || true
             return 1

@@ -12,7 +12,8 @@ from streams.config import Settings
 from streams.state.devicestore import DeviceStore, DeviceTable
 from streams.state.keys import OFFSET_KEY, is_internal
 from streams.worker.app import create_app
-from streams.worker.startup import Layout
+from streams.worker.consumer import BatchConsumer
+from streams.worker.startup import Layout, controller_node
 
 
 def test_fausts_variables_change_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
@@ -30,6 +31,14 @@ def test_fausts_variables_change_nothing(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert app.conf.web_port == 7123
     assert app.conf.table_standby_replicas != 7
     assert app.conf.canonical_url == URL("http://127.0.0.2:7123")
+
+
+def test_the_app_runs_the_worker_s_consumer_and_controller_lookup(tmp_path: object) -> None:
+    """The two pieces of Faust's transport the worker replaces: the consumer that feeds the batch step, and the
+    lookup of the broker to create topics through (Faust's own gives up while one broker of three is down)."""
+    app = create_app(Settings(state_dir=str(tmp_path)), Layout(4, {}))
+    assert app.transport.Consumer is BatchConsumer
+    assert app.transport._get_controller_node is controller_node
 
 
 def test_the_advertised_url_is_what_the_group_shares(tmp_path: object) -> None:

@@ -101,7 +101,7 @@ def create_app(settings: Settings, layout: Layout) -> StreamsApp:
         env={},
     )
     cast(Any, app.transport).Consumer = BatchConsumer
-    cast(Any, app.transport)._getcontroller_node = controller_node
+    cast(Any, app.transport)._get_controller_node = controller_node
 
     raw = app.topic(topics.raw, key_type=bytes, value_type=bytes)
     repartition = app.topic(topics.repartition, partitions=partitions, internal=True, key_type=bytes,
