@@ -42,15 +42,18 @@ conformance: install
 	$(BIN)/python ../shared/conformance/check.py $(BIN)/python
 	$(BIN)/python ../shared/conformance/check_customer_ids.py $(BIN)/python
 
-## the benchmark: ceiling, stock-Faust baseline, worker, latency, replay, correctness, and the worker with the
-## persons stage off and on at 1M device IDs, side by side, its mapping checked against replay's
+## the benchmark: two ceilings (fire-and-forget and at-least-once passthroughs), stock-Faust baseline, worker,
+## the Kafka Streams and Quix Streams peers (bench/peers/; the Kafka Streams jar is built by Maven on first use,
+## into .cache/bench-peers/), latency, replay, correctness, and the worker with the persons stage off and on at
+## 1M device IDs, side by side, its mapping checked against replay's
 ## (.cache/bench/last.md; that part alone: .venv/bin/python scripts/bench.py --persons-only)
 bench: install
 	$(BIN)/python scripts/bench.py
 
 ## the scale runs (~18 min, minutes more the first time to generate the inputs; .cache/bench/last-scale.md):
 ## 1M records over 1M device IDs, 10M devices logged in and then 1M records over them, two workers against
-## one; each beside the ceiling, with the worker's peak RSS, the output checked against replay's
+## one; each beside the ceiling, the first also beside the Kafka Streams and Quix Streams peers, with the
+## worker's peak RSS, the output checked against replay's
 ## (BENCH_ARGS=--brokers 127.0.0.1:PORT for a broker elsewhere)
 bench-scale: install
 	$(BIN)/python scripts/bench.py --scale $(BENCH_ARGS)

@@ -74,7 +74,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import murmur2
 
 from streams.config import env_name
-from streams.kafka.topics import device_key
+from streams.kafka.clients import device_key
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / ".cache" / "bench"
@@ -789,7 +789,7 @@ CONTRACTS = {c.name: c for c in (
              "acknowledged"),
 )}
 CEILINGS = list(CONTRACTS)  # make bench measures both, side by side
-WORKER_CONTRACT = "at-least-once"  # the worker's (at its default processing guarantee): the ceiling of (b)-(c)
+WORKER_CONTRACT = "at-least-once"  # the worker's at its default guarantee: --scale's one ceiling per case
 
 
 async def passthrough(brokers: str, group: str, source: str, target: str, contract: str = WORKER_CONTRACT) -> None:
@@ -1364,7 +1364,7 @@ async def measure_persons_run(kafka: Kafka, names: Names, label: str, raw: str, 
     await kafka.create_topics([enriched, dead])
     await kafka.create_topics([persons_topic], configs={"cleanup.policy": "compact"})
     group = names.group(label)
-    repartition = f"{group}-persons-repartition"  # the stage's internal topic (streams.worker.app.topic_names)
+    repartition = f"{group}-persons-repartition"  # the stage's internal topic (streams.worker.names.topic_names)
     child = worker_child(kafka, names, label, raw, enriched, dead, persons="on" if persons else "off",
                          persons_topic=persons_topic)
     records = ref.replay.records
