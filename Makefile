@@ -21,12 +21,14 @@ install: $(INSTALLED)
 run: install
 	bash scripts/run.sh
 
-## every test: lint, types, unit and engine tests, conformance, and the integration tests on a real broker,
-## in TEST_JOBS processes side by side (the three-broker cluster's tests in one of them, one after the other);
-## the 15 slowest are listed at the end
-TEST_JOBS ?= 4
+## every test: lint, types, unit and engine tests, conformance, and the integration tests on a real broker;
+## the 15 slowest are listed at the end. TEST_JOBS=4 runs them in 4 processes side by side (the three-broker
+## cluster's tests in one of them, one after the other): about 9 minutes instead of about 22, but on this 2-core
+## machine the cluster's and one persons lookup test then fail at times under the load, so one process is the
+## default
+TEST_JOBS ?= 1
 test: install lint
-	$(BIN)/pytest -q -n $(TEST_JOBS) --dist loadgroup --durations=15
+	$(BIN)/pytest -q $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadgroup) --durations=15
 
 lint: install
 	$(BIN)/ruff check streams tests scripts
