@@ -23,7 +23,7 @@ run: install
 
 ## every test: lint, types, unit and engine tests, conformance, and the integration tests on a real broker;
 ## the 15 slowest are listed at the end. TEST_JOBS=4 runs them in 4 processes side by side (the three-broker
-## cluster's tests in one of them, one after the other): about 9 minutes instead of about 22, but on this 2-core
+## cluster's tests in one of them, one after the other): about 9 minutes instead of about 20, but on this 2-core
 ## machine the cluster's and one persons lookup test then fail at times under the load, so one process is the
 ## default
 TEST_JOBS ?= 1
