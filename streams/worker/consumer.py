@@ -30,11 +30,10 @@ from streams.worker.retries import Retries
 log = logging.getLogger(__name__)
 
 
-
 class ConsumerThread(AIOKafkaConsumerThread):
     """Faust's consumer thread, whose consumer reads committed records only: of the changelogs, the persons
-    stage's messages and (exactly-once) the repartition topic, nothing that a crashed or fenced transaction
-    left behind. The state is written in transactions in both modes (`streams.worker.stages.commit`)."""
+    stage's messages and the repartition topic, nothing that a crashed or fenced transaction left
+    behind. The state is written in transactions in both modes (`streams.worker.stages.commit`)."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
