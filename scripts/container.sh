@@ -54,6 +54,9 @@ readonly ULIMITS=(--ulimit nofile=20000:20000 --ulimit nproc=4096:4096)
 
 log() { printf 'container: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
+# usage, and run_command: a subcommand runs its cmd_* function
+# shellcheck source=scripts/lib.sh
+source "$REPO_ROOT/scripts/lib.sh"
 
 # Without systemd Podman schedules no healthchecks and says so on every container it creates or removes:
 # that line is left out (`podman healthcheck run` still runs a check on demand).
@@ -99,6 +102,23 @@ mark_fresh() { mkdir -p "$CACHE"; printf '%s\n' "$2" >"$(stamp_file "$1")"; }
 
 recipe_hash() { cat "$@" | sha256sum | cut -c1-16; }
 
+# pod_build IMAGE NAME ARGS...: podman build -t IMAGE ARGS (the context last) with the host's network and
+# the limits this machine needs; its output in $CACHE/NAME-build.log, whose end is shown when it fails.
+pod_build() {
+    local image="$1" build_log="$CACHE/$2-build.log"
+    shift 2
+    pod build --network host "${ULIMITS[@]}" -t "$image" "$@" >"$build_log" 2>&1 \
+        || { tail -n 30 "$build_log" >&2; die "building $image failed (log: $build_log)"; }
+}
+
+# built IMAGE HASH STARTED DIR: the image stamped with the hash of its recipe, the directory it was built
+# from deleted, and how long it took since STARTED ($SECONDS then).
+built() {
+    rm -rf "$4"
+    mark_fresh "$1" "$2"
+    log "built $1 in $((SECONDS - $3))s"
+}
+
 # The Debian mirror apt already uses on this machine (one-line or deb822 sources), else Debian's CDN.
 debian_mirror() {
     if [[ -n "${DEBIAN_MIRROR:-}" ]]; then printf '%s\n' "$DEBIAN_MIRROR"; return; fi
@@ -143,9 +163,7 @@ build_debian() {
     # apt's downloads are not part of an image
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" -c . | pod import -q - "$DEBIAN_IMAGE" >/dev/null
-    rm -rf "$rootfs"
-    mark_fresh "$DEBIAN_IMAGE" "$hash"
-    log "built $DEBIAN_IMAGE in $((SECONDS - started))s"
+    built "$DEBIAN_IMAGE" "$hash" "$started" "$rootfs"
 }
 
 # The host's local certificate authorities go into the Python base (deploy/python/Containerfile says why).
@@ -167,12 +185,8 @@ cmd_base() {
     cp "$REPO_ROOT/deploy/python/Containerfile" "$context/"
     ((${#cas[@]} == 0)) || cp "${cas[@]}" "$context/local-ca/"
     log "building $BASE_IMAGE (Debian's python3 3.11)"
-    pod build --network host "${ULIMITS[@]}" --build-arg DEBIAN_IMAGE="$DEBIAN_IMAGE" -t "$BASE_IMAGE" \
-        "$context" >"$CACHE/base-build.log" 2>&1 \
-        || { tail -n 30 "$CACHE/base-build.log" >&2; die "building $BASE_IMAGE failed (log: $CACHE/base-build.log)"; }
-    rm -rf "$context"
-    mark_fresh "$BASE_IMAGE" "$hash"
-    log "built $BASE_IMAGE in $((SECONDS - started))s"
+    pod_build "$BASE_IMAGE" base --build-arg DEBIAN_IMAGE="$DEBIAN_IMAGE" "$context"
+    built "$BASE_IMAGE" "$hash" "$started" "$context"
 }
 
 cmd_kafka_image() {
@@ -190,12 +204,8 @@ cmd_kafka_image() {
     mkdir -p "$context/libs"
     cp "$KAFKA_LIBS"/*.jar "$context/libs/"
     log "building $LOCAL_KAFKA_IMAGE from $KAFKA_LIBS"
-    pod build --network host "${ULIMITS[@]}" --build-arg DEBIAN_IMAGE="$DEBIAN_IMAGE" -t "$LOCAL_KAFKA_IMAGE" \
-        "$context" >"$CACHE/kafka-build.log" 2>&1 \
-        || { tail -n 30 "$CACHE/kafka-build.log" >&2; die "building $LOCAL_KAFKA_IMAGE failed (log: $CACHE/kafka-build.log)"; }
-    rm -rf "$context"
-    mark_fresh "$LOCAL_KAFKA_IMAGE" "$hash"
-    log "built $LOCAL_KAFKA_IMAGE in $((SECONDS - started))s"
+    pod_build "$LOCAL_KAFKA_IMAGE" kafka --build-arg DEBIAN_IMAGE="$DEBIAN_IMAGE" "$context"
+    built "$LOCAL_KAFKA_IMAGE" "$hash" "$started" "$context"
 }
 
 # Not stamped: podman's layer cache makes an unchanged build take seconds, and a changed source file must
@@ -204,9 +214,7 @@ cmd_worker_image() {
     cmd_base
     local started=$SECONDS
     mkdir -p "$CACHE"
-    pod build --format docker --network host "${ULIMITS[@]}" --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$WORKER_IMAGE" \
-        "$REPO_ROOT" >"$CACHE/worker-build.log" 2>&1 \
-        || { tail -n 30 "$CACHE/worker-build.log" >&2; die "building $WORKER_IMAGE failed (log: $CACHE/worker-build.log)"; }
+    pod_build "$WORKER_IMAGE" worker --format docker --build-arg BASE_IMAGE="$BASE_IMAGE" "$REPO_ROOT"
     log "built $WORKER_IMAGE in $((SECONDS - started))s"
 }
 
@@ -293,28 +301,7 @@ cmd_down() {
     cmd_compose -p "$project" down -v >/dev/null 2>&1
 }
 
-usage() {
-    sed -n '/^# Usage:/,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
-}
+# exec: signals (SIGTERM to a foreground `podman run`) reach podman, which passes them on
+cmd_podman() { exec podman "${PODMAN_FLAGS[@]}" "$@" 2> >(grep -v 'unable to get systemd connection' >&2); }
 
-main() {
-    local cmd="${1:-}"
-    [[ $# -gt 0 ]] && shift
-    case "$cmd" in
-        install) cmd_install ;;
-        base) cmd_base ;;
-        kafka-image) cmd_kafka_image ;;
-        worker-image) cmd_worker_image ;;
-        build) cmd_build ;;
-        images) cmd_images ;;
-        # exec: signals (SIGTERM to a foreground `podman run`) reach podman, which passes them on
-        podman) exec podman "${PODMAN_FLAGS[@]}" "$@" 2> >(grep -v 'unable to get systemd connection' >&2) ;;
-        compose) cmd_compose "$@" ;;
-        up) cmd_up "$@" ;;
-        down) cmd_down "$@" ;;
-        -h | --help | help) usage ;;
-        *) usage >&2; exit 2 ;;
-    esac
-}
-
-main "$@"
+run_command "$@"

@@ -104,6 +104,9 @@ readonly CONTAINER_BIN=/opt/kafka/bin
 
 log() { printf 'kafka: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
+# usage, and run_command: a subcommand runs its cmd_* function
+# shellcheck source=scripts/lib.sh
+source "$REPO_ROOT/scripts/lib.sh"
 
 # --------------------------------------------------------------------------
 # Runtime selection
@@ -348,14 +351,23 @@ listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.secu
 listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 
-# One node: every internal topic has a single replica.
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-# Creating the default 50 partitions of these topics on first use costs
-# seconds on a development machine; a handful is plenty here.
+EOF
+    # One node: every internal topic has a single replica.
+    broker_defaults 1 1 "$LOG_DIR" >>"$SERVER_PROPS"
+}
+
+# broker_defaults RF MIN_ISR LOG_DIR: what every broker here is configured
+# with, its internal topics on RF nodes with MIN_ISR in sync.
+broker_defaults() {
+    cat <<EOF
+
+# The internal topics. Creating the default 50 partitions of them on first
+# use costs seconds on a development machine; a handful is plenty here.
+offsets.topic.replication.factor=$1
+transaction.state.log.replication.factor=$1
+transaction.state.log.min.isr=$2
+share.coordinator.state.topic.replication.factor=$1
+share.coordinator.state.topic.min.isr=$2
 offsets.topic.num.partitions=4
 transaction.state.log.num.partitions=4
 
@@ -365,28 +377,34 @@ num.partitions=1
 # Topics are created explicitly (scripts/kafka.sh topics --create ...).
 auto.create.topics.enable=false
 
-log.dir=$LOG_DIR
+log.dir=$3
 EOF
 }
 
-write_server_log4j() {
-    mkdir -p "$DATA_DIR"
-    cat >"$SERVER_LOG4J" <<EOF
+# write_log4j FILE LOG BACKUPS: a broker's log4j2 configuration, its log in
+# LOG, rolled over at 50 MB, BACKUPS old ones kept.
+write_log4j() {
+    cat >"$1" <<EOF
 status = warn
 appender.file.type = RollingFile
 appender.file.name = FILE
-appender.file.fileName = $SERVER_LOG
-appender.file.filePattern = $SERVER_LOG.%i
+appender.file.fileName = $2
+appender.file.filePattern = $2.%i
 appender.file.layout.type = PatternLayout
 appender.file.layout.pattern = [%d] %p %m (%c)%n
 appender.file.policies.type = Policies
 appender.file.policies.size.type = SizeBasedTriggeringPolicy
 appender.file.policies.size.size = 50MB
 appender.file.strategy.type = DefaultRolloverStrategy
-appender.file.strategy.max = 3
+appender.file.strategy.max = $3
 rootLogger.level = INFO
 rootLogger.appenderRef.file.ref = FILE
 EOF
+}
+
+write_server_log4j() {
+    mkdir -p "$DATA_DIR"
+    write_log4j "$SERVER_LOG4J" "$SERVER_LOG" 3
 }
 
 # The client side of the readiness probe: fail fast instead of the admin
@@ -436,14 +454,18 @@ port_open() {
 
 # The pid in the pid file, if that process is still our broker. Checking the
 # command line guards against a recycled pid.
-broker_pid() {
-    [[ -f "$PID_FILE" ]] || return 1
+broker_pid() { pid_of "$PID_FILE" "$SERVER_PROPS"; }
+
+# pid_of PID_FILE PROPERTIES: the pid in PID_FILE, if that process runs and
+# is a broker on PROPERTIES (the command line guards against a recycled pid).
+pid_of() {
+    [[ -f "$1" ]] || return 1
     local pid
-    pid="$(<"$PID_FILE")"
+    pid="$(<"$1")"
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     kill -0 "$pid" 2>/dev/null || return 1
     if [[ -r "/proc/$pid/cmdline" ]]; then
-        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$MAIN_BROKER $SERVER_PROPS" || return 1
+        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$MAIN_BROKER $2" || return 1
     fi
     printf '%s\n' "$pid"
 }
@@ -456,14 +478,19 @@ broker_answers() {
             --bootstrap-server "$BOOTSTRAP" --list >/dev/null 2>&1
         return
     fi
-    port_open "$PORT" || return 1
+    lists_topics "$PORT"
+}
+
+# lists_topics PORT: the broker of the jars on PORT lists its topics.
+lists_topics() {
+    port_open "$1" || return 1
     is_installed || return 1
     write_client_properties
     tool_java
     # Hard stop in case the admin client hangs regardless of its timeouts.
     local limit=()
     command -v timeout >/dev/null 2>&1 && limit=(timeout 30)
-    "${limit[@]}" "${TOOL_JAVA[@]}" "$MAIN_TOPICS" --bootstrap-server "$BOOTSTRAP" \
+    "${limit[@]}" "${TOOL_JAVA[@]}" "$MAIN_TOPICS" --bootstrap-server "$HOST:$1" \
         --command-config "$CLIENT_PROPS" --list >/dev/null 2>&1
 }
 
@@ -657,10 +684,6 @@ cmd_topics() {
     run_tool "$MAIN_TOPICS" --bootstrap-server "$BOOTSTRAP" "$@"
 }
 
-usage() {
-    sed -n '/^# Usage:/,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
-}
-
 # --------------------------------------------------------------------------
 # The three-node cluster
 # --------------------------------------------------------------------------
@@ -713,66 +736,20 @@ inter.broker.listener.name=PLAINTEXT
 # an acks=all write acknowledged once two of them hold it.
 default.replication.factor=3
 min.insync.replicas=2
-offsets.topic.replication.factor=3
-transaction.state.log.replication.factor=3
-transaction.state.log.min.isr=2
-share.coordinator.state.topic.replication.factor=3
-share.coordinator.state.topic.min.isr=2
 unclean.leader.election.enable=false
-# a handful of partitions for the internal topics: creating 50 costs seconds
-offsets.topic.num.partitions=4
-transaction.state.log.num.partitions=4
-
-group.initial.rebalance.delay.ms=0
-num.partitions=1
-auto.create.topics.enable=false
-
-log.dir=$dir/logs
 EOF
-    cat >"$dir/log4j2.properties" <<EOF
-status = warn
-appender.file.type = RollingFile
-appender.file.name = FILE
-appender.file.fileName = $dir/server.log
-appender.file.filePattern = $dir/server.log.%i
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-appender.file.policies.type = Policies
-appender.file.policies.size.type = SizeBasedTriggeringPolicy
-appender.file.policies.size.size = 50MB
-appender.file.strategy.type = DefaultRolloverStrategy
-appender.file.strategy.max = 2
-rootLogger.level = INFO
-rootLogger.appenderRef.file.ref = FILE
-EOF
+    broker_defaults 3 2 "$dir/logs" >>"$dir/server.properties"
+    write_log4j "$dir/log4j2.properties" "$dir/server.log" 2
 }
 
 # The pid of node N, if it runs (the command line guards against a recycled pid).
 node_pid() {
-    local dir pid
+    local dir
     dir="$(node_dir "$1")"
-    [[ -f "$dir/kafka.pid" ]] || return 1
-    pid="$(<"$dir/kafka.pid")"
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    if [[ -r "/proc/$pid/cmdline" ]]; then
-        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$MAIN_BROKER $dir/server.properties" || return 1
-    fi
-    printf '%s\n' "$pid"
+    pid_of "$dir/kafka.pid" "$dir/server.properties"
 }
 
-node_answers() {
-    local port
-    port="$(node_port "$1")"
-    port_open "$port" || return 1
-    is_installed || return 1
-    write_client_properties
-    tool_java
-    local limit=()
-    command -v timeout >/dev/null 2>&1 && limit=(timeout 30)
-    "${limit[@]}" "${TOOL_JAVA[@]}" "$MAIN_TOPICS" --bootstrap-server "$HOST:$port" \
-        --command-config "$CLIENT_PROPS" --list >/dev/null 2>&1
-}
+node_answers() { lists_topics "$(node_port "$1")"; }
 
 # One cluster id for all nodes, kept beside them: a wiped node is formatted
 # again with it and rejoins, fetching the metadata log and its replicas.
@@ -921,29 +898,11 @@ cmd_cluster_reset() {
     log "deleted $CLUSTER_DIR"
 }
 
-main() {
-    local cmd="${1:-}"
-    [[ $# -gt 0 ]] && shift
-    case "$cmd" in
-        install) cmd_install ;;
-        start) cmd_start ;;
-        stop) cmd_stop ;;
-        status) cmd_status ;;
-        restart) cmd_restart ;;
-        reset) cmd_reset ;;
-        topics) cmd_topics "$@" ;;
-        cluster-start) cmd_cluster_start ;;
-        cluster-stop) cmd_cluster_stop ;;
-        cluster-status) cmd_cluster_status ;;
-        cluster-brokers) cluster_brokers ;;
-        cluster-kill) cmd_cluster_kill "$@" ;;
-        cluster-stop-node) check_node "${1:-}"; stop_node "$1" ;;
-        cluster-start-node) cmd_cluster_start_node "$@" ;;
-        cluster-wipe-node) cmd_cluster_wipe_node "$@" ;;
-        cluster-reset) cmd_cluster_reset ;;
-        -h | --help | help) usage ;;
-        *) usage >&2; exit 2 ;;
-    esac
+cmd_cluster_brokers() { cluster_brokers; }
+
+cmd_cluster_stop_node() {
+    check_node "${1:-}"
+    stop_node "$1"
 }
 
-main "$@"
+run_command "$@"
