@@ -14,6 +14,7 @@ import pytest
 
 from streams.enrich import EnrichSettings
 from streams.offline.replay import replay as run_replay
+from tests.integration import kit
 
 from .conftest import ROOT, validate
 
@@ -167,9 +168,7 @@ def test_route_sends_every_spelling_of_a_device_to_one_job() -> None:
 
 def mixed_input() -> list[bytes]:
     """Generated records, with every spelling of some of their devices and bad and blank lines among them."""
-    from tests.integration.test_worker import generate
-
-    generated = generate(4000, 120, prefix="jobs", seed=5)
+    generated = kit.generate(4000, 120, prefix="jobs", seed=5)
     mixed: list[bytes] = []
     for i, line in enumerate(generated):
         mixed.append(line)
@@ -269,7 +268,6 @@ def test_state_is_written_as_the_replay_goes(tmp_path: Path, monkeypatch: pytest
     would grow with the devices)."""
     from streams.offline import replay as replay_module
     from streams.state.store import CachedStore
-    from tests.integration.test_worker import generate
 
     flushes: list[int] = []
     flush = CachedStore.flush
@@ -281,7 +279,7 @@ def test_state_is_written_as_the_replay_goes(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(replay_module, "FLUSH_EVERY", 1000)
     monkeypatch.setattr(CachedStore, "flush", counted)
     source = tmp_path / "in.jsonl"
-    source.write_bytes(b"\n".join(generate(4500, 300, prefix="flush", seed=2)) + b"\n")
+    source.write_bytes(b"\n".join(kit.generate(4500, 300, prefix="flush", seed=2)) + b"\n")
     run_replay(str(source), str(tmp_path / "out"), str(tmp_path / "dead"), EnrichSettings(),
                state_dir=str(tmp_path / "state"))
     assert len(flushes) >= 5  # at 1,000, 2,000, 3,000, 4,000 and the end

@@ -35,6 +35,8 @@ _DEVICE_ID = re.compile(rb'"device_id"\s*:\s*"([^"]*)"')
 
 @dataclass
 class Counts:
+    """What a replay has read and written so far, for its progress line and its summary."""
+
     lines: int = 0
     records: int = 0
     enriched: int = 0

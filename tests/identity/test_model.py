@@ -110,9 +110,15 @@ class Device:
 
     @property
     def login_id(self) -> str | None:
-        if self.login_value is None:
-            return None
-        return self.login_value if self.login_key == LOGIN_KEY else f"{self.login_key}+{self.login_value}"
+        """§2: the login value, prefixed with its key unless the key is the plain login ID's."""
+        match self.login_key, self.login_value:
+            case _, None:
+                return None
+            case key, value if key == LOGIN_KEY:
+                return value
+            case key, value:
+                return f"{key}+{value}"
+        return None
 
     @property
     def distinct_id(self) -> str:
@@ -273,15 +279,8 @@ def user_id_of(device_id: str, dev: Any) -> str:
 
 def record(dev: Device, type_: str, event_name: str | None, **overrides: Any) -> dict[str, Any]:
     """A record as §2 stamps it; an override of None removes the field."""
-    out = dev.stamp() | {"type": type_}
-    if event_name is not None:
-        out["event"] = event_name
-    for name, value in overrides.items():
-        if value is None:
-            out.pop(name, None)
-        else:
-            out[name] = value
-    return out
+    out = dev.stamp() | {"type": type_} | ({} if event_name is None else {"event": event_name}) | overrides
+    return {name: value for name, value in out.items() if value is not None or name not in overrides}
 
 
 # -- the actions, one function each (identity.md §3, §4) ------------------------------------------------

@@ -21,22 +21,8 @@ import pytest
 from streams.config import Settings
 from streams.kafka import admin as kafka_admin
 from streams.kafka import clients as kafka_clients
-from tests.integration.conftest import (
-    Cluster,
-    Outputs,
-    Worker,
-    _admin_call,
-    assert_same_per_device,
-    by_device,
-    canonical,
-    dead_letters_without_source,
-    enriched_by_device,
-    replay_outputs,
-    wait_for_outputs,
-    without_repeats,
-    write_jsonl,
-)
-from tests.integration.test_worker import GUARANTEES, StartWorker, generate, keyed, produce, sample_lines
+from tests.integration import kit
+from tests.integration.conftest import Cluster
 
 # one process runs them all, one after the other: each kills, wipes and starts the cluster's nodes
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(480), pytest.mark.xdist_group("cluster")]
@@ -49,7 +35,7 @@ def describe(settings: Settings, prefix: str) -> dict[str, list[dict[str, Any]]]
     async def call(admin: Any) -> Any:
         return await admin.describe_topics()
 
-    metadata = asyncio.run(_admin_call(settings.brokers, call))
+    metadata = asyncio.run(kit.admin_call(settings.brokers, call))
     return {t["topic"]: t["partitions"] for t in metadata if t["topic"].startswith(prefix)}
 
 
@@ -80,7 +66,7 @@ def send_in_background(settings: Settings, lines: list[bytes], chunks: int = 12,
         size = -(-len(lines) // chunks)
         try:
             for i in range(0, len(lines), size):
-                produce(settings, keyed(lines[i:i + size]))
+                kit.produce(settings, kit.keyed(lines[i:i + size]))
                 time.sleep(pause)
         except BaseException as e:  # reported by `finish`
             errors.append(e)
@@ -105,18 +91,18 @@ def outputs_so_far(settings: Settings) -> int:
         return 0
 
 
-def check_against_replay(out: Outputs, expected: list[dict[str, Any]], expected_dead: list[dict[str, Any]],
+def check_against_replay(out: kit.Outputs, expected: list[dict[str, Any]], expected_dead: list[dict[str, Any]],
                          repeats_allowed: bool) -> int:
     """The worker's outputs are replay's: per device in order, repeats (allowed or not) identical to the first
     copy. Returns how many repeated records there were."""
-    got = enriched_by_device(out.enriched)  # also: a record_id written twice carries the same bytes
+    got = kit.enriched_by_device(out.enriched)  # also: a record_id written twice carries the same bytes
     repeats = 0
     for device_id, records in got.items():
-        got[device_id], n = without_repeats(records)
+        got[device_id], n = kit.without_repeats(records)
         repeats += n
-    assert_same_per_device(got, by_device(expected))
-    letters = {canonical(d): d for d in out.dead_values}  # a repeated dead letter has the same source
-    assert dead_letters_without_source(letters.values()) == dead_letters_without_source(expected_dead)
+    kit.assert_same_per_device(got, kit.by_device(expected))
+    letters = {kit.canonical(d): d for d in out.dead_values}  # a repeated dead letter has the same source
+    assert kit.dead_letters_without_source(letters.values()) == kit.dead_letters_without_source(expected_dead)
     if not repeats_allowed:
         assert repeats == 0 and len(out.dead) == len(letters), "exactly-once: a record was written twice"
     return repeats
@@ -125,12 +111,13 @@ def check_against_replay(out: Outputs, expected: list[dict[str, Any]], expected_
 # -- a broker killed mid-stream --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
 def test_a_broker_killed_mid_stream_loses_nothing(cluster: Cluster, cluster_topics: Settings,
-                                                  start_worker: StartWorker, tmp_path: Path, guarantee: str) -> None:
+                                                  start_worker: kit.StartWorker, tmp_path: Path,
+                                                  guarantee: str) -> None:
     settings = replace(cluster_topics, processing_guarantee=guarantee)
-    lines = sample_lines() + generate(1200, 120, prefix="kill", seed=11)
-    expected, expected_dead = replay_outputs(settings, write_jsonl(tmp_path / "input.jsonl", lines))
+    lines = kit.sample_lines() + kit.generate(1200, 120, prefix="kill", seed=11)
+    expected, expected_dead = kit.replay_outputs(settings, kit.write_jsonl(tmp_path / "input.jsonl", lines))
 
     worker = start_worker(settings)
     worker.wait_ready()
@@ -145,7 +132,7 @@ def test_a_broker_killed_mid_stream_loses_nothing(cluster: Cluster, cluster_topi
     cluster.kill(victim)
     finish(sender)
 
-    out = wait_for_outputs(settings, len(expected) + len(expected_dead), workers=[worker], timeout=OUTPUT_TIMEOUT,
+    out = kit.wait_for_outputs(settings, len(expected) + len(expected_dead), workers=[worker], timeout=OUTPUT_TIMEOUT,
                            distinct=guarantee == "at_least_once", settle=3.0)
     repeats = check_against_replay(out, expected, expected_dead, repeats_allowed=guarantee == "at_least_once")
     worker.check_alive()
@@ -155,28 +142,28 @@ def test_a_broker_killed_mid_stream_loses_nothing(cluster: Cluster, cluster_topi
 # -- a broker that lost its disk -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
 def test_a_broker_that_lost_its_disk_catches_up_and_nothing_is_lost(
-    cluster: Cluster, cluster_topics: Settings, start_worker: StartWorker, tmp_path: Path, guarantee: str
+    cluster: Cluster, cluster_topics: Settings, start_worker: kit.StartWorker, tmp_path: Path, guarantee: str
 ) -> None:
     settings = replace(cluster_topics, processing_guarantee=guarantee)
-    lines = generate(900, 90, prefix="disk", seed=13)
+    lines = kit.generate(900, 90, prefix="disk", seed=13)
     parts = [lines[:300], lines[300:600], lines[600:]]
-    expected1, _ = replay_outputs(settings, write_jsonl(tmp_path / "part1.jsonl", parts[0]))
-    expected12, _ = replay_outputs(settings, write_jsonl(tmp_path / "part12.jsonl", parts[0] + parts[1]))
-    expected, expected_dead = replay_outputs(settings, write_jsonl(tmp_path / "input.jsonl", lines))
+    expected1, _ = kit.replay_outputs(settings, kit.write_jsonl(tmp_path / "part1.jsonl", parts[0]))
+    expected12, _ = kit.replay_outputs(settings, kit.write_jsonl(tmp_path / "part12.jsonl", parts[0] + parts[1]))
+    expected, expected_dead = kit.replay_outputs(settings, kit.write_jsonl(tmp_path / "input.jsonl", lines))
     repeats_allowed = guarantee == "at_least_once"
 
     worker = start_worker(settings)
     worker.wait_ready()
-    produce(settings, keyed(parts[0]))
-    wait_for_outputs(settings, len(expected1), workers=[worker], settle=0)
+    kit.produce(settings, kit.keyed(parts[0]))
+    kit.wait_for_outputs(settings, len(expected1), workers=[worker], settle=0)
 
     # SIGKILL and its data deleted; the rest arrives while it is gone
     lost = leader_of(settings, settings.raw_topic)
     cluster.wipe(lost)
-    produce(settings, keyed(parts[1]))
-    wait_for_outputs(settings, len(expected12), workers=[worker], timeout=OUTPUT_TIMEOUT, distinct=repeats_allowed,
+    kit.produce(settings, kit.keyed(parts[1]))
+    kit.wait_for_outputs(settings, len(expected12), workers=[worker], timeout=OUTPUT_TIMEOUT, distinct=repeats_allowed,
                      settle=0)
 
     # back with an empty disk: it fetches every replica it holds from the others
@@ -185,8 +172,8 @@ def test_a_broker_that_lost_its_disk_catches_up_and_nothing_is_lost(
     # now another broker goes: what the lost disk held must be on the rebuilt one
     other = next(n for n in (1, 2, 3) if n != lost)
     cluster.kill(other)
-    produce(settings, keyed(parts[2]))
-    out = wait_for_outputs(settings, len(expected) + len(expected_dead), workers=[worker], timeout=OUTPUT_TIMEOUT,
+    kit.produce(settings, kit.keyed(parts[2]))
+    out = kit.wait_for_outputs(settings, len(expected) + len(expected_dead), workers=[worker], timeout=OUTPUT_TIMEOUT,
                            distinct=repeats_allowed, settle=3.0)
     repeats = check_against_replay(out, expected, expected_dead, repeats_allowed)
     worker.check_alive()
@@ -196,19 +183,19 @@ def test_a_broker_that_lost_its_disk_catches_up_and_nothing_is_lost(
 # -- a start while a broker is down ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
 def test_the_worker_starts_while_a_broker_is_down(cluster: Cluster, cluster_topics: Settings,
-                                                 start_worker: StartWorker, tmp_path: Path, guarantee: str) -> None:
+                                                 start_worker: kit.StartWorker, tmp_path: Path, guarantee: str) -> None:
     settings = replace(cluster_topics, processing_guarantee=guarantee)
-    lines = sample_lines() + generate(600, 60, prefix="down", seed=17)
-    expected, expected_dead = replay_outputs(settings, write_jsonl(tmp_path / "input.jsonl", lines))
+    lines = kit.sample_lines() + kit.generate(600, 60, prefix="down", seed=17)
+    expected, expected_dead = kit.replay_outputs(settings, kit.write_jsonl(tmp_path / "input.jsonl", lines))
 
     # the first of the bootstrap list, started at once: the cluster's metadata still lists it for seconds
     cluster.kill(1)
-    worker: Worker = start_worker(settings)
+    worker: kit.Worker = start_worker(settings)
     worker.wait_ready(timeout=180)
-    produce(settings, keyed(lines))
-    out = wait_for_outputs(settings, len(expected) + len(expected_dead), workers=[worker], timeout=OUTPUT_TIMEOUT)
+    kit.produce(settings, kit.keyed(lines))
+    out = kit.wait_for_outputs(settings, len(expected) + len(expected_dead), workers=[worker], timeout=OUTPUT_TIMEOUT)
     check_against_replay(out, expected, expected_dead, repeats_allowed=False)  # nothing was interrupted
 
     # every topic the worker created (enriched, dead letters, changelog, repartition, Faust's leader topic)

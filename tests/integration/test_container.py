@@ -23,17 +23,7 @@ import pytest
 from streams.config import Settings, env_name
 from streams.kafka import clients as kafka_clients
 from tests.conftest import ROOT
-from tests.integration.conftest import (
-    Worker,
-    assert_same_per_device,
-    assert_sources_in,
-    by_device,
-    dead_letters_without_source,
-    enriched_by_device,
-    free_port,
-    replay_outputs,
-    wait_for_outputs,
-)
+from tests.integration import kit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(2400)]
 
@@ -82,7 +72,7 @@ def container_env(settings: Settings) -> list[str]:
     return args
 
 
-class ContainerWorker(Worker):
+class ContainerWorker(kit.Worker):
     """The worker's image run in the foreground by `podman run`: the conftest's `Worker`, whose process is
     podman's client (it passes SIGTERM on to the container)."""
 
@@ -121,7 +111,7 @@ def container_worker(topics: Settings, tmp_path: Path, images: str) -> Iterator[
 
 def test_worker_image_output_equals_replay(container_worker: ContainerWorker, images: str, tmp_path: Path) -> None:
     settings = container_worker.settings
-    expected, expected_dead = replay_outputs(replace(settings, state_dir=str(tmp_path / "replay")), SAMPLE)
+    expected, expected_dead = kit.replay_outputs(replace(settings, state_dir=str(tmp_path / "replay")), SAMPLE)
     assert len(expected) == 23 and len(expected_dead) == 7
 
     container_worker.wait_ready()
@@ -133,11 +123,11 @@ def test_worker_image_output_equals_replay(container_worker: ContainerWorker, im
     must(sent, "`produce` from the image")
     assert "41 records from the built-in sample" in sent.stderr, sent.stderr
 
-    out = wait_for_outputs(settings, len(expected) + len(expected_dead), workers=[container_worker])
-    assert_same_per_device(enriched_by_device(out.enriched), by_device(expected))
+    out = kit.wait_for_outputs(settings, len(expected) + len(expected_dead), workers=[container_worker])
+    kit.assert_same_per_device(kit.enriched_by_device(out.enriched), kit.by_device(expected))
     assert len(out.enriched) == len(expected)
-    assert dead_letters_without_source(out.dead_values) == dead_letters_without_source(expected_dead)
-    assert_sources_in(out.dead_values, settings)
+    assert kit.dead_letters_without_source(out.dead_values) == kit.dead_letters_without_source(expected_dead)
+    kit.assert_sources_in(out.dead_values, settings)
 
     # SIGTERM reaches the worker through podman: it finishes, commits and exits cleanly
     assert container_worker.stop(timeout=60) == 0, container_worker.log_tail()
@@ -148,29 +138,29 @@ def test_compose_stack_enriches_the_sample(images: str, tmp_path: Path) -> None:
     """docker-compose.yml through podman-compose: Kafka from the local image on ports of its own (the test
     broker keeps its own), the worker, and the `sample` service; what the worker writes equals replay's."""
     project = f"streams-test-{uuid.uuid4().hex[:8]}"
-    port = free_port()
+    port = kit.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMS_", "KAFKA_"))}
     env.update(
         KAFKA_PORT=str(port),
-        KAFKA_CONTROLLER_PORT=str(free_port()),
-        KAFKA_SASL_PORT=str(free_port()),
+        KAFKA_CONTROLLER_PORT=str(kit.free_port()),
+        KAFKA_SASL_PORT=str(kit.free_port()),
         KAFKA_HEAP_OPTS="-Xmx512m -Xms512m",
         KAFKA_CACHE=os.environ.get("KAFKA_CACHE", str(ROOT / ".cache" / "kafka")),
-        STREAMS_WEB_PORT=str(free_port()),
+        STREAMS_WEB_PORT=str(kit.free_port()),
     )
     # the compose file's default topic names, on the stack's own broker
     settings = replace(Settings(), brokers=f"127.0.0.1:{port}")
-    expected, expected_dead = replay_outputs(replace(settings, state_dir=str(tmp_path / "replay")), SAMPLE)
+    expected, expected_dead = kit.replay_outputs(replace(settings, state_dir=str(tmp_path / "replay")), SAMPLE)
     try:
         up = container_sh("up", "-p", project, timeout=UP_TIMEOUT, env=env)
         must(up, f"`scripts/container.sh up -p {project}` (podman-compose)")
         assert "41 records from the built-in sample to events.raw" in up.stderr, up.stderr
 
-        out = wait_for_outputs(settings, len(expected) + len(expected_dead))
-        assert_same_per_device(enriched_by_device(out.enriched), by_device(expected))
+        out = kit.wait_for_outputs(settings, len(expected) + len(expected_dead))
+        kit.assert_same_per_device(kit.enriched_by_device(out.enriched), kit.by_device(expected))
         assert len(out.enriched) == len(expected)
-        assert dead_letters_without_source(out.dead_values) == dead_letters_without_source(expected_dead)
-        assert_sources_in(out.dead_values, settings)
+        assert kit.dead_letters_without_source(out.dead_values) == kit.dead_letters_without_source(expected_dead)
+        kit.assert_sources_in(out.dead_values, settings)
     finally:
         logs = podman("logs", "--tail", "200", f"{project}_worker_1")
         (tmp_path / "compose-worker.log").write_text(logs.stdout + logs.stderr)

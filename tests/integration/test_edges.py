@@ -9,7 +9,6 @@ import asyncio
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,23 +19,10 @@ import pytest
 from streams.config import Settings
 from streams.kafka import clients as kafka_clients
 from streams.kafka.partitioners import key_hash
-from tests.integration.conftest import (
-    Worker,
-    assert_same_per_device,
-    by_device,
-    enriched_by_device,
-    free_port,
-    read_outputs,
-    replay_outputs,
-    wait_for_outputs,
-    write_jsonl,
-)
-from tests.integration.test_web import get, scrape
+from tests.integration import kit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
-StartWorker = Callable[..., Worker]
-GUARANTEES = ["at_least_once", "exactly_once"]
 
 
 def produce(settings: Settings, messages: list[tuple[bytes | None, bytes]]) -> list[Any]:
@@ -55,13 +41,13 @@ def copies_by_record_id(records: list[Any]) -> dict[str, set[bytes]]:
     return copies
 
 
-def wait_for_record_ids(settings: Settings, wanted: set[str], workers: list[Worker],
+def wait_for_record_ids(settings: Settings, wanted: set[str], workers: list[kit.Worker],
                         timeout: float = 150) -> list[Any]:
     deadline = time.monotonic() + timeout
     while True:
         for worker in workers:
             worker.check_alive()
-        enriched = read_outputs(settings).enriched
+        enriched = kit.read_outputs(settings).enriched
         missing = wanted - set(copies_by_record_id(enriched))
         if not missing:
             return enriched
@@ -87,8 +73,8 @@ def mixed_rounds(devices: int) -> list[list[tuple[bool, bytes]]]:
             for n, (keyed, step) in enumerate(steps)]
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
-def test_mixed_keying_loses_nothing_across_a_kill(topics: Settings, start_worker: StartWorker, tmp_path: Path,
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
+def test_mixed_keying_loses_nothing_across_a_kill(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path,
                                                   guarantee: str) -> None:
     """Before, a forwarded record and a later keyed record of its raw partition shared one applied offset, and
     40 of 160 such records never came out. Now every record comes out, and a record written twice (at-least-once,
@@ -126,21 +112,21 @@ def test_mixed_keying_loses_nothing_across_a_kill(topics: Settings, start_worker
 # -- records and stored values that would stall a partition ----------------------------------------------
 
 
-def test_no_device_id_or_stored_value_stalls_a_partition(topics: Settings, start_worker: StartWorker,
+def test_no_device_id_or_stored_value_stalls_a_partition(topics: Settings, start_worker: kit.StartWorker,
                                                          tmp_path: Path) -> None:
     worker = start_worker(topics, name="first")
     worker.wait_ready()
     normal = [orjson.dumps({"device_id": f"n-{i:03d}", "platform": "web", "action": "login", "id": f"u{i}"})
               for i in range(100)]
     produce(topics, [(kafka_clients.device_key(v), v) for v in normal])
-    wait_for_outputs(topics, 100, workers=[worker], settle=0)
+    kit.wait_for_outputs(topics, 100, workers=[worker], settle=0)
 
     # device IDs equal to the keys Faust and older versions kept beside the states, and odd bytes
     hostile_ids = ["__faust\x00offset__", "__faust\\u0000offset__", "\x00", "\u00ff\u00fe", "\U0001f600" * 60]
     hostile = [orjson.dumps({"device_id": d, "platform": "web", "action": "login", "id": "evil"}) for d in hostile_ids]
     after = [orjson.dumps({"device_id": f"a-{i:03d}", "platform": "web", "event": "after"}) for i in range(200)]
     produce(topics, [(kafka_clients.device_key(v), v) for v in hostile + after])
-    out = wait_for_outputs(topics, 100 + len(hostile) + len(after), workers=[worker])
+    out = kit.wait_for_outputs(topics, 100 + len(hostile) + len(after), workers=[worker])
     devices = {v["device_id"] for v in out.enriched_values}
     assert set(hostile_ids) <= devices and {f"a-{i:03d}" for i in range(200)} <= devices
     assert not out.dead
@@ -158,11 +144,11 @@ def test_no_device_id_or_stored_value_stalls_a_partition(topics: Settings, start
     more = [orjson.dumps({"device_id": damaged, "platform": "web", "event": "e"})] + [
         orjson.dumps({"device_id": f"b-{i:03d}", "platform": "web", "event": "later"}) for i in range(100)]
     produce(topics, [(kafka_clients.device_key(v), v) for v in more])
-    out = wait_for_outputs(topics, 100 + len(hostile) + len(after) + len(more), workers=[worker])
+    out = kit.wait_for_outputs(topics, 100 + len(hostile) + len(after) + len(more), workers=[worker])
     (letter,) = out.dead_values
     assert (letter["reason"], letter["field"], letter["device_id"]) == ("unreadable_state", "device_id", damaged)
     assert {f"b-{i:03d}" for i in range(100)} <= {v["device_id"] for v in out.enriched_values}
-    metrics = scrape(topics.web_port)
+    metrics = kit.scrape(topics.web_port)
     assert metrics[("streams_unreadable_states_total", frozenset())] == 1
     assert metrics[("streams_batch_failures_in_a_row", frozenset())] == 0
 
@@ -179,7 +165,7 @@ async def _produce_to(settings: Settings, topic: str, partition: int, key: bytes
 # -- only STREAMS_* configure the worker -----------------------------------------------------------------
 
 
-def test_fausts_own_variables_do_not_change_the_worker(topics: Settings, start_worker: StartWorker,
+def test_fausts_own_variables_do_not_change_the_worker(topics: Settings, start_worker: kit.StartWorker,
                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each of these, read by Faust, used to move the consumer to another cluster, crash the start-up, or turn
     on Faust's own exactly-once under ours."""
@@ -192,19 +178,19 @@ def test_fausts_own_variables_do_not_change_the_worker(topics: Settings, start_w
     worker = start_worker(topics)
     worker.wait_ready()
     asyncio.run(kafka_clients.produce_file(topics, None))
-    expected, letters = replay_outputs(topics, kafka_clients.SAMPLE)
-    out = wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
-    assert_same_per_device(enriched_by_device(out.enriched), by_device(expected))
+    expected, letters = kit.replay_outputs(topics, kafka_clients.SAMPLE)
+    out = kit.wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
+    kit.assert_same_per_device(kit.enriched_by_device(out.enriched), kit.by_device(expected))
     assert "ignoring FAUST_WEB_PORT" in worker.log_tail(400)
 
 
 # -- lookups across hosts --------------------------------------------------------------------------------
 
 
-def test_lookups_are_routed_between_two_hosts(topics: Settings, start_worker: StartWorker, tmp_path: Path) -> None:
+def test_lookups_are_routed_between_two_hosts(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path) -> None:
     """Two workers on two loopback addresses, the same port, each advertising its own URL: a lookup sent to
     either one is answered by the owner of the device."""
-    port = free_port()
+    port = kit.free_port()
     first = start_worker(topics, name="first", web_bind="127.0.0.1", web_port=port,
                          advertised_url=f"http://127.0.0.1:{port}")
     second = start_worker(topics, name="second", web_bind="127.0.0.2", web_port=port,
@@ -214,11 +200,11 @@ def test_lookups_are_routed_between_two_hosts(topics: Settings, start_worker: St
     logins = [orjson.dumps({"device_id": f"h-{i:02d}", "platform": "web", "action": "login", "id": f"u{i}"})
               for i in range(40)]
     produce(topics, [(kafka_clients.device_key(v), v) for v in logins])
-    wait_for_outputs(topics, 40, workers=[first, second])
+    kit.wait_for_outputs(topics, 40, workers=[first, second])
     answered_by: dict[str, set[int]] = defaultdict(set)
     for i in range(40):
         for host in ("127.0.0.1", "127.0.0.2"):
-            status, body = get(f"http://{host}:{port}/devices/h-{i:02d}")
+            status, body = kit.get(f"http://{host}:{port}/devices/h-{i:02d}")
             assert status == 200, (host, i, body[:300])
             found = orjson.loads(body)
             assert (found["device_id"], found["login_id"]) == (f"h-{i:02d}", f"u{i}")
@@ -230,7 +216,7 @@ def test_lookups_are_routed_between_two_hosts(topics: Settings, start_worker: St
 # -- librdkafka's partitioner ----------------------------------------------------------------------------
 
 
-def test_records_placed_by_librdkafka_are_not_repartitioned_with_crc32(topics: Settings, start_worker: StartWorker,
+def test_records_placed_by_librdkafka_are_not_repartitioned_with_crc32(topics: Settings, start_worker: kit.StartWorker,
                                                                         tmp_path: Path) -> None:
     """confluent-kafka (librdkafka) with its default partitioner: with `--partitioner crc32` the worker finds
     every keyed record in its device's partition and forwards none; the output equals replay's."""
@@ -261,11 +247,11 @@ def test_records_placed_by_librdkafka_are_not_repartitioned_with_crc32(topics: S
     topics = replace(topics, partitioner="crc32")
     worker = start_worker(topics)
     worker.wait_ready()
-    expected, letters = replay_outputs(topics, write_jsonl(tmp_path / "in.jsonl", keyed))
-    out = wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
-    assert_same_per_device(enriched_by_device(out.enriched), by_device(expected))
-    metrics = scrape(topics.web_port)
+    expected, letters = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "in.jsonl", keyed))
+    out = kit.wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
+    kit.assert_same_per_device(kit.enriched_by_device(out.enriched), kit.by_device(expected))
+    metrics = kit.scrape(topics.web_port)
     assert metrics[("streams_repartitioned_total", frozenset())] == 0
     # and the lookup finds the devices where librdkafka put them
-    status, body = get(f"http://127.0.0.1:{topics.web_port}/devices/rd-007")
+    status, body = kit.get(f"http://127.0.0.1:{topics.web_port}/devices/rd-007")
     assert status == 200 and orjson.loads(body)["partition"] == crc32(b"rd-007") % topics.partitions

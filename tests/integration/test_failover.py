@@ -29,27 +29,13 @@ from streams.config import Settings
 from streams.identity import DeviceState
 from streams.kafka.murmur2 import murmur2
 from streams.worker.names import TABLE
-from tests.integration.conftest import (
-    PARTITIONS,
-    Worker,
-    assert_same_per_device,
-    by_device,
-    dead_letters_without_source,
-    enriched_by_device,
-    free_port,
-    replay_outputs,
-    wait_for_outputs,
-    without_repeats,
-    write_jsonl,
-)
-from tests.integration.test_worker import generate, kafka_read_enriched, keyed, produce, produce_slowly
+from tests.integration import kit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(420)]
 
-StartWorker = Callable[..., Worker]
 
 
-def metrics(worker: Worker) -> str:
+def metrics(worker: kit.Worker) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{worker.settings.web_port}/metrics", timeout=10) as r:
         return str(r.read().decode())
 
@@ -61,21 +47,21 @@ def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     return out
 
 
-def raw_partitions(worker: Worker) -> set[int]:
+def raw_partitions(worker: kit.Worker) -> set[int]:
     raw = worker.settings.raw_topic
     return {int(s["partition"]) for s, _ in samples(metrics(worker), "consumer_lag") if s["topic"] == raw}
 
 
-def restored(worker: Worker, role: str) -> int:
+def restored(worker: kit.Worker, role: str) -> int:
     return sum(int(v) for s, v in samples(metrics(worker), "restored_records_total") if s["role"] == role)
 
 
-def standby_offsets(worker: Worker) -> dict[int, int]:
+def standby_offsets(worker: kit.Worker) -> dict[int, int]:
     return {int(s["partition"]): int(v) for s, v in samples(metrics(worker), "restored_offset")
             if s["role"] == "standby"}
 
 
-def started_after(worker: Worker) -> dict[int, int]:
+def started_after(worker: kit.Worker) -> dict[int, int]:
     return {int(s["partition"]): int(v) for s, v in samples(metrics(worker), "restore_started_after")}
 
 
@@ -87,7 +73,7 @@ async def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.brokers, group_id=None)
     await consumer.start()
     try:
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(kit.PARTITIONS)])
         return {tp.partition: o for tp, o in ends.items()}
     finally:
         await consumer.stop()
@@ -102,11 +88,11 @@ async def _last_records(settings: Settings, topic: str) -> dict[int, int]:
                                 enable_auto_commit=False)
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        tps = [TopicPartition(topic, p) for p in range(kit.PARTITIONS)]
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         await consumer.seek_to_beginning(*tps)
-        last = {p: -1 for p in range(PARTITIONS)}
+        last = {p: -1 for p in range(kit.PARTITIONS)}
 
         async def behind() -> bool:
             return any([await consumer.position(tp) < ends[tp] for tp in tps])
@@ -126,7 +112,7 @@ def last_records(settings: Settings, topic: str) -> dict[int, int]:
     return asyncio.run(_last_records(settings, topic))
 
 
-def wait_until(what: str, ok: Callable[[], bool], workers: list[Worker], timeout: float = 120.0) -> None:
+def wait_until(what: str, ok: Callable[[], bool], workers: list[kit.Worker], timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not ok():
         for w in workers:
@@ -136,25 +122,24 @@ def wait_until(what: str, ok: Callable[[], bool], workers: list[Worker], timeout
         time.sleep(0.2)
 
 
-GUARANTEES = ["at_least_once", "exactly_once"]
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
-def test_the_survivor_takes_over_from_its_standby_copies(topics: Settings, start_worker: StartWorker,
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
+def test_the_survivor_takes_over_from_its_standby_copies(topics: Settings, start_worker: kit.StartWorker,
                                                          tmp_path: Path, guarantee: str) -> None:
     topics = replace(topics, processing_guarantee=guarantee, standby_replicas=1)
-    generated = generate(3000, 240, prefix="fo", seed=13)
+    generated = kit.generate(3000, 240, prefix="fo", seed=13)
     first, rest = generated[:2000], generated[2000:]
-    expected1, dead1 = replay_outputs(topics, write_jsonl(tmp_path / "first.jsonl", first))
-    expected, expected_dead = replay_outputs(topics, write_jsonl(tmp_path / "all.jsonl", generated))
+    expected1, dead1 = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "first.jsonl", first))
+    expected, expected_dead = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "all.jsonl", generated))
     repeats_allowed = guarantee == "at_least_once"
 
     a = start_worker(topics, "a", state_dir=str(tmp_path / "state-a"))
-    b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=free_port())
+    b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=kit.free_port())
     a.wait_ready(members=2, timeout=120)
     b.wait_ready(members=2, timeout=120)
-    produce(topics, keyed(first))
-    wait_for_outputs(topics, len(expected1) + len(dead1), workers=[a, b], settle=0)
+    kit.produce(topics, kit.keyed(first))
+    kit.wait_for_outputs(topics, len(expected1) + len(dead1), workers=[a, b], settle=0)
     moved = raw_partitions(a)
     assert len(moved) == 2 and not moved & raw_partitions(b), (moved, raw_partitions(b))
 
@@ -171,18 +156,18 @@ def test_the_survivor_takes_over_from_its_standby_copies(topics: Settings, start
                lambda: all(standby_offsets(b).get(p, -1) >= last_record[p] for p in moved), [a, b])
 
     # a dies in the middle of the second part
-    sender = produce_slowly(topics, rest, chunks=8, pause=0.3)
+    sender = kit.produce_slowly(topics, rest, chunks=8, pause=0.3)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(kafka_read_enriched(topics)) < len(expected1) + len(rest) // 4:
+    while time.monotonic() < deadline and len(kit.kafka_read_enriched(topics)) < len(expected1) + len(rest) // 4:
         time.sleep(0.1)
     copied = standby_offsets(b)
     rebuilt_before = restored(b, "active")
     a.kill()
     sender.join(60)
 
-    out = wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[b], distinct=repeats_allowed,
+    out = kit.wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[b], distinct=repeats_allowed,
                            timeout=180)
-    wait_until("b owns every partition", lambda: raw_partitions(b) == set(range(PARTITIONS)), [b])
+    wait_until("b owns every partition", lambda: raw_partitions(b) == set(range(kit.PARTITIONS)), [b])
 
     # no rebuild from scratch: each moved partition's rebuild started where b's copy of it had got to, and b
     # read no more changelog records than were written after that
@@ -193,14 +178,14 @@ def test_the_survivor_takes_over_from_its_standby_copies(topics: Settings, start
     rebuilt = restored(b, "active") - rebuilt_before
     assert rebuilt <= tail, f"{rebuilt} changelog records read after the takeover; {tail} were new"
 
-    got = enriched_by_device(out.enriched)
+    got = kit.enriched_by_device(out.enriched)
     if repeats_allowed:
         for device_id, records in got.items():
-            got[device_id], _ = without_repeats(records)
+            got[device_id], _ = kit.without_repeats(records)
     else:
         assert len(out.enriched) == len(expected), f"{len(out.enriched)} records out, {len(expected)} expected"
-    assert_same_per_device(got, by_device(expected))
-    assert dead_letters_without_source(out.dead_values) == dead_letters_without_source(expected_dead)
+    kit.assert_same_per_device(got, kit.by_device(expected))
+    assert kit.dead_letters_without_source(out.dead_values) == kit.dead_letters_without_source(expected_dead)
     assert b.stop() == 0, f"SIGTERM: exit code {b.proc.returncode}\n{b.log_tail()}"
 
 
@@ -208,7 +193,7 @@ def test_the_survivor_takes_over_from_its_standby_copies(topics: Settings, start
 
 
 def partition_of(key: bytes) -> int:
-    return (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
+    return (murmur2(key) & 0x7FFFFFFF) % kit.PARTITIONS
 
 
 async def _write_changelog(settings: Settings, committed: dict[bytes, bytes], aborted: dict[bytes, bytes]) -> None:
@@ -218,7 +203,7 @@ async def _write_changelog(settings: Settings, committed: dict[bytes, bytes], ab
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.brokers)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(changelog(settings), PARTITIONS, 1,
+        await admin.create_topics([NewTopic(changelog(settings), kit.PARTITIONS, 1,
                                             topic_configs={"cleanup.policy": "compact"})])
     finally:
         await admin.close()
@@ -238,7 +223,7 @@ async def _write_changelog(settings: Settings, committed: dict[bytes, bytes], ab
         await producer.stop()
 
 
-def test_a_rebuild_reads_committed_states_only(topics: Settings, start_worker: StartWorker,
+def test_a_rebuild_reads_committed_states_only(topics: Settings, start_worker: kit.StartWorker,
                                                tmp_path: Path) -> None:
     """A worker with an empty state directory rebuilds its table from a changelog written in transactions,
     which ends in the marker of an aborted one: it holds the committed states, none of the aborted ones,
@@ -252,15 +237,15 @@ def test_a_rebuild_reads_committed_states_only(topics: Settings, start_worker: S
                for d in devices[:50]}
     asyncio.run(_write_changelog(topics, committed, aborted))
     ends = end_offsets(topics, changelog(topics))
-    assert all(ends[p] > 0 for p in range(PARTITIONS)), ends
+    assert all(ends[p] > 0 for p in range(kit.PARTITIONS)), ends
 
     worker = start_worker(topics, "rebuild", state_dir=str(tmp_path / "state"))
     worker.wait_ready(timeout=120)
     # a track of each device: its output carries the state the rebuild gave it
     tracks = [orjson.dumps({"device_id": d, "platform": "mp-wechat", "action": "track", "event": "after",
                             "time": 1_712_400_000_000 + i}) for i, d in enumerate(devices)]
-    produce(topics, keyed(tracks))
-    out = wait_for_outputs(topics, len(devices), workers=[worker])
+    kit.produce(topics, kit.keyed(tracks))
+    out = kit.wait_for_outputs(topics, len(devices), workers=[worker])
     assert restored(worker, "active") == len(committed)
     assert not restored(worker, "standby")
     assert all(v == -1 for v in started_after(worker).values()), started_after(worker)

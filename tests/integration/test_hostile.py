@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from collections.abc import Callable
 
 import orjson
 import pytest
 
 from streams.config import Settings
 from streams.kafka import clients as kafka_clients
-from tests.integration.conftest import Worker, wait_for_outputs
+from tests.integration import kit
 
 pytestmark = pytest.mark.kafka
 
@@ -76,13 +75,13 @@ def kept_input(letter: dict[str, object]) -> tuple[bytes, bool]:
 
 
 def test_every_class_of_bad_input_is_kept_and_the_worker_goes_on(topics: Settings,
-                                                                 start_worker: Callable[..., Worker]) -> None:
+                                                                 start_worker: kit.StartWorker) -> None:
     assert len(HOSTILE) >= 20
     worker = start_worker(topics, max_record_bytes=MAX_RECORD_BYTES)
     worker.wait_ready()
     good = b'{"device_id": "h1", "platform": "mp-wechat", "event": "after"}'
     sent = asyncio.run(kafka_clients.produce(topics, [(b"h1", raw) for _, raw, _, _ in HOSTILE] + [(b"h1", good)]))
-    outputs = wait_for_outputs(topics, len(HOSTILE) + 1, workers=[worker])
+    outputs = kit.wait_for_outputs(topics, len(HOSTILE) + 1, workers=[worker])
     worker.check_alive()
 
     letters = {(d["source"]["partition"], d["source"]["offset"]): d for d in outputs.dead_values}

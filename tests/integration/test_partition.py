@@ -12,7 +12,7 @@ Needs root (namespaces, nftables), as CI has.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,24 +20,11 @@ import pytest
 
 from scripts import testhosts
 from streams.config import Settings
-from tests.integration.conftest import (
-    Worker,
-    assert_same_per_device,
-    by_device,
-    enriched_by_device,
-    free_port,
-    fresh_topics,
-    replay_outputs,
-    wait_for_group,
-    wait_for_outputs,
-    without_repeats,
-    write_jsonl,
-)
-from tests.integration.test_worker import generate, produce_slowly
+from tests.integration import kit
+from tests.integration.conftest import fresh_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
-StartWorker = Callable[..., Worker]
 SESSION_TIMEOUT = 6  # seconds: a cut longer than this moves the cut worker's partitions
 CUT = 14.0
 CUTS = 3
@@ -66,34 +53,34 @@ def host_topics(kafka: str, tmp_path: Path) -> Iterator[Settings]:
         yield settings
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
 def test_a_cut_off_worker_corrupts_nothing(host_topics: Settings, hosts: list[testhosts.TestHost],
-                                           start_worker: StartWorker, tmp_path: Path, guarantee: str) -> None:
+                                           start_worker: kit.StartWorker, tmp_path: Path, guarantee: str) -> None:
     settings = replace(host_topics, processing_guarantee=guarantee, session_timeout=SESSION_TIMEOUT)
-    lines = generate(6000, 12, prefix="cut", seed=19)
-    expected, _ = replay_outputs(settings, write_jsonl(tmp_path / "input.jsonl", lines))
+    lines = kit.generate(6000, 12, prefix="cut", seed=19)
+    expected, _ = kit.replay_outputs(settings, kit.write_jsonl(tmp_path / "input.jsonl", lines))
     workers = []
     for i, host in enumerate(hosts):
         workers.append(start_worker(settings, f"w{i}", prefix=host.command([]), web_bind=host.address,
-                                    web_port=free_port(), state_dir=str(tmp_path / f"state-{i}")))
+                                    web_port=kit.free_port(), state_dir=str(tmp_path / f"state-{i}")))
     for w in workers:
         w.wait_ready(members=2, timeout=120)
     cut_host = hosts[0]
     # a steady stream over about 120 s, from this machine (never cut)
-    feeding = produce_slowly(settings, lines, chunks=len(lines) // 20, pause=120 / (len(lines) // 20))
+    feeding = kit.produce_slowly(settings, lines, chunks=len(lines) // 20, pause=120 / (len(lines) // 20))
     for _ in range(CUTS):
         time.sleep(4)
         cut_host.cut()
         time.sleep(CUT)
         cut_host.heal()
         # back in the group (Kafka's client can take a request timeout to find its coordinator again)
-        wait_for_group(settings, lambda state, held: state == "Stable" and len(held) == 2 and all(held), 120,
+        kit.wait_for_group(settings, lambda state, held: state == "Stable" and len(held) == 2 and all(held), 120,
                        "the healed worker did not rejoin", workers[0].log_tail)
     feeding.join()
-    outputs = wait_for_outputs(settings, len(expected), timeout=240, distinct=True, settle=5)
+    outputs = kit.wait_for_outputs(settings, len(expected), timeout=240, distinct=True, settle=5)
     for w in workers:
         # neither exits by itself
         w.check_alive()
-    got = enriched_by_device(outputs.enriched)
-    firsts = {d: without_repeats(records)[0] for d, records in got.items()}
-    assert_same_per_device(firsts, by_device(expected))
+    got = kit.enriched_by_device(outputs.enriched)
+    firsts = {d: kit.without_repeats(records)[0] for d, records in got.items()}
+    kit.assert_same_per_device(firsts, kit.by_device(expected))

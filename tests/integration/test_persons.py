@@ -5,10 +5,7 @@ SIGKILL and restart, and with two workers."""
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,26 +14,10 @@ import orjson
 import pytest
 
 from streams.config import Settings
-from tests.conftest import ROOT, validate
-from tests.integration.conftest import (
-    Worker,
-    _read,
-    by_device,
-    enriched_by_device,
-    free_port,
-    replay_outputs,
-    wait_for_outputs,
-    without_repeats,
-    worker_env,
-    write_jsonl,
-)
-from tests.integration.test_worker import keyed, produce, produce_slowly
+from tests.integration import kit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(420)]
 
-StartWorker = Callable[..., Worker]
-GUARANTEES = ["at_least_once", "exactly_once"]
-PERSONS_TIMEOUT = 120.0
 
 
 def persons_input(n_devices: int = 120, n_records: int = 2400, *, seed: int = 11, prefix: str = "p") -> list[bytes]:
@@ -82,77 +63,35 @@ def persons_input(n_devices: int = 120, n_records: int = 2400, *, seed: int = 11
     return out
 
 
-def replay_persons(settings: Settings, path: Path) -> dict[str, bytes]:
-    """`python -m streams replay --persons` on `path`: user ID -> its mapping record's bytes."""
-    out = path.with_suffix(".persons.jsonl")
-    run = subprocess.run(
-        [sys.executable, "-m", "streams", "replay", "--input", str(path), "--output", "/dev/null",
-         "--dead-letter", "/dev/null", "--persons", str(out), "--quiet"],
-        cwd=ROOT, env=worker_env(settings), capture_output=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr.decode(errors="replace")
-    lines = [line for line in out.read_bytes().splitlines() if line]
-    assert lines == sorted(lines, key=lambda line: orjson.loads(line)["user_id"])
-    return {orjson.loads(line)["user_id"]: line for line in lines}
 
 
-def topic_persons(settings: Settings) -> dict[str, bytes]:
-    """The persons topic as a table: the last value per key, a tombstone removing the key."""
-    final: dict[str, bytes] = {}
-    for r in _read(settings, settings.persons_topic):
-        key = r.key.decode()
-        if r.value is None:
-            final.pop(key, None)
-            continue
-        value = orjson.loads(r.value)
-        validate("person", value)
-        assert value["user_id"] == key, f"a mapping under another key: {key} {value}"
-        final[key] = r.value
-    return final
 
 
-def wait_for_persons(settings: Settings, expected: dict[str, bytes], workers: list[Worker]) -> dict[str, bytes]:
-    deadline = time.monotonic() + PERSONS_TIMEOUT
-    while True:
-        for w in workers:
-            w.check_alive()
-        got = topic_persons(settings)
-        if got == expected:
-            return got
-        if time.monotonic() > deadline:
-            missing = sorted(expected.keys() - got.keys())
-            extra = sorted(got.keys() - expected.keys())
-            differ = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-            detail = "\n".join(f"  {k}: got {got[k]!r}\n  {' ' * len(k)}  want {expected[k]!r}" for k in differ[:3])
-            pytest.fail(f"after {PERSONS_TIMEOUT:.0f}s the persons topic differs from replay's file: {len(missing)} "
-                        f"missing {missing[:3]}, {len(extra)} extra {extra[:3]}, {len(differ)} differ\n{detail}",
-                        pytrace=False)
-        time.sleep(1.0)
 
 
-def check_enriched(settings: Settings, expected: list[dict[str, Any]], workers: list[Worker],
+def check_enriched(settings: Settings, expected: list[dict[str, Any]], workers: list[kit.Worker],
                    repeats: bool, dead: int = 0) -> None:
-    out = wait_for_outputs(settings, len(expected) + dead, workers=workers, distinct=repeats)
-    got = {d: without_repeats(rs)[0] if repeats else rs for d, rs in enriched_by_device(out.enriched).items()}
-    assert got == by_device(expected)
+    out = kit.wait_for_outputs(settings, len(expected) + dead, workers=workers, distinct=repeats)
+    got = {d: kit.without_repeats(rs)[0] if repeats else rs for d, rs in kit.enriched_by_device(out.enriched).items()}
+    assert got == kit.by_device(expected)
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
-def test_worker_persons_equal_replay(topics: Settings, start_worker: StartWorker, tmp_path: Path,
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
+def test_worker_persons_equal_replay(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path,
                                      guarantee: str) -> None:
     lines = persons_input()
-    path = write_jsonl(tmp_path / "input.jsonl", lines)
-    expected = replay_persons(topics, path)
-    enriched, dead = replay_outputs(topics, path)
+    path = kit.write_jsonl(tmp_path / "input.jsonl", lines)
+    expected = kit.replay_persons(topics, path)
+    enriched, dead = kit.replay_outputs(topics, path)
     # the input exercises what it should: both kinds of mapping, and mappings that end
     vias = [orjson.loads(v)["via"] for v in expected.values()]
     assert vias.count("login") > 20 and vias.count("identity") >= 3, vias
     worker = start_worker(topics, processing_guarantee=guarantee)
     worker.wait_ready()
-    produce(topics, keyed(lines))
+    kit.produce(topics, kit.keyed(lines))
     check_enriched(topics, enriched, [worker], repeats=False, dead=len(dead))
-    wait_for_persons(topics, expected, [worker])
-    assert all(r.value is None or r.key for r in _read(topics, topics.persons_topic))
+    kit.wait_for_persons(topics, expected, [worker])
+    assert all(r.value is None or r.key for r in kit.read_topic(topics, topics.persons_topic))
     metrics = _metrics(topics)
     assert metrics["streams_person_device_users{via=\"login\"}"] == vias.count("login"), metrics
     assert metrics["streams_person_device_users{via=\"identity\"}"] == vias.count("identity"), metrics
@@ -172,55 +111,55 @@ def _metrics(settings: Settings) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
-def test_persons_survive_a_sigkill(topics: Settings, start_worker: StartWorker, tmp_path: Path,
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
+def test_persons_survive_a_sigkill(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path,
                                    guarantee: str) -> None:
     lines = persons_input(seed=12, prefix="k")
-    path = write_jsonl(tmp_path / "input.jsonl", lines)
-    expected = replay_persons(topics, path)
-    enriched, dead = replay_outputs(topics, path)
+    path = kit.write_jsonl(tmp_path / "input.jsonl", lines)
+    expected = kit.replay_persons(topics, path)
+    enriched, dead = kit.replay_outputs(topics, path)
     state = str(tmp_path / "state")
     w1 = start_worker(topics, "run1", state_dir=state, processing_guarantee=guarantee)
     w1.wait_ready()
-    sender = produce_slowly(topics, lines, chunks=8, pause=0.5)
+    sender = kit.produce_slowly(topics, lines, chunks=8, pause=0.5)
     time.sleep(2.0)
     w1.kill()
     sender.join()
     w2 = start_worker(topics, "run2", state_dir=state, processing_guarantee=guarantee)
     w2.wait_ready()
     check_enriched(topics, enriched, [w2], repeats=guarantee == "at_least_once", dead=len(dead))
-    wait_for_persons(topics, expected, [w2])
+    kit.wait_for_persons(topics, expected, [w2])
     assert w2.stop() == 0
 
 
-def test_two_workers_agree_with_replay(topics: Settings, start_worker: StartWorker, tmp_path: Path) -> None:
+def test_two_workers_agree_with_replay(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path) -> None:
     lines = persons_input(seed=13, prefix="two")
-    path = write_jsonl(tmp_path / "input.jsonl", lines)
-    expected = replay_persons(topics, path)
-    enriched, dead = replay_outputs(topics, path)
+    path = kit.write_jsonl(tmp_path / "input.jsonl", lines)
+    expected = kit.replay_persons(topics, path)
+    enriched, dead = kit.replay_outputs(topics, path)
     a = start_worker(topics, "a", state_dir=str(tmp_path / "state-a"))
-    b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=free_port())
+    b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=kit.free_port())
     a.wait_ready(members=2, timeout=120)
     b.wait_ready(members=2, timeout=120)
-    produce(topics, keyed(lines[: len(lines) // 2]))
+    kit.produce(topics, kit.keyed(lines[: len(lines) // 2]))
     time.sleep(3.0)
     # one leaves mid-stream: the other takes its partitions, both tables with them
     assert a.stop() == 0
-    produce(topics, keyed(lines[len(lines) // 2:]))
+    kit.produce(topics, kit.keyed(lines[len(lines) // 2:]))
     check_enriched(topics, enriched, [b], repeats=False, dead=len(dead))
-    wait_for_persons(topics, expected, [b])
+    kit.wait_for_persons(topics, expected, [b])
     assert b.stop() == 0
 
 
-def test_persons_off_still_stamps_user_id(topics: Settings, start_worker: StartWorker, tmp_path: Path) -> None:
+def test_persons_off_still_stamps_user_id(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path) -> None:
     lines = persons_input(n_devices=30, n_records=300, seed=14, prefix="off")
-    path = write_jsonl(tmp_path / "input.jsonl", lines)
+    path = kit.write_jsonl(tmp_path / "input.jsonl", lines)
     off = replace(topics, persons="off")
-    enriched, dead = replay_outputs(off, path)
+    enriched, dead = kit.replay_outputs(off, path)
     worker = start_worker(off)
     worker.wait_ready()
-    produce(off, keyed(lines))
+    kit.produce(off, kit.keyed(lines))
     check_enriched(off, enriched, [worker], repeats=False, dead=len(dead))
     assert all("user_id" in r for r in enriched)
-    assert _read(off, off.persons_topic) == []
+    assert kit.read_topic(off, off.persons_topic) == []
     assert worker.stop() == 0

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,10 @@ import pytest
 from streams.config import Settings
 from streams.kafka.partitioners import key_hash
 from tests.conftest import ROOT
-from tests.integration.conftest import Worker, free_port, group_assignment, worker_env, write_jsonl
-from tests.integration.test_persons import replay_persons, wait_for_persons
-from tests.integration.test_web import get, scrape
-from tests.integration.test_worker import keyed, produce
+from tests.integration import kit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
-StartWorker = Callable[..., Worker]
 LOGIN_DEVICES = 24
 PHONE, EMAIL = "13800000001", "dave@x.io"
 
@@ -59,14 +54,14 @@ def device_users(settings: Settings, path: Path) -> dict[str, str]:
     run = subprocess.run(
         [sys.executable, "-m", "streams", "replay", "--input", str(path), "--output", str(out),
          "--dead-letter", "/dev/null", "--quiet"],
-        cwd=ROOT, env=worker_env(settings), capture_output=True, timeout=120,
+        cwd=ROOT, env=kit.worker_env(settings), capture_output=True, timeout=120,
     )
     assert run.returncode == 0, run.stderr.decode(errors="replace")
     return {r["device_id"]: r["user_id"] for r in map(orjson.loads, out.read_bytes().splitlines())}
 
 
 def ask(host: str, port: int, user_id: str) -> tuple[int, dict[str, Any]]:
-    status, body = get(f"http://{host}:{port}/persons/{user_id}")
+    status, body = kit.get(f"http://{host}:{port}/persons/{user_id}")
     return status, orjson.loads(body)
 
 
@@ -85,7 +80,7 @@ def person_metrics(hosts: list[tuple[str, int]]) -> Counter[str]:
     """The persons samples of /metrics, summed over the workers (name{labels} -> value)."""
     total: Counter[str] = Counter()
     for host, port in hosts:
-        for (name, labels), value in scrape(port, host).items():
+        for (name, labels), value in kit.scrape(port, host).items():
             if name.startswith("streams_person"):
                 label = ",".join(f'{k}="{v}"' for k, v in sorted(labels))
                 total[f"{name}{{{label}}}" if label else name] += int(value)
@@ -102,10 +97,10 @@ def wait_for_metrics(hosts: list[tuple[str, int]], want: dict[str, int], timeout
         time.sleep(0.5)
 
 
-def test_person_lookup_from_either_host(topics: Settings, start_worker: StartWorker, tmp_path: Path) -> None:
+def test_person_lookup_from_either_host(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path) -> None:
     lines = persons_web_input()
-    path = write_jsonl(tmp_path / "input.jsonl", lines)
-    expected = replay_persons(topics, path)
+    path = kit.write_jsonl(tmp_path / "input.jsonl", lines)
+    expected = kit.replay_persons(topics, path)
     users = device_users(topics, path)
     mappings = {u: orjson.loads(v) for u, v in expected.items()}
     anon, both = users["pw-anon"], users["pw-both"]
@@ -119,7 +114,7 @@ def test_person_lookup_from_either_host(topics: Settings, start_worker: StartWor
     hash_of = key_hash(topics.partitioner)
     assert {hash_of(u.encode()) % topics.partitions for u in mappings} == set(range(topics.partitions))
 
-    port = free_port()
+    port = kit.free_port()
     hosts = [("127.0.0.1", port), ("127.0.0.2", port)]
     first = start_worker(topics, name="first", web_bind="127.0.0.1", web_port=port,
                          advertised_url=f"http://127.0.0.1:{port}")
@@ -127,9 +122,9 @@ def test_person_lookup_from_either_host(topics: Settings, start_worker: StartWor
                           advertised_url=f"http://127.0.0.2:{port}", state_dir=str(tmp_path / "state2"))
     first.wait_ready(members=2)
     second.wait_ready(members=2)
-    produce(topics, keyed(lines))
-    wait_for_persons(topics, expected, [first, second])
-    _, owned = group_assignment(topics)
+    kit.produce(topics, kit.keyed(lines))
+    kit.wait_for_persons(topics, expected, [first, second])
+    _, owned = kit.group_assignment(topics)
     assert len(owned) == 2 and all(owned), owned  # so that every host answers some users by routing them
 
     for user, mapping in mappings.items():
@@ -168,15 +163,15 @@ def test_person_lookup_from_either_host(topics: Settings, start_worker: StartWor
     # the command line asks a worker, which routes it
     for user, want in ((anon, mappings[anon]), (both, conflict)):
         run = subprocess.run([sys.executable, "-m", "streams", "person", user, "--url", f"http://127.0.0.2:{port}"],
-                             cwd=ROOT, env=worker_env(topics), capture_output=True, text=True, timeout=60)
+                             cwd=ROOT, env=kit.worker_env(topics), capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
         assert orjson.loads(run.stdout) == want
     run = subprocess.run([sys.executable, "-m", "streams", "person", bob, "--web-bind", "127.0.0.1",
-                          "--web-port", str(port)], cwd=ROOT, env=worker_env(topics), capture_output=True,
+                          "--web-port", str(port)], cwd=ROOT, env=kit.worker_env(topics), capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 1 and "a login user is a person of its own" in run.stderr, run.stderr
     run = subprocess.run([sys.executable, "-m", "streams", "person", "nobody", "--url", f"http://127.0.0.1:{port}"],
-                         cwd=ROOT, env=worker_env(topics), capture_output=True, text=True, timeout=60)
+                         cwd=ROOT, env=kit.worker_env(topics), capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "HTTP 400" in run.stderr and "not a user ID" in run.stderr, run.stderr
 
     # one leaves: the other takes its partitions, with no batch since (no input): their counts come from the
@@ -188,14 +183,14 @@ def test_person_lookup_from_either_host(topics: Settings, start_worker: StartWor
         wait_for_answer("127.0.0.1", port, user, mapping)
 
 
-def test_person_lookup_when_the_stage_is_off(topics: Settings, start_worker: StartWorker) -> None:
+def test_person_lookup_when_the_stage_is_off(topics: Settings, start_worker: kit.StartWorker) -> None:
     off = replace(topics, persons="off")
     worker = start_worker(off)
     worker.wait_ready()
     status, body = ask("127.0.0.1", off.web_port, "00000000-0000-5000-8000-000000000000")
     assert status == 404 and "STREAMS_PERSONS=off" in body["error"], body
-    assert not [name for name, _ in scrape(off.web_port) if name.startswith("streams_person")]
+    assert not [name for name, _ in kit.scrape(off.web_port) if name.startswith("streams_person")]
     run = subprocess.run([sys.executable, "-m", "streams", "person", "00000000-0000-5000-8000-000000000000"],
-                         cwd=ROOT, env=worker_env(off), capture_output=True, text=True, timeout=60)
+                         cwd=ROOT, env=kit.worker_env(off), capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "STREAMS_PERSONS=off" in run.stderr, run.stderr
     assert worker.stop() == 0

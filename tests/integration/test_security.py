@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from streams.config import Settings
 from streams.kafka import clients as kafka_clients
 from tests.conftest import ROOT
-from tests.integration.conftest import Worker, replay_outputs, wait_for_outputs
+from tests.integration import kit
 
 pytestmark = pytest.mark.kafka
 
@@ -30,14 +29,14 @@ def sasl(settings: Settings, mechanism: str, password: str = PASSWORD) -> Settin
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
-def test_the_worker_and_tools_over_sasl(topics: Settings, start_worker: Callable[..., Worker],
+def test_the_worker_and_tools_over_sasl(topics: Settings, start_worker: kit.StartWorker,
                                         mechanism: str) -> None:
     secured = sasl(topics, mechanism)
     worker = start_worker(secured)
     worker.wait_ready()
     asyncio.run(kafka_clients.produce_file(secured, str(SAMPLE)))
-    expected, letters = replay_outputs(secured, SAMPLE)
-    outputs = wait_for_outputs(secured, len(expected) + len(letters), workers=[worker])
+    expected, letters = kit.replay_outputs(secured, SAMPLE)
+    outputs = kit.wait_for_outputs(secured, len(expected) + len(letters), workers=[worker])
     assert len(outputs.enriched) == len(expected)
     assert len(outputs.dead) == len(letters)
 
@@ -46,21 +45,20 @@ def test_a_wrong_password_is_refused_with_a_clear_message(topics: Settings, tmp_
     import subprocess
     import sys
 
-    from tests.integration.conftest import worker_env
 
     run = subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, capture_output=True, text=True,
-                         env=worker_env(sasl(topics, "SCRAM-SHA-256", password="wrong")), timeout=120)
+                         env=kit.worker_env(sasl(topics, "SCRAM-SHA-256", password="wrong")), timeout=120)
     assert run.returncode != 0
     assert "cannot reach Kafka" in run.stderr, run.stderr[-2000:]
     assert "wrong" not in run.stderr  # the password is not echoed
 
 
-def test_no_identity_value_in_the_log(topics: Settings, start_worker: Callable[..., Worker]) -> None:
+def test_no_identity_value_in_the_log(topics: Settings, start_worker: kit.StartWorker) -> None:
     worker = start_worker(topics, log_level="info")
     worker.wait_ready()
     asyncio.run(kafka_clients.produce_file(topics, str(SAMPLE)))
-    expected, letters = replay_outputs(topics, SAMPLE)
-    wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
+    expected, letters = kit.replay_outputs(topics, SAMPLE)
+    kit.wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
     worker.stop()
     log = worker.log_path.read_text(errors="replace")
     assert "Worker ready" in log  # the log is at INFO indeed

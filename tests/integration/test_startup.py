@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from streams.config import Settings
 from streams.kafka import admin as kafka_admin
 from tests.conftest import ROOT
-from tests.integration.conftest import Worker, _admin_call, worker_env
+from tests.integration import kit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
@@ -23,7 +22,7 @@ EX_CONFIG = 78
 
 def run_worker(settings: Settings) -> subprocess.CompletedProcess[str]:
     """`python -m streams worker` that is expected to stop by itself."""
-    return subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=worker_env(settings),
+    return subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=kit.worker_env(settings),
                           capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL)
 
 
@@ -31,7 +30,7 @@ def replication(settings: Settings, topic: str) -> set[int]:
     async def call(admin: kafka_admin.Admin) -> object:
         return await admin.describe_topics([topic])
 
-    metadata = asyncio.run(_admin_call(settings.brokers, call))
+    metadata = asyncio.run(kit.admin_call(settings.brokers, call))
     return {len(p["replicas"]) for t in metadata for p in t["partitions"]}  # type: ignore[attr-defined]
 
 
@@ -48,7 +47,7 @@ def test_a_missing_raw_topic_stops_the_worker_with_a_clear_error(topics: Setting
 
 
 def test_the_worker_creates_the_raw_topic_when_allowed(topics: Settings,
-                                                       start_worker: Callable[..., Worker]) -> None:
+                                                       start_worker: kit.StartWorker) -> None:
     fresh = replace(topics, raw_topic=topics.raw_topic + "-new", missing_raw_topic="create")
     worker = start_worker(fresh)
     worker.wait_ready()
@@ -75,7 +74,7 @@ def test_a_topic_the_brokers_refuse_is_reported(topics: Settings) -> None:
 
 def test_the_replication_factor_is_the_setting_or_the_brokers_default(topics: Settings) -> None:
     async def resolve(settings: Settings) -> int:
-        return int(await _admin_call(settings.brokers, lambda a: kafka_admin.replication_factor(a, settings)))
+        return int(await kit.admin_call(settings.brokers, lambda a: kafka_admin.replication_factor(a, settings)))
 
     assert asyncio.run(resolve(topics)) == 1  # -1: the broker's default.replication.factor
     assert asyncio.run(resolve(replace(topics, replication_factor=2))) == 2

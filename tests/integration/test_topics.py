@@ -16,7 +16,7 @@ from streams.kafka import admin as kafka_admin
 from streams.kafka import clients as kafka_clients
 from streams.kafka import commands as kafka_commands
 from tests.conftest import validate
-from tests.integration.conftest import replay_outputs, write_jsonl
+from tests.integration import kit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
@@ -57,7 +57,7 @@ def test_produce_file_keys_and_bytes(topics: Settings, tmp_path: Path) -> None:
         b"\xff not json",
         b'{"device_id": "d1",   "event": "c"}\r',
     ]
-    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    path = kit.write_jsonl(tmp_path / "in.jsonl", lines)
     assert asyncio.run(kafka_clients.produce_file(topics, str(path))) == 6
     records = asyncio.run(kafka_clients.read_all(topics, topics.raw_topic))
     assert sorted(r.value for r in records) == sorted(v for v in lines if v.strip())  # bytes unchanged
@@ -77,7 +77,7 @@ def test_produce_file_keys_and_bytes(topics: Settings, tmp_path: Path) -> None:
 def test_produce_the_sample_and_tail(topics: Settings, tmp_path: Path) -> None:
     assert asyncio.run(kafka_clients.produce_file(topics, None)) == 41
     # an enriched and a dead-letter topic with what replay makes of the sample, to look at
-    enriched, dead = replay_outputs(topics, kafka_clients.SAMPLE)
+    enriched, dead = kit.replay_outputs(topics, kafka_clients.SAMPLE)
     asyncio.run(kafka_admin.ensure_topics(topics))
     asyncio.run(kafka_clients.produce(topics, [(r["device_id"].encode(), orjson.dumps(r)) for r in enriched],
                                      topic=topics.enriched_topic))

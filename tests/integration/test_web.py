@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +21,16 @@ from streams.config import Settings
 from streams.enrich import Enricher, MemoryStore
 from streams.kafka import clients as kafka_clients
 from tests.conftest import ROOT
-from tests.integration.conftest import Worker, group_assignment, replay_outputs, wait_for_outputs, worker_env
+from tests.integration import kit
 
 pytestmark = pytest.mark.kafka
 
 SAMPLE = ROOT / "streams" / "samples" / "seed.jsonl"
 SAMPLE_LINES = [line for line in SAMPLE.read_bytes().splitlines() if line.strip()]
-SAMPLE_RE = re.compile(r'^(streams_[a-z_]+)(?:\{([^}]*)\})? (\S+)$')
 
 
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
-def scrape(port: int, host: str = "127.0.0.1") -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    status, body = get(f"http://{host}:{port}/metrics")
-    assert status == 200
-    samples = {}
-    for line in body.decode().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = SAMPLE_RE.match(line)
-        assert m, f"not Prometheus text format: {line!r}"
-        labels = frozenset(tuple(kv.split("=", 1)) for kv in (m.group(2) or "").split(",") if kv)
-        samples[(m.group(1), frozenset((k, v.strip('"')) for k, v in labels))] = float(m.group(3))
-    return samples
 
 
 def by_label(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, label: str) -> Counter[str]:
@@ -62,18 +41,18 @@ def by_label(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name:
     return out
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
-def test_metrics_count_a_known_input(topics: Settings, start_worker: Callable[..., Worker], tmp_path: Path,
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
+def test_metrics_count_a_known_input(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path,
                                      guarantee: str) -> None:
     worker = start_worker(topics, processing_guarantee=guarantee)
     worker.wait_ready()
     asyncio.run(kafka_clients.produce_file(topics, str(SAMPLE)))
-    expected, letters = replay_outputs(topics, SAMPLE)
-    wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
+    expected, letters = kit.replay_outputs(topics, SAMPLE)
+    kit.wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
 
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
     for _ in range(50):  # the lag gauge follows the commit just after the last batch
-        samples = scrape(topics.web_port)
+        samples = kit.scrape(topics.web_port)
         if sum(v for (m, _), v in samples.items() if m == "streams_consumer_lag") == 0:
             break
         asyncio.run(asyncio.sleep(0.2))
@@ -103,23 +82,23 @@ def expected_states() -> dict[str, dict[str, Any]]:
     return {d: codec.state_as_json(s) for d, s in store.states.items()}
 
 
-def test_lookup_is_routed_to_the_owner(topics: Settings, start_worker: Callable[..., Worker], tmp_path: Path) -> None:
+def test_lookup_is_routed_to_the_owner(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path) -> None:
     first = start_worker(topics, name="first")
     second = start_worker(topics, name="second", state_dir=str(tmp_path / "state2"), web_port=topics.web_port + 1
                           if topics.web_port < 65000 else topics.web_port - 1)
     first.wait_ready(members=2)
     second.wait_ready(members=2)
     asyncio.run(kafka_clients.produce_file(topics, str(SAMPLE)))
-    expected, letters = replay_outputs(topics, SAMPLE)
-    wait_for_outputs(topics, len(expected) + len(letters), workers=[first, second])
-    _, owned = group_assignment(topics)
+    expected, letters = kit.replay_outputs(topics, SAMPLE)
+    kit.wait_for_outputs(topics, len(expected) + len(letters), workers=[first, second])
+    _, owned = kit.group_assignment(topics)
     assert len(owned) == 2 and all(owned)
 
     states = expected_states()
     assert states, "the sample changes some device's state"
     for device_id, state in states.items():
         for worker in (first, second):
-            status, body = get(f"http://127.0.0.1:{worker.settings.web_port}/devices/"
+            status, body = kit.get(f"http://127.0.0.1:{worker.settings.web_port}/devices/"
                                f"{urllib.request.quote(device_id, safe='')}")
             assert status == 200, (worker.name, device_id, body[:300])
             found = orjson.loads(body)
@@ -129,7 +108,7 @@ def test_lookup_is_routed_to_the_owner(topics: Settings, start_worker: Callable[
     partitions = {found_partition(d, topics) for d in states}
     assert any(p in owned[0] for p in partitions) and any(p in owned[1] for p in partitions)
 
-    status, body = get(f"http://127.0.0.1:{first.settings.web_port}/devices/never-seen")
+    status, body = kit.get(f"http://127.0.0.1:{first.settings.web_port}/devices/never-seen")
     assert status == 404
     assert b"no identity state" in body
 
@@ -140,19 +119,19 @@ def found_partition(device_id: str, settings: Settings) -> int:
     return (murmur2(device_id.encode()) & 0x7FFFFFFF) % settings.partitions
 
 
-def test_state_command_asks_a_worker(topics: Settings, start_worker: Callable[..., Worker]) -> None:
+def test_state_command_asks_a_worker(topics: Settings, start_worker: kit.StartWorker) -> None:
     worker = start_worker(topics)
     worker.wait_ready()
     asyncio.run(kafka_clients.produce_file(topics, str(SAMPLE)))
-    expected, letters = replay_outputs(topics, SAMPLE)
-    wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
+    expected, letters = kit.replay_outputs(topics, SAMPLE)
+    kit.wait_for_outputs(topics, len(expected) + len(letters), workers=[worker])
     device = "1712042794795-4430041-097b46dd83f7da8-29832842"
-    run = subprocess.run([sys.executable, "-m", "streams", "state", device], cwd=ROOT, env=worker_env(topics),
+    run = subprocess.run([sys.executable, "-m", "streams", "state", device], cwd=ROOT, env=kit.worker_env(topics),
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     state = json.loads(run.stdout)
     assert (state["login_id"], state["bound"]) == ("your_customer_id", {"$identity_mobile": "187****8991"})
     missing = subprocess.run([sys.executable, "-m", "streams", "state", "never-seen"], cwd=ROOT,
-                             env=worker_env(topics), capture_output=True, text=True, timeout=60)
+                             env=kit.worker_env(topics), capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1
     assert "no identity state stored" in missing.stderr

@@ -8,13 +8,9 @@ replay` on the same input: per device, the enriched records must come out the sa
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import random
 import signal
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,72 +19,16 @@ import orjson
 import pytest
 
 from streams.config import Settings
-from streams.kafka import admin as kafka_admin
-from streams.kafka import clients as kafka_clients
-from tests.integration.conftest import (
-    Worker,
-    assert_same_per_device,
-    assert_sources_in,
-    by_device,
-    canonical,
-    dead_letters_without_source,
-    enriched_by_device,
-    free_port,
-    group_assignment,
-    held_by_one,
-    replay_outputs,
-    wait_for_group,
-    wait_for_outputs,
-    without_repeats,
-    write_jsonl,
-)
+from tests.integration import kit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
-SAMPLE = kafka_clients.SAMPLE
-StartWorker = Callable[..., Worker]
 
 
 # -- inputs ----------------------------------------------------------------------------------------------
 
-PLATFORMS = ["mp-wechat"] * 4 + ["mp-alipay"] * 2 + ["web"] * 3 + ["mp-jd"]
-ACTIONS = ["track", "login", "bind", "unbind", "logout", "identify", "set_customer_ids", "profile_set"]
-WEIGHTS = [50, 12, 8, 5, 8, 6, 8, 3]
 
 
-def generate(n_records: int = 3000, n_devices: int = 200, *, prefix: str = "g", seed: int = 7,
-             start_time: int = 1_712_100_000_000) -> list[bytes]:
-    """Raw records of `n_devices` devices mixing every identity action, deterministic for a seed; each
-    record has its own `time`, so no two enriched records are alike."""
-    rng = random.Random(seed)
-    devices = [(f"{prefix}-{i:03d}-{rng.randrange(1 << 32):08x}", rng.choice(PLATFORMS)) for i in range(n_devices)]
-    out = []
-    for n in range(n_records):
-        device_id, platform = rng.choice(devices)
-        action = rng.choices(ACTIONS, WEIGHTS)[0]
-        record: dict[str, Any] = {"device_id": device_id, "platform": platform, "action": action}
-        if action == "track":
-            record["event"] = rng.choice(["$pageview", "$MPViewScreen", "buttonClick", "purchase"])
-            record["properties"] = {"n": n, "page": f"/p/{rng.randrange(9)}"}
-        elif action == "login":
-            record["id"] = f"user-{rng.randrange(80)}"
-        elif action in ("bind", "unbind"):
-            record["key"] = rng.choice(["$identity_mobile", "$identity_email"])
-            record["value"] = f"v{rng.randrange(30)}"
-        elif action == "identify":
-            record["id"] = f"anon-{rng.randrange(500)}"
-        elif action == "set_customer_ids":
-            record["customer_ids"] = rng.choice([
-                {"dpuuid": f"dp-{rng.randrange(100)}"},
-                {"userid": {"id": f"user-{rng.randrange(80)}", "authState": "AUTHENTICATED"}},
-                {"userid": {"authState": 2}},
-                {"email": {"id": f"u{rng.randrange(50)}@example.com", "authState": 1}},
-            ])
-        elif action == "profile_set":
-            record["properties"] = {"plan": rng.choice(["free", "pro"])}
-        record["time"] = start_time + n * 1000
-        out.append(orjson.dumps(record))
-    return out
 
 
 def restart_parts(n_devices: int = 60, *, prefix: str = "r") -> tuple[list[bytes], list[bytes], list[bytes]]:
@@ -113,52 +53,43 @@ def restart_parts(n_devices: int = 60, *, prefix: str = "r") -> tuple[list[bytes
     return part1, part2, part3
 
 
-def produce(settings: Settings, messages: list[tuple[bytes | None, bytes]]) -> list[Any]:
-    return asyncio.run(kafka_clients.produce(settings, messages))
 
 
-def produce_file(settings: Settings, path: Path | None, *, keyed: bool = True) -> int:
-    return asyncio.run(kafka_clients.produce_file(settings, None if path is None else str(path), keyed=keyed))
 
 
-def keyed(lines: list[bytes]) -> list[tuple[bytes | None, bytes]]:
-    return [(kafka_clients.device_key(v), v) for v in lines]
 
 
-def sample_lines() -> list[bytes]:
-    return [line for line in SAMPLE.read_bytes().splitlines() if line.strip()]
 
 
 def assert_unique_per_device(expected: dict[str, list[dict[str, Any]]]) -> None:
     """The input's own property the repeat checks rely on: no two expected records of a device are alike."""
     for device_id, records in expected.items():
-        assert len({canonical(r) for r in records}) == len(records), device_id
+        assert len({kit.canonical(r) for r in records}) == len(records), device_id
 
 
 # -- 1. same output as replay ----------------------------------------------------------------------------
 
 
-GUARANTEES = ["at_least_once", "exactly_once"]
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
-def test_worker_output_equals_replay(topics: Settings, start_worker: StartWorker, tmp_path: Path,
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
+def test_worker_output_equals_replay(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path,
                                      guarantee: str) -> None:
-    generated = generate()
-    inputs = write_jsonl(tmp_path / "input.jsonl", sample_lines() + generated)
-    expected, expected_dead = replay_outputs(topics, inputs)
+    generated = kit.generate()
+    inputs = kit.write_jsonl(tmp_path / "input.jsonl", kit.sample_lines() + generated)
+    expected, expected_dead = kit.replay_outputs(topics, inputs)
     assert len(expected) > 2000 and len(expected_dead) >= 7  # the input exercises what it should
 
     worker = start_worker(topics, processing_guarantee=guarantee)
     worker.wait_ready()
-    assert produce_file(topics, None) == 41  # the built-in sample
-    assert produce_file(topics, write_jsonl(tmp_path / "generated.jsonl", generated)) == len(generated)
+    assert kit.produce_file(topics, None) == 41  # the built-in sample
+    assert kit.produce_file(topics, kit.write_jsonl(tmp_path / "generated.jsonl", generated)) == len(generated)
 
-    out = wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[worker])
-    assert_same_per_device(enriched_by_device(out.enriched), by_device(expected))
+    out = kit.wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[worker])
+    kit.assert_same_per_device(kit.enriched_by_device(out.enriched), kit.by_device(expected))
     assert len(out.enriched) == len(expected)
-    assert dead_letters_without_source(out.dead_values) == dead_letters_without_source(expected_dead)
-    assert_sources_in(out.dead_values, topics)
+    assert kit.dead_letters_without_source(out.dead_values) == kit.dead_letters_without_source(expected_dead)
+    kit.assert_sources_in(out.dead_values, topics)
     worker.check_alive()
 
 
@@ -175,27 +106,27 @@ BAD = [
 
 
 def test_bad_records_become_dead_letters_and_the_worker_goes_on(
-    topics: Settings, start_worker: StartWorker, tmp_path: Path
+    topics: Settings, start_worker: kit.StartWorker, tmp_path: Path
 ) -> None:
-    lines = sample_lines()
+    lines = kit.sample_lines()
     sample_bad = lines[-7:]
     good = [orjson.dumps({"device_id": "ok-1", "platform": "mp-wechat", "event": "before", "time": 1})]
     after = [orjson.dumps({"device_id": f"ok-{i % 3}", "platform": "web", "event": "after", "time": 2 + i})
              for i in range(30)]
     bad = [raw for raw, _, _ in BAD] + sample_bad
     inputs = good + bad + after
-    expected, expected_dead = replay_outputs(topics, write_jsonl(tmp_path / "input.jsonl", inputs))
+    expected, expected_dead = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "input.jsonl", inputs))
     assert len(expected_dead) == len(bad) == 12
     assert [d["reason"] for d in expected_dead[:5]] == [reason for _, reason, _ in BAD]
     assert [d["field"] for d in expected_dead[:5]] == [field for _, _, field in BAD]
 
     worker = start_worker(topics)
     worker.wait_ready()
-    sent = produce(topics, keyed(inputs))
+    sent = kit.produce(topics, kit.keyed(inputs))
     where = {raw: (m.partition, m.offset) for raw, m in zip(inputs, sent, strict=True)}
 
-    out = wait_for_outputs(topics, len(expected) + len(bad), workers=[worker])
-    assert_same_per_device(enriched_by_device(out.enriched), by_device(expected))
+    out = kit.wait_for_outputs(topics, len(expected) + len(bad), workers=[worker])
+    kit.assert_same_per_device(kit.enriched_by_device(out.enriched), kit.by_device(expected))
     assert len(out.dead) == len(bad)
     got = {}
     for record, letter in zip(out.dead, out.dead_values, strict=True):
@@ -219,31 +150,21 @@ def test_bad_records_become_dead_letters_and_the_worker_goes_on(
 # -- 3. restarts -----------------------------------------------------------------------------------------
 
 
-def produce_slowly(settings: Settings, lines: list[bytes], chunks: int = 6, pause: float = 0.4) -> threading.Thread:
-    def run() -> None:
-        size = -(-len(lines) // chunks)
-        for i in range(0, len(lines), size):
-            produce(settings, keyed(lines[i:i + size]))
-            time.sleep(pause)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
-def test_restart_keeps_device_state(topics: Settings, start_worker: StartWorker, tmp_path: Path, how: str,
+def test_restart_keeps_device_state(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path, how: str,
                                     guarantee: str) -> None:
     part1, part2, part3 = restart_parts()
-    expected1, _ = replay_outputs(topics, write_jsonl(tmp_path / "part1.jsonl", part1))
-    expected12, _ = replay_outputs(topics, write_jsonl(tmp_path / "part12.jsonl", part1 + part2))
-    expected, dead = replay_outputs(topics, write_jsonl(tmp_path / "all.jsonl", part1 + part2 + part3))
+    expected1, _ = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "part1.jsonl", part1))
+    expected12, _ = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "part12.jsonl", part1 + part2))
+    expected, dead = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "all.jsonl", part1 + part2 + part3))
     assert not dead
-    want = by_device(expected)
+    want = kit.by_device(expected)
     assert_unique_per_device(want)
     # the later parts' outputs depend on the state the earlier ones left: losing it shows
-    alone, _ = replay_outputs(topics, write_jsonl(tmp_path / "part23.jsonl", part2 + part3))
+    alone, _ = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "part23.jsonl", part2 + part3))
     assert expected[len(expected1):] != alone
     state_a, state_b = str(tmp_path / "state-a"), str(tmp_path / "state-b")
     timings = []
@@ -255,17 +176,17 @@ def test_restart_keeps_device_state(topics: Settings, start_worker: StartWorker,
     t = time.monotonic()
     w1 = start_worker(topics, "run1", state_dir=state_a)
     w1.wait_ready()
-    produce(topics, keyed(part1))
-    wait_for_outputs(topics, len(expected1), workers=[w1], settle=0)
+    kit.produce(topics, kit.keyed(part1))
+    kit.wait_for_outputs(topics, len(expected1), workers=[w1], settle=0)
     if how == "sigterm":
         assert w1.stop() == 0, f"SIGTERM: exit code {w1.proc.returncode}\n{w1.log_tail()}"
         assert not w1.forced, "the worker did not stop within 30 s of SIGTERM"
-        produce(topics, keyed(part2))
+        kit.produce(topics, kit.keyed(part2))
     else:
         # part 2 arrives while the worker runs; it dies in the middle of it
-        sender = produce_slowly(topics, part2)
+        sender = kit.produce_slowly(topics, part2)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(kafka_read_enriched(topics)) < len(expected1) + len(part2) // 3:
+        while time.monotonic() < deadline and len(kit.kafka_read_enriched(topics)) < len(expected1) + len(part2) // 3:
             time.sleep(0.1)
         w1.kill()
         sender.join(60)
@@ -275,27 +196,27 @@ def test_restart_keeps_device_state(topics: Settings, start_worker: StartWorker,
     t = time.monotonic()
     w2 = start_worker(topics, "run2", state_dir=state_a)
     w2.wait_ready(timeout=120)
-    wait_for_outputs(topics, len(expected12), workers=[w2], distinct=repeats_allowed, settle=0)
+    kit.wait_for_outputs(topics, len(expected12), workers=[w2], distinct=repeats_allowed, settle=0)
     if how == "sigterm":
         assert w2.stop() == 0, f"SIGTERM: exit code {w2.proc.returncode}\n{w2.log_tail()}"
     else:
         w2.kill()
-    produce(topics, keyed(part3))
+    kit.produce(topics, kit.keyed(part3))
     timings.append(time.monotonic() - t)
 
     # run 3: an empty state directory: the device table comes back from its changelog
     t = time.monotonic()
     w3 = start_worker(topics, "run3", state_dir=state_b)
     w3.wait_ready(timeout=120)
-    out = wait_for_outputs(topics, len(expected), workers=[w3], distinct=repeats_allowed)
+    out = kit.wait_for_outputs(topics, len(expected), workers=[w3], distinct=repeats_allowed)
     assert w3.stop() == 0, f"SIGTERM: exit code {w3.proc.returncode}\n{w3.log_tail()}"
     timings.append(time.monotonic() - t)
 
-    got = enriched_by_device(out.enriched)
+    got = kit.enriched_by_device(out.enriched)
     repeats = 0
     if repeats_allowed:
         for device_id, records in got.items():
-            got[device_id], n = without_repeats(records)
+            got[device_id], n = kit.without_repeats(records)
             repeats += n
     if not repeats_allowed:
         assert len(out.enriched) == len(expected), f"{len(out.enriched)} records out, {len(expected)} expected"
@@ -305,99 +226,94 @@ def test_restart_keeps_device_state(topics: Settings, start_worker: StartWorker,
         assert len(signups) == 1, f"{device_id}: {len(signups)} $SignUp records: {signups}"
         after_login = records[records.index(signups[0]) + 1:]
         assert all("login_id" in r for r in after_login), f"{device_id} lost its login: {after_login}"
-    assert_same_per_device(got, want)
+    kit.assert_same_per_device(got, want)
     assert not out.dead
 
 
-def kafka_read_enriched(settings: Settings) -> list[Any]:
-    try:
-        return asyncio.run(kafka_clients.read_all(settings, settings.enriched_topic, idle_timeout=2))
-    except kafka_admin.TopicMissing:
-        return []
 
 
 # -- 4. two workers --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
-def test_two_workers_split_the_partitions(topics: Settings, start_worker: StartWorker, tmp_path: Path,
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
+def test_two_workers_split_the_partitions(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path,
                                           guarantee: str) -> None:
     topics = replace(topics, processing_guarantee=guarantee)
-    generated = generate(2000, 200, prefix="two", seed=7)
+    generated = kit.generate(2000, 200, prefix="two", seed=7)
     half = len(generated) // 2
-    expected1, dead1 = replay_outputs(topics, write_jsonl(tmp_path / "first.jsonl", generated[:half]))
-    expected, expected_dead = replay_outputs(topics, write_jsonl(tmp_path / "input.jsonl", generated))
+    expected1, dead1 = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "first.jsonl", generated[:half]))
+    expected, expected_dead = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "input.jsonl", generated))
     a = start_worker(topics, "a", state_dir=str(tmp_path / "state-a"))
-    b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=free_port())
+    b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=kit.free_port())
     a.wait_ready(members=2, timeout=120)
     b.wait_ready(members=2, timeout=120)
-    state, held = group_assignment(topics)
+    state, held = kit.group_assignment(topics)
     held = sorted(held, key=min)
     assert state == "Stable" and len(held) == 2, (state, held)
     assert all(held) and not held[0] & held[1] and held[0] | held[1] == {0, 1, 2, 3}, held
 
-    produce(topics, keyed(generated[:half]))
-    out = wait_for_outputs(topics, len(expected1) + len(dead1), workers=[a, b])
-    assert_same_per_device(enriched_by_device(out.enriched), by_device(expected1))
-    state, held_after = group_assignment(topics)
+    kit.produce(topics, kit.keyed(generated[:half]))
+    out = kit.wait_for_outputs(topics, len(expected1) + len(dead1), workers=[a, b])
+    kit.assert_same_per_device(kit.enriched_by_device(out.enriched), kit.by_device(expected1))
+    state, held_after = kit.group_assignment(topics)
     assert sorted(held_after, key=min) == held, f"the assignment changed meanwhile: {held} -> {held_after}"
 
     # one leaves: the other takes its partitions over, with their device states (from the changelog)
     assert a.stop() == 0, f"SIGTERM: exit code {a.proc.returncode}\n{a.log_tail()}"
-    produce(topics, keyed(generated[half:]))
-    out = wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[b])
-    assert_same_per_device(enriched_by_device(out.enriched), by_device(expected))
-    assert dead_letters_without_source(out.dead_values) == dead_letters_without_source(expected_dead)
-    assert_sources_in(out.dead_values, topics)
+    kit.produce(topics, kit.keyed(generated[half:]))
+    out = kit.wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[b])
+    kit.assert_same_per_device(kit.enriched_by_device(out.enriched), kit.by_device(expected))
+    assert kit.dead_letters_without_source(out.dead_values) == kit.dead_letters_without_source(expected_dead)
+    kit.assert_sources_in(out.dead_values, topics)
     assert b.stop() == 0, f"SIGTERM: exit code {b.proc.returncode}\n{b.log_tail()}"
 
 
-def test_a_stalled_worker_cannot_commit_behind_its_successor(topics: Settings, start_worker: StartWorker,
+def test_a_stalled_worker_cannot_commit_behind_its_successor(topics: Settings, start_worker: kit.StartWorker,
                                                              tmp_path: Path) -> None:
     """Exactly-once against a zombie: a worker frozen (SIGSTOP) mid-stream is dropped by the group after the
     session timeout and its partitions go to another worker, which fences its transactions. When it wakes up
     it must not commit what its successor has already done: every output is read exactly once."""
     topics = replace(topics, processing_guarantee="exactly_once")
-    generated = generate(4000, 200, prefix="zombie", seed=11)
-    expected, expected_dead = replay_outputs(topics, write_jsonl(tmp_path / "input.jsonl", generated))
+    generated = kit.generate(4000, 200, prefix="zombie", seed=11)
+    expected, expected_dead = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "input.jsonl", generated))
     a = start_worker(topics, "a", state_dir=str(tmp_path / "state-a"))
     a.wait_ready()
-    sender = produce_slowly(topics, generated, chunks=40, pause=0.3)
+    sender = kit.produce_slowly(topics, generated, chunks=40, pause=0.3)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(kafka_read_enriched(topics)) < len(expected) // 8:
+    while time.monotonic() < deadline and len(kit.kafka_read_enriched(topics)) < len(expected) // 8:
         time.sleep(0.1)
     a.proc.send_signal(signal.SIGSTOP)
     try:
-        b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=free_port())
+        b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=kit.free_port())
         # a is still a member until its session times out; then b holds everything
-        wait_for_group(topics, held_by_one, 120, "b did not take over from the frozen worker", b.log_tail)
+        kit.wait_for_group(topics, kit.held_by_one, 120, "b did not take over from the frozen worker", b.log_tail)
         sender.join(120)
-        wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[b], settle=0)
+        kit.wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[b], settle=0)
     finally:
         a.proc.send_signal(signal.SIGCONT)
     # the zombie wakes with a batch perhaps half sent and stale offsets; it must rejoin, not commit them
-    wait_for_group(topics, lambda state, held: state == "Stable" and len(held) == 2 and all(held), 90,
+    kit.wait_for_group(topics, lambda state, held: state == "Stable" and len(held) == 2 and all(held), 90,
                    "the woken worker did not rejoin the group", a.log_tail)
-    out = wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[a, b], settle=3)
+    out = kit.wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[a, b], settle=3)
     assert len(out.enriched) == len(expected), (f"{len(out.enriched) - len(expected)} records more than replay's"
                                                 f"\n{a.log_tail()}")
-    assert_same_per_device(enriched_by_device(out.enriched), by_device(expected))
-    assert dead_letters_without_source(out.dead_values) == dead_letters_without_source(expected_dead)
+    kit.assert_same_per_device(kit.enriched_by_device(out.enriched), kit.by_device(expected))
+    assert kit.dead_letters_without_source(out.dead_values) == kit.dead_letters_without_source(expected_dead)
     assert a.stop() == 0, f"SIGTERM: exit code {a.proc.returncode}\n{a.log_tail()}"
     assert b.stop() == 0, f"SIGTERM: exit code {b.proc.returncode}\n{b.log_tail()}"
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
-def test_sigterm_during_a_rebalance_exits_cleanly(topics: Settings, start_worker: StartWorker,
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
+def test_sigterm_during_a_rebalance_exits_cleanly(topics: Settings, start_worker: kit.StartWorker,
                                                    tmp_path: Path, guarantee: str) -> None:
     """A worker told to stop while it takes over partitions (rolling restarts do this) stops cleanly."""
     topics = replace(topics, processing_guarantee=guarantee)
     a = start_worker(topics, "a", state_dir=str(tmp_path / "state-a"))
-    b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=free_port())
+    b = start_worker(topics, "b", state_dir=str(tmp_path / "state-b"), web_port=kit.free_port())
     a.wait_ready(members=2, timeout=120)
     b.wait_ready(members=2, timeout=120)
     assert a.stop() == 0, f"SIGTERM: exit code {a.proc.returncode}\n{a.log_tail()}"
-    wait_for_group(topics, held_by_one, 60, "b did not take over all partitions")
+    kit.wait_for_group(topics, kit.held_by_one, 60, "b did not take over all partitions")
     code = b.stop()
     assert not b.forced, "the worker did not stop within 30 s of SIGTERM"
     assert code == 0, (f"SIGTERM just after a rebalance: exit code {code}; errors logged:\n"
@@ -407,12 +323,12 @@ def test_sigterm_during_a_rebalance_exits_cleanly(topics: Settings, start_worker
 # -- 5. unkeyed input ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
-def test_unkeyed_input_is_repartitioned(topics: Settings, start_worker: StartWorker, tmp_path: Path,
+@pytest.mark.parametrize("guarantee", kit.GUARANTEES)
+def test_unkeyed_input_is_repartitioned(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path,
                                         guarantee: str) -> None:
     topics = replace(topics, processing_guarantee=guarantee)
     # part A: keyed, but not by device_id (a bucket per device: a device's records stay in one partition)
-    part_a = generate(1500, 100, prefix="unkeyed", seed=7)
+    part_a = kit.generate(1500, 100, prefix="unkeyed", seed=7)
     messages = [(f"bucket-{orjson.loads(v)['device_id'][-1]}".encode(), v) for v in part_a]
     # part B: no key at all, in rounds of one record per device (no key, no order across partitions: the
     # rounds are what orders them), for devices of part A and new ones
@@ -427,17 +343,17 @@ def test_unkeyed_input_is_repartitioned(topics: Settings, start_worker: StartWor
 
     worker = start_worker(topics)
     worker.wait_ready()
-    produce(topics, messages)
+    kit.produce(topics, messages)
     sent = list(part_a)
     for n, records in enumerate(rounds):
-        exp, dead = replay_outputs(topics, write_jsonl(tmp_path / f"upto{n}.jsonl", sent))
-        wait_for_outputs(topics, len(exp) + len(dead), workers=[worker], settle=0)
-        path = write_jsonl(tmp_path / f"round{n}.jsonl", records)
-        assert produce_file(topics, path, keyed=False) == len(records)
+        exp, dead = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / f"upto{n}.jsonl", sent))
+        kit.wait_for_outputs(topics, len(exp) + len(dead), workers=[worker], settle=0)
+        path = kit.write_jsonl(tmp_path / f"round{n}.jsonl", records)
+        assert kit.produce_file(topics, path, keyed=False) == len(records)
         sent += records
-    expected, expected_dead = replay_outputs(topics, write_jsonl(tmp_path / "all.jsonl", sent))
-    out = wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[worker])
-    assert_same_per_device(enriched_by_device(out.enriched), by_device(expected))
-    assert dead_letters_without_source(out.dead_values) == dead_letters_without_source(expected_dead)
+    expected, expected_dead = kit.replay_outputs(topics, kit.write_jsonl(tmp_path / "all.jsonl", sent))
+    out = kit.wait_for_outputs(topics, len(expected) + len(expected_dead), workers=[worker])
+    kit.assert_same_per_device(kit.enriched_by_device(out.enriched), kit.by_device(expected))
+    assert kit.dead_letters_without_source(out.dead_values) == kit.dead_letters_without_source(expected_dead)
     # the dead letters of forwarded records name where they were produced: the raw topic
-    assert_sources_in(out.dead_values, topics)
+    kit.assert_sources_in(out.dead_values, topics)
