@@ -22,6 +22,10 @@ REF = {"$referrer": "直接打开"}
 VIEW_PROPS = {"$referrer": "直接打开", "$referrer_title": "", "$title": "", "$url_path": "pages/index/index"}
 
 
+# the guide's sessions that begin with identify(ANON) and login(USER)
+LOGGED_IN = [{"action": "identify", "id": ANON}, {"action": "login", "id": USER}]
+
+
 def wx(anon: str, default: str, **extra: str) -> dict[str, str]:
     return {"$identity_mp_id": default, **extra, "$identity_anonymous_id": anon}
 
@@ -61,8 +65,7 @@ CASES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
     ),
     "3.3 bind": (
         [
-            {"action": "identify", "id": ANON},
-            {"action": "login", "id": USER},
+            *LOGGED_IN,
             {"action": "track", "event": "buttonClick", "properties": REF},
             {"action": "bind", "key": "$identity_mobile", "value": MOBILE, "properties": REF},
             {"action": "track", "event": "$MPViewScreen", "properties": REF},
@@ -105,8 +108,7 @@ CASES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
     ),
     "3.5 logout": (
         [
-            {"action": "identify", "id": ANON},
-            {"action": "login", "id": USER},
+            *LOGGED_IN,
             {"action": "track", "event": "$MPViewScreen", "properties": REF},
             {"action": "logout"},
             {"action": "track", "event": "$MPViewScreen", "properties": REF},

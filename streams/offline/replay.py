@@ -37,10 +37,14 @@ _DEVICE_ID = re.compile(rb'"device_id"\s*:\s*"([^"]*)"')
 class Counts:
     """What a replay has read and written so far, for its progress line and its summary."""
 
-    lines: int = 0
-    records: int = 0
-    enriched: int = 0
-    dead_letters: int = 0
+    lines: int
+    records: int
+    enriched: int
+    dead_letters: int
+
+    @classmethod
+    def none(cls) -> Counts:
+        return cls(lines=0, records=0, enriched=0, dead_letters=0)
 
 
 class Progress:
@@ -132,7 +136,7 @@ def replay(
     persons = None
     if persons_path is not None or (backend is not None and settings.persons):
         persons = OfflinePersons(settings, backend.db if backend is not None else None)
-    counts = Counts()
+    counts = Counts.none()
     try:
         with _open_in(input_path) as (src, size), _open_out(output_path) as out, \
                 _open_out(dead_letter_path) as dead:
@@ -258,7 +262,7 @@ def _replay_in_jobs(input_path: str, output_path: str, dead_letter_path: str, se
                     progress: TextIO | None, progress_interval: float | None,
                     persons_path: str | None = None) -> Counts:
     """The same replay with the devices split between `jobs` processes (`streams.offline.jobs`)."""
-    counts = Counts()
+    counts = Counts.none()
     # a file the jobs read themselves (piping every block to every job costs more than the reading)
     runner = ReplayJobs(settings, jobs, input_path if input_path != "-" and os.path.isfile(input_path) else None,
                         persons=persons_path is not None)

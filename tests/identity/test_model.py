@@ -127,11 +127,9 @@ class Device:
     def stored_identities(self) -> dict[str, str]:
         """Default ID, the login pair, the bound IDs: §2's identities without the anonymous ID."""
         assert self.default_key is not None
-        ids = {self.default_key: self.default_id}
-        if self.login_key is not None and self.login_value is not None:
-            ids[self.login_key] = self.login_value
-        ids.update(self.bound)
-        return ids
+        logged_in = self.login_key is not None and self.login_value is not None
+        login = {self.login_key: self.login_value} if logged_in else {}
+        return {self.default_key: self.default_id} | login | self.bound
 
     def stamp(self) -> dict[str, Any]:
         """The identity fields of §2 that a record of this state carries."""

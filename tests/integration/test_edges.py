@@ -190,13 +190,7 @@ def test_fausts_own_variables_do_not_change_the_worker(topics: Settings, start_w
 def test_lookups_are_routed_between_two_hosts(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path) -> None:
     """Two workers on two loopback addresses, the same port, each advertising its own URL: a lookup sent to
     either one is answered by the owner of the device."""
-    port = kit.free_port()
-    first = start_worker(topics, name="first", web_bind="127.0.0.1", web_port=port,
-                         advertised_url=f"http://127.0.0.1:{port}")
-    second = start_worker(topics, name="second", web_bind="127.0.0.2", web_port=port,
-                          advertised_url=f"http://127.0.0.2:{port}", state_dir=str(tmp_path / "state2"))
-    first.wait_ready(members=2)
-    second.wait_ready(members=2)
+    first, second, port = kit.two_hosts(start_worker, topics, tmp_path / "state2")
     logins = [orjson.dumps({"device_id": f"h-{i:02d}", "platform": "web", "action": "login", "id": f"u{i}"})
               for i in range(40)]
     produce(topics, [(kafka_clients.device_key(v), v) for v in logins])

@@ -114,14 +114,8 @@ def test_person_lookup_from_either_host(topics: Settings, start_worker: kit.Star
     hash_of = key_hash(topics.partitioner)
     assert {hash_of(u.encode()) % topics.partitions for u in mappings} == set(range(topics.partitions))
 
-    port = kit.free_port()
+    first, second, port = kit.two_hosts(start_worker, topics, tmp_path / "state2")
     hosts = [("127.0.0.1", port), ("127.0.0.2", port)]
-    first = start_worker(topics, name="first", web_bind="127.0.0.1", web_port=port,
-                         advertised_url=f"http://127.0.0.1:{port}")
-    second = start_worker(topics, name="second", web_bind="127.0.0.2", web_port=port,
-                          advertised_url=f"http://127.0.0.2:{port}", state_dir=str(tmp_path / "state2"))
-    first.wait_ready(members=2)
-    second.wait_ready(members=2)
     kit.produce(topics, kit.keyed(lines))
     kit.wait_for_persons(topics, expected, [first, second])
     _, owned = kit.group_assignment(topics)

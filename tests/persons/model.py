@@ -163,14 +163,19 @@ class PersonsModel:
                     continue
                 self.claims.add((device_id, claimant, key, value))
 
-    def owners(self) -> dict[tuple[str, str], str]:
-        """§3: each owned pair's owner."""
+    def claimants(self) -> tuple[dict[tuple[str, str], set[str]], dict[tuple[str, str], set[str]]]:
+        """Per claimed pair: the devices that claim it, and the login users among its claimants."""
         devices: dict[tuple[str, str], set[str]] = {}
         logins: dict[tuple[str, str], set[str]] = {}
         for device, claimant, key, value in self.claims:
             devices.setdefault((key, value), set()).add(device)
             if claimant in self.login_users:
                 logins.setdefault((key, value), set()).add(claimant)
+        return devices, logins
+
+    def owners(self) -> dict[tuple[str, str], str]:
+        """§3: each owned pair's owner."""
+        devices, logins = self.claimants()
         owned = {}
         for pair, users in logins.items():
             if len(users) == 1 and len(devices[pair]) <= self.config.max_devices:
@@ -218,12 +223,7 @@ class PersonsModel:
     def outcomes(self) -> set[str]:
         """What happened in this run, in words: how often each case comes up shows in hypothesis' statistics."""
         found = {f"via {m['via']}" for m in self.mappings()}
-        logins: dict[tuple[str, str], set[str]] = {}
-        devices: dict[tuple[str, str], set[str]] = {}
-        for device, claimant, key, value in self.claims:
-            devices.setdefault((key, value), set()).add(device)
-            if claimant in self.login_users:
-                logins.setdefault((key, value), set()).add(claimant)
+        devices, logins = self.claimants()
         if any(len(users) > 1 for users in logins.values()):
             found.add("a pair claimed by two login users")
         if any(len(users) == 1 and len(devices[p]) > self.config.max_devices for p, users in logins.items()):

@@ -34,6 +34,13 @@ def pipeline(broker: Broker, dbs: dict[int, DB]) -> Pipeline:
                     changelog_offset_key=OFFSET_KEY, cache_size=50, transactions=broker.producers(T.partitions))
 
 
+def fresh(seed: int = 0) -> tuple[Broker, dict[int, DB], Pipeline]:
+    """A broker, the partitions' databases and a new worker over them."""
+    broker = Broker(random.Random(seed))
+    dbs: dict[int, DB] = defaultdict(DB)
+    return broker, dbs, pipeline(broker, dbs)
+
+
 def run_worker(broker: Broker, rng: random.Random, *, steps: int = 5_000) -> int:
     """The raw and repartition topics consumed in batches of random sizes, crashes and all (`fakes.run_worker`)."""
     dbs: dict[int, DB] = defaultdict(DB)

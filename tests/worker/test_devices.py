@@ -4,22 +4,18 @@ named like Faust's offset key is an ordinary device."""
 from __future__ import annotations
 
 import asyncio
-import random
-from collections import defaultdict
 
 import orjson
 import pytest
 
 from streams.state.keys import OFFSET_KEY
-from tests.fakes import DB, TP, Broker, Record
-from tests.worker.steps import T, pipeline
+from tests.fakes import TP, Record
+from tests.worker.steps import T, fresh
 
 
 @pytest.mark.parametrize("stored", [b"1234", b"[9, null]", b"\xff\xfe", b"[1,2,3,4,5,6,7,8,9]"])
 def test_a_stored_state_that_cannot_be_read_is_a_dead_letter_not_a_stall(stored: bytes) -> None:
-    broker = Broker(random.Random(0))
-    dbs: dict[int, DB] = defaultdict(DB)
-    worker = pipeline(broker, dbs)
+    broker, dbs, worker = fresh(0)
     records = {}
     for device in ("__faust\x00offset__", "dev-b"):
         p = worker.partition_for(device)
@@ -36,9 +32,7 @@ def test_a_stored_state_that_cannot_be_read_is_a_dead_letter_not_a_stall(stored:
 
 
 def test_a_device_named_like_fausts_offset_key_is_an_ordinary_device() -> None:
-    broker = Broker(random.Random(0))
-    dbs: dict[int, DB] = defaultdict(DB)
-    worker = pipeline(broker, dbs)
+    broker, dbs, worker = fresh(0)
     device = "__faust\x00offset__"
     p = worker.partition_for(device)
     value = orjson.dumps({"device_id": device, "platform": "web", "action": "login", "id": "u1"})

@@ -4,23 +4,18 @@ what came after it, and damaged internal keys (the plan, the applied marks) neve
 from __future__ import annotations
 
 import asyncio
-import random
-from collections import defaultdict
 
 import orjson
 import pytest
 
 from streams.state.keys import APPLIED_KEY, PLAN_KEY
 from streams.worker.stages.route import SOURCE_HEADER
-from tests.fakes import DB, TP, Broker, Record
-from tests.worker.steps import T, pipeline
+from tests.fakes import TP, Record
+from tests.worker.steps import T, fresh
 
 
 def test_forwarded_records_wait_for_the_raw_log_the_first_time_then_every_batch_has_a_plan() -> None:
-    rng = random.Random(1)
-    broker = Broker(rng)
-    dbs: dict[int, DB] = defaultdict(DB)
-    worker = pipeline(broker, dbs)
+    broker, dbs, worker = fresh(1)
     p = worker.partition_for("dev-a")
     value = orjson.dumps({"device_id": "dev-a", "platform": "web", "event": "e"})
     forwarded = Record(T.repartition, p, 0, b"dev-a", value, [(SOURCE_HEADER, f"raw/{(p + 1) % 3}/9".encode())])
@@ -50,10 +45,7 @@ def test_forwarded_records_wait_for_the_raw_log_the_first_time_then_every_batch_
 
 def test_a_pending_plan_holds_back_what_came_after_it() -> None:
     """After a crash, raw records past the plan wait until the plan's forwarded records are applied."""
-    rng = random.Random(2)
-    broker = Broker(rng)
-    dbs: dict[int, DB] = defaultdict(DB)
-    worker = pipeline(broker, dbs)
+    _, dbs, worker = fresh(2)
     p = worker.partition_for("dev-a")
     dbs[p][PLAN_KEY] = b"5,1"
     value = orjson.dumps({"device_id": "dev-a", "platform": "web", "event": "e"})
@@ -71,9 +63,7 @@ def test_a_pending_plan_holds_back_what_came_after_it() -> None:
 
 @pytest.mark.parametrize("key", [APPLIED_KEY, PLAN_KEY])
 def test_damaged_internal_keys_do_not_stop_the_partition(key: bytes) -> None:
-    broker = Broker(random.Random(0))
-    dbs: dict[int, DB] = defaultdict(DB)
-    worker = pipeline(broker, dbs)
+    broker, dbs, worker = fresh(0)
     p = worker.partition_for("dev-d")
     dbs[p][key] = b"\x00garbage"
     value = orjson.dumps({"device_id": "dev-d", "platform": "web", "event": "e"})

@@ -59,13 +59,19 @@ class Devices:
 
 @dataclass
 class PersonsCounters:
+    """What the stage did in a batch; the worker's metrics add them up."""
+
+    # the messages it sent, by kind
     claim_messages: int = 0
     owner_messages: int = 0
     user_messages: int = 0
+    # what it wrote to the persons topic
     mappings_written: int = 0
     tombstones_written: int = 0
+    # what it could not read, and the claims and sign-ups a device at its bound did not make
+    # (streams.persons.device)
     unreadable: int = 0
-    refused_claims: int = 0  # claims and sign-ups a device at its bound did not make (streams.persons.device)
+    refused_claims: int = 0
 
     def add(self, other: PersonsCounters) -> None:
         for name in self.__dataclass_fields__:

@@ -202,3 +202,16 @@ def scrape(port: int, host: str = "127.0.0.1") -> dict[tuple[str, frozenset[tupl
         labels = frozenset(tuple(kv.split("=", 1)) for kv in (m.group(2) or "").split(",") if kv)
         samples[(m.group(1), frozenset((k, v.strip('"')) for k, v in labels))] = float(m.group(3))
     return samples
+
+
+def two_hosts(start_worker: StartWorker, settings: Settings, state_dir: Path) -> tuple[Worker, Worker, int]:
+    """Two workers on two loopback addresses and the same port, each advertising its own URL, ready in one
+    group; the second keeps its state in `state_dir`. Returns both and the port."""
+    port = free_port()
+    first = start_worker(settings, name="first", web_bind="127.0.0.1", web_port=port,
+                         advertised_url=f"http://127.0.0.1:{port}")
+    second = start_worker(settings, name="second", web_bind="127.0.0.2", web_port=port,
+                          advertised_url=f"http://127.0.0.2:{port}", state_dir=str(state_dir))
+    first.wait_ready(members=2)
+    second.wait_ready(members=2)
+    return first, second, port
