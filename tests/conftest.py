@@ -51,3 +51,22 @@ def _outputs_follow_the_schemas(monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
     monkeypatch.setattr(codec, "encode_mapping", checked_mapping)
     monkeypatch.setattr(codec, "dead_letter", checked_dead_letter)
     yield
+
+
+# The longest tests first. `pytest -n` hands tests (and the cluster's tests, one group) to its processes in
+# collection order, so a long test collected last would run alone at the end while the others wait.
+LONGEST_FIRST = (
+    "tests/integration/test_cluster.py",
+    "tests/integration/test_partition.py",
+    "tests/integration/test_container.py",
+    "tests/integration/test_failover.py",
+    "tests/identity/test_model.py",
+    "tests/persons/test_model.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, path in enumerate(LONGEST_FIRST) if item.nodeid.startswith(path)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)

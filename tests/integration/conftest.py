@@ -38,8 +38,11 @@ BOOTSTRAP = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '9092')}"  # where scripts
 
 
 def _kafka_sh(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    # a node started while the other tests load both cores, or catching up after its disk was wiped, can take
+    # longer than the script's own 90 s to answer: give it most of the call's time
+    env = {**os.environ, "KAFKA_START_TIMEOUT": str(int(max(90, timeout - 30)))}
     return subprocess.run(["bash", str(KAFKA_SH), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
 
 

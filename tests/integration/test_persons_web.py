@@ -147,7 +147,8 @@ def test_person_lookup_from_either_host(topics: Settings, start_worker: kit.Star
               # bob's phone and dave's email, claimed by them; the phone by pw-anon's user; both by pw-both's
               "streams_person_claims": 5}
     metrics = wait_for_metrics(hosts, gauges)
-    assert metrics["streams_person_mappings_written_total"] == len(mappings), metrics
+    # at least once: a batch tried again (a send that timed out, a rebalance) writes its mappings again
+    assert metrics["streams_person_mappings_written_total"] >= len(mappings), metrics
     assert metrics["streams_person_tombstones_written_total"] == 0, metrics
     assert metrics["streams_person_unreadable_messages_total"] == 0, metrics
     assert metrics['streams_person_messages_total{kind="claim"}'] >= 5, metrics
