@@ -234,7 +234,7 @@ def render_metrics(app: StreamsApp) -> str:
         metric("person_tombstones_written_total", "counter", "tombstones written to the persons topic (a mapping "
                "that no longer holds)", [({}, p.tombstones_written)])
         metric("person_unreadable_messages_total", "counter", "persons stage messages that could not be applied "
-               "(logged and skipped)", [({}, p.unreadable)])
+               "(each kept as a dead letter)", [({}, p.unreadable)])
         metric("person_refused_claims_total", "counter", "claims and sign-ups not made: the device was at its "
                "bound (1,000 of each; an unbind makes room)", [({}, p.refused_claims)])
     return "\n".join(out) + "\n"

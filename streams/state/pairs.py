@@ -32,6 +32,9 @@ def _bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+_ABSENT = object()  # a savepoint's record of a key the batch had not written
+
+
 class StoredPairs:
     def __init__(self, db: KeyValueDB, prefix: bytes = b"") -> None:
         self.db = db
@@ -40,6 +43,37 @@ class StoredPairs:
         # per pair's entry prefix, the devices written in this batch: a pair's entries are read with its
         # stored ones, without a look at every write of the batch
         self._dirty_entries: dict[bytes, dict[bytes, bytes | None]] = {}
+        # since the savepoint: each written key's value in the batch before it (`rollback` puts them back)
+        self._undo: dict[bytes, object] | None = None
+
+    # -- one message, whole or not at all -------------------------------------------------------------------
+
+    def savepoint(self) -> None:
+        """From here, the writes can be taken back (`rollback`) until `release`."""
+        self._undo = {}
+
+    def release(self) -> None:
+        self._undo = None
+
+    def rollback(self) -> None:
+        """The batch's writes as they were at the savepoint."""
+        undo, self._undo = self._undo or {}, None
+        for key, old in undo.items():
+            if old is _ABSENT:
+                self.dirty.pop(key, None)
+            else:
+                self.dirty[key] = old  # type: ignore[assignment]
+        for start, devices in self._dirty_entries.items():
+            for device in [d for d in devices if start + d in undo]:
+                if start + device in self.dirty:
+                    devices[device] = self.dirty[start + device]
+                else:
+                    del devices[device]
+
+    def _write(self, key: bytes, value: bytes | None) -> None:
+        if self._undo is not None and key not in self._undo:
+            self._undo[key] = self.dirty.get(key, _ABSENT)
+        self.dirty[key] = value
 
     def _get(self, key: bytes) -> bytes | None:
         if key in self.dirty:
@@ -78,24 +112,24 @@ class StoredPairs:
         start = self._entry_prefix(pair)
         device = _bytes(device_id)
         value = None if entry is None else codec.encode_entry(entry)
-        self.dirty[start + device] = value
+        self._write(start + device, value)
         self._dirty_entries.setdefault(start, {})[device] = value
 
     def put_summary(self, pair: str, summary: Summary | None) -> None:
-        self.dirty[self.prefix + b"S" + _bytes(pair)] = None if summary is None else codec.encode_summary(summary)
+        self._write(self.prefix + b"S" + _bytes(pair), None if summary is None else codec.encode_summary(summary))
 
     def user(self, user_id: str) -> bytes | None:
         """The persons index: what was last written for a device user."""
         return self._get(self.prefix + b"U" + _bytes(user_id))
 
     def put_user(self, user_id: str, value: bytes | None) -> None:
-        self.dirty[self.prefix + b"U" + _bytes(user_id)] = value
+        self._write(self.prefix + b"U" + _bytes(user_id), value)
 
     def device(self, device_id: str) -> bytes | None:
         return self._get(self.prefix + b"D" + _bytes(device_id))
 
     def put_device(self, device_id: str, value: bytes | None) -> None:
-        self.dirty[self.prefix + b"D" + _bytes(device_id)] = value
+        self._write(self.prefix + b"D" + _bytes(device_id), value)
 
     def take(self) -> list[tuple[bytes, bytes | None]]:
         """The batch's writes (None: a deletion), forgotten here: the caller makes them durable."""

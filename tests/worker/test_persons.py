@@ -16,11 +16,13 @@ from typing import Any
 import orjson
 import pytest
 
+from streams import codec as persons_codec
 from streams.enrich import Enricher, EnrichSettings
 from streams.offline.replay import replay
 from streams.state.keys import OFFSET_KEY
 from streams.worker.batch import Pipeline
 from streams.worker.names import Topics
+from streams.worker.stages import persons as persons_stage
 from streams.worker.stages.persons import CLAIM, HEADER
 from tests.fakes import DB, TP, Broker, Record
 from tests.fakes import recover as recover_partition
@@ -168,7 +170,7 @@ def test_without_crashes_the_persons_topic_repeats_nothing(tmp_path: Path) -> No
             assert all(a != b for a, b in itertools.pairwise(seq)), f"{key!r} written twice alike: {seq}"
 
 
-def test_a_damaged_persons_message_is_counted_and_skipped() -> None:
+def test_a_damaged_persons_message_is_kept_as_a_dead_letter() -> None:
     broker = Broker(random.Random(0))
     dbs: dict[tuple[str, int], DB] = defaultdict(DB)
     worker = pipeline(broker, dbs, EnrichSettings())
@@ -178,3 +180,58 @@ def test_a_damaged_persons_message_is_counted_and_skipped() -> None:
     result = asyncio.run(worker.process({TP(T.persons_repartition or "", 0): bad}, {}))
     assert result.commit == {TP(T.persons_repartition or "", 0): 3}
     assert worker.persons_counters.unreadable == 3
+    letters = [orjson.loads(r.value or b"") for q in range(T.partitions) for r in broker.logs[(T.dead_letter, q)]]
+    assert sorted(d["source"]["offset"] for d in letters) == [0, 1, 2]
+    assert {(d["reason"], d["source"]["topic"]) for d in letters} == {("internal_error", T.persons_repartition)}
+    assert [d["raw"] for d in sorted(letters, key=lambda d: d["source"]["offset"])] == ["not json", "[]", "[]"]
+
+
+def claim_messages(settings: EnrichSettings) -> list[Record]:
+    """The claim messages the device side sends for devices that bind phones some of them share."""
+    broker = Broker(random.Random(0))
+    lines = [orjson.dumps({"device_id": f"dev-{d}", "platform": "web", "action": "bind", "key": "$identity_mobile",
+                           "value": f"p{d % 3}"}) for d in range(12)]
+    produce(broker, lines, settings)
+    worker = pipeline(broker, defaultdict(DB), settings)
+    asyncio.run(worker.process({TP(T.raw, p): broker.logs[(T.raw, p)] for p in range(T.partitions)}, {}))
+    return [r for q in range(T.partitions) for r in broker.logs[(T.persons_repartition or "", q)]
+            if dict(r.headers or []).get(HEADER) == CLAIM]
+
+
+def test_a_persons_message_that_fails_midway_is_never_half_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault after the pair was written (injected into the stage's `claim`): the pair stays as it was, no owner
+    is announced for it, the message is a dead letter, and the messages around it are applied as without it."""
+    settings = EnrichSettings()
+    messages = claim_messages(settings)
+    q = max(range(T.partitions), key=lambda q: sum(r.partition == q for r in messages))
+    mine = [r for r in messages if r.partition == q]
+    assert len(mine) >= 3
+    victim = mine[len(mine) // 2]
+
+    def run(batch: list[Record]) -> tuple[Broker, DB]:
+        broker = Broker(random.Random(0))
+        dbs: dict[tuple[str, int], DB] = defaultdict(DB)
+        worker = pipeline(broker, dbs, settings)
+        result = asyncio.run(worker.process({TP(T.persons_repartition or "", q): batch}, {}))
+        assert result.commit == {TP(T.persons_repartition or "", q): mine[-1].offset + 1}
+        return broker, dbs[("persons", q)]
+
+    without, db_without = run([r for r in mine if r is not victim])
+    real_claim = persons_stage.claim
+
+    def failing_claim(pairs: Any, pair: str, device_id: str, *args: Any) -> Any:
+        answers = real_claim(pairs, pair, device_id, *args)
+        if (pair.encode(), device_id) == (victim.key, persons_codec.decode_claim(victim.value or b"")[0]):
+            raise RuntimeError("a fault after the pair was written")
+        return answers
+
+    monkeypatch.setattr(persons_stage, "claim", failing_claim)
+    broker, db = run(mine)
+    assert db == db_without
+    for topic in (T.persons_repartition or "", T.persons or ""):
+        for p in range(T.partitions):
+            sent = [(r.key, r.value) for r in broker.logs[(topic, p)]]
+            assert sent == [(r.key, r.value) for r in without.logs[(topic, p)]], (topic, p)
+    (letter,) = [orjson.loads(r.value or b"") for p in range(T.partitions) for r in broker.logs[(T.dead_letter, p)]]
+    assert letter["source"] == {"topic": T.persons_repartition, "partition": q, "offset": victim.offset}
+    assert letter["reason"] == "internal_error"

@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from streams import codec
 from streams.enrich import EnrichSettings, Outcome
+from streams.identity import Reason, Rejected
 from streams.persons import DevicePersons, UserIds, claim, mapping_of, observe, on_owner
 from streams.persons.device import NOTHING, may_claim
 from streams.state.keys import INTERNAL
 from streams.worker.send import Message, put
+from streams.worker.stages.route import dead_letter
 
 if TYPE_CHECKING:
     from streams.worker.batch import Run
@@ -201,14 +203,36 @@ class PartitionPersons:
             self._count(name, now - was)
 
     def apply(self, devices: Any, kind: bytes, key: bytes, value: bytes, send: Send) -> None:
-        """A record of the persons repartition topic, by its kind."""
-        text = key.decode()
+        """A record of the persons repartition topic, by its kind, applied whole or not at all: its writes to the
+        pairs are taken back, and what it would send or count is dropped, when it fails midway. A pair whose
+        owner changed in the table with its devices never told would stay wrong for good. (The device side
+        writes once, last: `on_owner`.)"""
+        held: list[tuple[str, int, Message]] = []
+        saved = dict(self.stats), self.stats_changed
+        counters, self.counters = self.counters, PersonsCounters()
+        self.pairs.savepoint()
+        try:
+            self._apply(devices, kind, key.decode(), value, lambda *message: held.append(message))
+        except BaseException:
+            self.pairs.rollback()
+            self.stats.clear()
+            self.stats.update(saved[0])
+            self.stats_changed = saved[1]
+            raise
+        finally:
+            self.counters, applied = counters, self.counters
+        self.pairs.release()
+        counters.add(applied)
+        for topic, partition, message in held:
+            send(topic, partition, message)
+
+    def _apply(self, devices: Any, kind: bytes, key: str, value: bytes, send: Send) -> None:
         if kind == CLAIM:
-            self.on_claim(text, value, send)
+            self.on_claim(key, value, send)
         elif kind == USER:
-            self.on_user(text, value, send)
+            self.on_user(key, value, send)
         elif kind == OWNER:
-            self.on_owner(devices, text, value)
+            self.on_owner(devices, key, value)
         else:
             raise ValueError(f"unknown persons message kind {kind[:32]!r}")
 
@@ -274,7 +298,7 @@ def messages(run: Run, p: int) -> None:
     state, send = run.states[p], _sender(run, p)
     if stage is not None:
         for rec in records:
-            _message(stage, state, rec, send, run.quarantine)
+            _message(run, p, stage, state, rec, send)
     run.read(tp, records)
     if stage is not None:
         stage.finish(state, send)
@@ -289,17 +313,21 @@ def _sender(run: Run, p: int) -> Callable[[str, int, Message], None]:
     return send
 
 
-def _message(stage: PartitionPersons, state: Any, rec: KafkaRecord, send: Send, quarantine: bool) -> None:
-    """A record of the persons repartition topic. Ours alone write it: one that cannot be read is logged and
-    counted, never a reason to stop the partition."""
+def _message(run: Run, p: int, stage: PartitionPersons, state: Any, rec: KafkaRecord, send: Send) -> None:
+    """A record of the persons repartition topic. Ours alone write it; one that cannot be read or applied (or,
+    in quarantine, any) is kept as an `internal_error` dead letter with its place, never half-applied, and
+    the partition goes on."""
     try:
-        if quarantine:
-            raise RuntimeError("the worker failed on this message alone")
+        if run.quarantine:
+            raise Rejected(Reason.INTERNAL_ERROR, "", "the worker failed on this persons message alone; kept as "
+                           "it was, the pairs untouched")
         kind = kind_of(rec.headers)
         if kind is None or rec.key is None or rec.value is None:
-            raise ValueError("not a persons message")
+            raise Rejected(Reason.INTERNAL_ERROR, "", "not a persons message: no kind header, key or value")
         stage.apply(state, kind, rec.key, rec.value, send)
     except Exception as e:
         stage.counters.unreadable += 1
-        log.error("partition %d: persons message at offset %d skipped (%s: %s)", rec.partition, rec.offset,
-                  type(e).__name__, str(e)[:200])
+        log.error("partition %d: persons message at offset %d not applied (%s: %s); kept as a dead letter",
+                  rec.partition, rec.offset, type(e).__name__, str(e)[:200])
+        source = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
+        dead_letter(run, p, e, rec.value or b"", source, None, rec.partition)
