@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,12 +165,23 @@ class TransactionalProducer:
         self._check()
         self.offsets.update({(tp.topic, tp.partition): o for tp, o in offsets.items()})
 
+    async def abort_transaction(self) -> None:
+        """Its records aborted, each of their partitions closed by a marker; a fenced producer cannot."""
+        self._check()
+        assert self.pending is not None
+        touched = dict.fromkeys((r.topic, r.partition) for r in self.pending)
+        self._abort()
+        self._markers(touched)
+
+    def _markers(self, partitions: Iterable[tuple[str, int]]) -> None:
+        for topic, partition in partitions:
+            log = self.broker.logs[(topic, partition)]
+            log.append(Record(topic, partition, len(log), None, None, control=True))
+
     async def commit_transaction(self) -> None:
         self._check()
         assert self.pending is not None
-        for topic, partition in dict.fromkeys((r.topic, r.partition) for r in self.pending):
-            log = self.broker.logs[(topic, partition)]
-            log.append(Record(topic, partition, len(log), None, None, control=True))
+        self._markers(dict.fromkeys((r.topic, r.partition) for r in self.pending))
         self.broker.committed.update(self.offsets)
         self.pending = None
         self.offsets = {}

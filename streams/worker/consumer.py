@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.errors import IllegalStateError
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
@@ -25,7 +25,7 @@ from mode.utils.objects import cached_property
 from streams.worker.batch import BatchFailed, Pipeline
 from streams.worker.names import input_topics
 from streams.worker.recovery import MarkerAwareRecovery
-from streams.worker.retries import Retries
+from streams.worker.retries import Retries, transient
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class BatchConsumer(AIOKafkaConsumer):
                             # is done again (exactly-once: the partitions whose transaction failed)
                             failed = e.tps if isinstance(e, BatchFailed) else set(batch)
                             cause = e.cause if isinstance(e, BatchFailed) else e
-                            self.kafka_trouble = isinstance(cause, TimeoutError | KafkaError | OSError)
+                            self.kafka_trouble = transient(cause)
                             self.pipeline.counters.failed_batches += 1
                             pause = self.retries.failed()
                             log.error("batch failed (%s: %s); it will be processed again in %.1fs",
@@ -166,7 +166,7 @@ class BatchConsumer(AIOKafkaConsumer):
 
     async def _isolate(self, batch: Mapping[Any, Sequence[Any]], positions: Mapping[tuple[str, int], int],
                        ends: Mapping[tuple[str, int], int],
-                       rewind: dict[Any, int]) -> None:  # pragma: no cover - exercised against the broker
+                       rewind: dict[Any, int]) -> None:
         """Apply the batch one record at a time; a record that fails alone (not on Kafka) is kept as an
         `internal_error` dead letter, and the partition goes on."""
         log.error("a batch failed %d times in a row; its records are tried one at a time", self.retries.failures)
@@ -177,7 +177,7 @@ class BatchConsumer(AIOKafkaConsumer):
                     result = await self.pipeline.process({tp: [rec]}, positions, ends)
                 except Exception as e:
                     cause = e.cause if isinstance(e, BatchFailed) else e
-                    if isinstance(cause, TimeoutError | KafkaError | OSError):
+                    if transient(cause):
                         raise
                     # what the failed try marked as applied in memory was never written: forget it, or the
                     # record would be skipped instead of kept

@@ -3,17 +3,34 @@
 Lives here: `Retries`, the count of a partition set's consecutive failures with the pause before the next
 try (0.5 s doubling to 30 s), and the decision to stop trying the batch whole. A batch fails for one of two
 kinds of reason:
-- Kafka (a broker down, a leader moving, a fenced producer): nothing in the records is wrong; the batch is
-  tried again, with the pause, until Kafka answers. Dropping records would lose them, and exiting would only
-  move the wait to the next worker.
-- anything else (a defect of ours that the per-record checks missed): trying again would fail again. After
-  `isolate_after` tries its records are tried one at a time, and a record that fails alone is kept as a
-  dead letter; the partition goes on.
+- Kafka trouble that passes (a broker down, a leader moving, a fenced producer): nothing in the records is
+  wrong; the batch is tried again, with the pause, until Kafka answers. Dropping records would lose them, and
+  exiting would only move the wait to the next worker.
+- anything else: a defect of ours that the per-record checks missed, or a record that no broker will ever
+  take (`REFUSED_RECORD`: too large for it, say). Trying again would fail again. After `isolate_after` tries
+  its records are tried one at a time, and a record that fails alone is kept as a dead letter; the partition
+  goes on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from aiokafka.errors import (
+    CorruptRecordException,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
+
+# the broker (or the client, before it sends) refuses the record itself: no retry can cure it
+REFUSED_RECORD = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError, CorruptRecordException)
+
+
+def transient(error: BaseException) -> bool:
+    """Whether `error` is Kafka trouble that passes, to be waited out rather than isolated."""
+    return isinstance(error, TimeoutError | KafkaError | OSError) and not isinstance(error, REFUSED_RECORD)
 
 FIRST_PAUSE = 0.5
 LONGEST_PAUSE = 30.0

@@ -21,6 +21,7 @@ records and input offsets; they run side by side and fail alone. RocksDB follows
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +29,16 @@ from aiokafka.structs import TopicPartition
 
 from streams.state.keys import PLAN_KEY
 from streams.state.transaction import PartitionState
+from streams.worker.retries import transient
 from streams.worker.send import Message, Outbox, acked, last_offsets, send_all
 
 if TYPE_CHECKING:
     from streams.worker.batch import Pipeline, Run
     from streams.worker.stages.persons import PartitionPersons
+
+log = logging.getLogger(__name__)
+
+ABORT_TIMEOUT = 30.0  # seconds: an abort that takes longer is given up, and the producer closed
 
 Written = tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes | None]]]  # device states, persons table
 
@@ -147,12 +153,25 @@ async def _in_transaction(step: Pipeline, p: int, outbox: Outbox,
                 {TopicPartition(tp.topic, tp.partition): o for tp, o in offsets.items()}, step.group)
         await producer.commit_transaction()
         step.counters.transactions += 1
-    except BaseException:
+    except BaseException as e:
+        if not transient(e) and isinstance(e, Exception) and await _aborted(producer):
+            # the batch's own content failed (a defect of ours, or a record the broker refuses), not Kafka: the
+            # producer still holds p, and its records can be tried one at a time (`BatchConsumer._isolate`)
+            raise
         # no abort: a fenced or broken producer cannot; the next producer opened for p (this worker's once
         # the group confirms it owns p, or the next owner's) makes the broker abort what was left open
         await step.transactions.lose(p)
         raise
     return sent
+
+
+async def _aborted(producer: Any) -> bool:
+    try:
+        await asyncio.wait_for(producer.abort_transaction(), ABORT_TIMEOUT)
+    except Exception as e:
+        log.warning("a failed transaction could not be aborted (%s); its producer is closed", type(e).__name__)
+        return False
+    return True
 
 
 def _changes(state: PartitionState | None, stage: PartitionPersons | None) -> Written:

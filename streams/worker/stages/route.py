@@ -130,6 +130,11 @@ def _route(run: Run, p: int, recs: Sequence[KafkaRecord], from_raw: bool) -> Ite
             key = device_id.encode()
             if from_raw and (rec.key != key or step.partition_for(device_id) != p):
                 header = f"{t.raw}/{p}/{rec.offset}".encode()
+                if len(raw) + len(key) + len(header) > codec.MAX_OUTPUT_BYTES:
+                    # no broker with Kafka's default limits takes it, and retrying would stall the partition
+                    raise Rejected(Reason.TOO_LARGE, "", f"{len(raw)} bytes: too large to forward to its "
+                                   f"device's partition (keyed by another key than its device_id); the "
+                                   f"largest record the worker sends is {codec.MAX_OUTPUT_BYTES} bytes")
                 put(outbox, t.repartition, step.partition_for(device_id), (key, raw, [(SOURCE_HEADER, header)]))
                 counters.forwarded += 1
                 continue
