@@ -233,8 +233,9 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., kit.Worker]]:
     """Start workers; whatever still runs at the end of the test is stopped (SIGTERM, then SIGKILL)."""
     started: list[kit.Worker] = []
 
-    def start(settings: Settings, name: str = "worker", prefix: Sequence[str] = (), **changes: Any) -> kit.Worker:
-        worker = kit.Worker(replace(settings, **changes), tmp_path / f"{name}.log", name, prefix)
+    def start(settings: Settings, name: str = "worker", prefix: Sequence[str] = (),
+              faults: dict[str, str] | None = None, **changes: Any) -> kit.Worker:
+        worker = kit.Worker(replace(settings, **changes), tmp_path / f"{name}.log", name, prefix, faults)
         started.append(worker)
         return worker
 

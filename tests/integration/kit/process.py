@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,10 @@ def worker_env(settings: Settings) -> dict[str, str]:
 class Worker:
     """`python -m streams worker` with `settings` in its environment; output in `log_path`."""
 
-    def __init__(self, settings: Settings, log_path: Path, name: str = "worker", prefix: Sequence[str] = ()) -> None:
+    def __init__(self, settings: Settings, log_path: Path, name: str = "worker", prefix: Sequence[str] = (),
+                 faults: Mapping[str, str] | None = None) -> None:
+        """`faults`: FAULT_* variables for `tests/integration/faults.py`, which then runs the worker with those
+        faults patched into its process."""
         self.settings = settings
         self.name = name
         self.log_path = log_path
@@ -74,8 +77,9 @@ class Worker:
             log.flush()
             self.proc = subprocess.Popen(
                 # `prefix`: where it runs, e.g. `ip netns exec HOST` (a test host, scripts/testhosts.py)
-                [*prefix, sys.executable, "-m", "streams", "worker"],
-                cwd=ROOT, env=worker_env(settings), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [*prefix, sys.executable, "-m", "tests.integration.faults" if faults else "streams", "worker"],
+                cwd=ROOT, env={**worker_env(settings), **(faults or {})}, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT,
             )
         self.started = time.monotonic()
 
