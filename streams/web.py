@@ -39,14 +39,12 @@ def install(app: StreamsApp) -> None:
     @app.page("/devices/{device_id}")
     class Device(View):
         async def get(self, request: Request, device_id: str) -> Response:
-            owner = owner_url(app, app.streams_pipeline.partition_for(device_id))
+            partition = app.streams_pipeline.partition_for(device_id)
+            owner = owner_url(app, partition)
             if owner is not None and owner != str(app.conf.canonical_url) and ROUTED not in request.headers:
                 return await route(app, self, request, owner)
-            found = lookup(app, device_id)
-            if found is None:
-                return self.json({"device_id": device_id, "error": "no identity state stored for this device "
-                                  "(never seen, or only records that change nothing)"}, status=404)
-            return self.json(found)
+            status, body = device(app, device_id, partition)
+            return self.json(body, status=status)
 
     @app.page("/persons/{user_id}")
     class Person(View):
@@ -131,6 +129,20 @@ def not_serving(app: StreamsApp, changelog: str, partition: int) -> str | None:
     if app.rebalancing:
         return "is not ready: the group is rebalancing, and this worker may be rebuilding it from its changelog"
     return None
+
+
+def device(app: StreamsApp, device_id: str, partition: int) -> tuple[int, dict[str, Any]]:
+    """A device's state as this worker holds it, the owner of its partition: the HTTP status and the JSON body.
+    A partition it does not serve now answers 503, not a false 404 or a stale state."""
+    unavailable = not_serving(app, app.streams_pipeline.topics.changelog, partition)
+    if unavailable is not None:
+        return 503, {"device_id": device_id, "error": f"partition {partition} of the device table {unavailable}: "
+                     "ask again shortly"}
+    found = lookup(app, device_id)
+    if found is None:
+        return 404, {"device_id": device_id, "error": "no identity state stored for this device (never seen, or "
+                     "only records that change nothing)"}
+    return 200, found
 
 
 def lookup(app: StreamsApp, device_id: str) -> dict[str, Any] | None:
