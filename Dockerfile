@@ -45,9 +45,10 @@ USER streams
 WORKDIR /var/lib/streams
 VOLUME ["/var/lib/streams"]
 EXPOSE 6066
-# Healthy while the worker's HTTP server answers /metrics (it starts with the worker; no curl in slim
-# images, hence Python).
+# Healthy while the worker is live: /health/live fails when records wait and no batch has completed for 120 s
+# (a partition stalled, a retry that never ends); a rebalance, however long, is not a failure (no curl in
+# slim images, hence Python).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('STREAMS_WEB_PORT', '6066'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % os.environ.get('STREAMS_WEB_PORT', '6066'), timeout=4)"]
 ENTRYPOINT ["python", "-m", "streams"]
 CMD ["worker"]

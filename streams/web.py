@@ -22,7 +22,7 @@ from streams.state.keys import INTERNAL
 from streams.state.restore import RestoreCounters
 from streams.state.transaction import FORWARDED
 from streams.worker.app import StreamsApp, built_on_first_use
-from streams.worker.names import PERSONS_TABLE, TABLE
+from streams.worker.names import PERSONS_TABLE, TABLE, input_topics
 from streams.worker.recovery import MarkerAwareRecovery
 from streams.worker.stages.persons import STATS, STATS_KEY, stored_stats
 
@@ -35,6 +35,18 @@ def install(app: StreamsApp) -> None:
     class Metrics(View):
         async def get(self, request: Request) -> Response:
             return self.text(render_metrics(app), content_type="text/plain; version=0.0.4")
+
+    @app.page("/health/live")
+    class Live(View):
+        async def get(self, request: Request) -> Response:
+            status, body = health(app, time.monotonic(), ready=False)
+            return self.json(body, status=status)
+
+    @app.page("/health/ready")
+    class Ready(View):
+        async def get(self, request: Request) -> Response:
+            status, body = health(app, time.monotonic())
+            return self.json(body, status=status)
 
     @app.page("/devices/{device_id}")
     class Device(View):
@@ -285,12 +297,33 @@ def _standby_positions(app: StreamsApp) -> dict[int, int]:
     return recovery.standby_positions() if isinstance(recovery, MarkerAwareRecovery) else {}
 
 
+# no batch completed this long while records wait: /health says the worker is stuck (an orchestrator restarts it)
+STALL_SECONDS = 120.0
+
+
+def health(app: StreamsApp, now: float, ready: bool = True) -> tuple[int, dict[str, Any]]:
+    """Live (200) unless records wait in a partition this worker holds and no batch has completed for
+    STALL_SECONDS (a worker retrying for ever, a partition stalled): 503, saying why; an orchestrator restarts
+    it. Ready as well unless the group is rebalancing. A rebalance, however long its state rebuild, is not a
+    stall: restarting the worker would only start the rebuild again. An idle worker is live and ready."""
+    if app.rebalancing:
+        if ready:
+            return 503, {"status": "not ready", "reason": "the group is rebalancing"}
+        return 200, {"status": "live", "reason": "the group is rebalancing"}
+    lag = sum(value for _, value in _lag(app))
+    idle = now - app.streams_pipeline.last_batch_at
+    if lag > 0 and idle > STALL_SECONDS:
+        return 503, {"status": "stalled", "reason": f"no batch completed for {idle:.0f}s while {lag:.0f} records "
+                     f"wait", "lag": lag, "failed_batches_in_a_row": _failures_in_a_row(app)}
+    return 200, {"status": "ready" if ready else "live", "lag": lag, "seconds_since_last_batch": round(idle, 1)}
+
+
 def _lag(app: StreamsApp) -> list[tuple[dict[str, str], float]]:
     consumer = app.consumer
-    topics = app.streams_pipeline.topics
+    mine = set(input_topics(app.streams_pipeline.topics))  # the persons repartition topic too
     samples: list[tuple[dict[str, str], float]] = []
     for tp in sorted(consumer.assignment()):
-        if tp.topic not in (topics.raw, topics.repartition):
+        if tp.topic not in mine:
             continue
         try:
             high = consumer.highwater(tp)

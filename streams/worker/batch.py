@@ -172,6 +172,7 @@ class Pipeline:
         self.counters = Counters()
         # (topic, partition) -> the next offset to process: what the lag metric measures against
         self.positions: dict[tuple[str, int], int] = {}
+        self.last_batch_at = time.monotonic()  # when a batch last completed (or the worker started): /health
         self.key_hashes = KeyHashes(200_000, partitioner)
         self.applied: dict[int, Applied] = {}  # per owned table partition, as of the last batch
         # the persons stage (`streams.worker.stages.persons`): on when its topics are named and its table given
@@ -220,7 +221,8 @@ class Pipeline:
         counters = run.counters
         counters.batches = 1
         counters.state_writes = sum(s.written for s in run.states.values())
-        counters.latency_sum = time.monotonic() - run.started
+        self.last_batch_at = time.monotonic()
+        counters.latency_sum = self.last_batch_at - run.started
         self.counters.add(counters)
         return BatchResult(run.commit, run.rewind)
 

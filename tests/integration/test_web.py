@@ -63,6 +63,12 @@ def test_metrics_count_a_known_input(topics: Settings, start_worker: kit.StartWo
             if m == "streams_consumer_lag" and dict(labels)["topic"] == topics.raw_topic}
     assert sorted(lags) == ["0", "1", "2", "3"]
     assert sum(lags.values()) == 0
+    persons_lags = {labels for (m, labels), _ in samples.items()
+                    if m == "streams_consumer_lag" and dict(labels)["topic"].endswith("persons-repartition")}
+    assert len(persons_lags) == topics.partitions, samples  # every topic the worker reads
+    for path, status in (("/health/live", "live"), ("/health/ready", "ready")):
+        code, body = kit.get(f"http://127.0.0.1:{topics.web_port}{path}")
+        assert code == 200 and orjson.loads(body)["status"] == status, (path, body)
     assert samples[("streams_state_devices", frozenset())] == len(expected_states())
     batches = samples[("streams_batches_total", frozenset())]
     assert batches >= 1
