@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import platform
 import shutil
 import sys
@@ -38,7 +39,17 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from harness import ROOT
-from harness.broker import BROKERS, LOG_APPEND_TIME, PARTITIONS, Kafka, free_port, last_offsets, partition_of
+from harness.broker import (
+    BROKERS,
+    LOG_APPEND_TIME,
+    PARTITIONS,
+    Broker,
+    HarnessError,
+    Kafka,
+    free_port,
+    last_offsets,
+    partition_of,
+)
 from harness.children import Worker, labelled
 from harness.recovery import (
     RUN_FAUST_PATH,
@@ -53,6 +64,8 @@ from harness.recovery import (
     wait_until,
 )
 from harness.report import machine
+
+from streams.kafka import admin as kafka_admin
 
 RUN_DIR = ROOT / ".cache" / "bench-recovery"
 STATES = 1_000_000
@@ -288,6 +301,20 @@ def failover_lines(fails: list[Failover], rate: int) -> list[str]:
                         "default: the group notices a killed worker only then)"]
 
 
+async def answers(brokers: str) -> None:
+    """Raises unless a broker answers the admin API on `brokers` (aiokafka's own complaints kept quiet)."""
+    quiet = logging.getLogger("aiokafka")
+    level, quiet.level = quiet.level, logging.CRITICAL
+    admin = kafka_admin.Admin(bootstrap_servers=brokers, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        await admin.list_topics()
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+        quiet.level = level
+
+
 def main(argv: list[str] | None = None) -> int:
     global STATES
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -301,6 +328,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     STATES = args.states
     RUN_DIR.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if args.brokers == BROKERS:  # scripts/kafka.sh's: started when none answers, as make run does
+        broker = Broker(lambda text: print(f"bench-recovery: {text}", flush=True))
+        try:
+            broker.ensure_up()
+        except HarnessError as e:
+            print(f"bench-recovery: no broker on {BROKERS}, and starting one failed: {e}", file=sys.stderr)
+            return 2
+    try:
+        asyncio.run(asyncio.wait_for(answers(args.brokers), 60))
+    except Exception as e:
+        print(f"bench-recovery: no broker answers on {args.brokers} ({type(e).__name__}): start one with "
+              "`make kafka`, or pass --brokers HOST:PORT", file=sys.stderr)
+        return 2
     names = Names(f"rb{int(time.time())}", args.guarantee, args.brokers)
     lines = [f"machine: {machine()}; Python {platform.python_version()}; {args.guarantee}; "
              f"{PARTITIONS} partitions; one Kafka broker on the same machine", ""]
@@ -336,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             asyncio.run(names.delete_topics())
             shutil.rmtree(RUN_DIR / "state", ignore_errors=True)
+        if broker is not None:
+            broker.leave_as_found(restart=False)
     report = "\n".join(lines)
     print()
     print(report)
