@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 from aiokafka.errors import KafkaError, NodeNotReadyError, TopicAlreadyExistsError, for_code
 
 from streams.config import Settings
@@ -214,6 +215,27 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> in
             return count
 
     return await retrying(ensure, patience=30.0)
+
+
+async def member_urls(settings: Settings) -> dict[str, str]:
+    """The URL each member of the worker group advertises (Faust's member metadata), by member ID."""
+    async def describe() -> Any:
+        async with _admin(settings) as admin:
+            return await admin.describe_consumer_groups([settings.group])
+
+    urls: dict[str, str] = {}
+    for response in await retrying(describe, patience=30.0):
+        for group in response.groups:
+            if group[1] != settings.group:
+                continue
+            for member in group[5]:
+                member_id, metadata = member[0], member[-2]
+                try:
+                    user_data = ConsumerProtocolMemberMetadata.decode(metadata).user_data
+                    urls[member_id] = str(json.loads(user_data)["url"])
+                except Exception:
+                    continue  # not a worker of ours (or a protocol this does not read): no URL to compare
+    return urls
 
 
 async def group_assignment(settings: Settings) -> tuple[str, list[set[int]]]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -22,6 +24,8 @@ from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
 from mode.utils.objects import cached_property
 
+from streams.config import EX_CONFIG
+from streams.kafka import admin as kafka_admin
 from streams.worker.batch import BatchFailed, Pipeline
 from streams.worker.names import input_topics
 from streams.worker.recovery import MarkerAwareRecovery
@@ -53,6 +57,7 @@ class BatchConsumer(AIOKafkaConsumer):
     pipeline: Pipeline
     retries: Retries
     kafka_trouble = False  # whether the batch step's last failure was Kafka's
+    _url_checked = False  # whether the group's advertised URLs were compared with this worker's
     # per partition, the consumer's position at a moment when every record before it had been handed on
     settled_positions: dict[Any, int]
 
@@ -212,6 +217,29 @@ class BatchConsumer(AIOKafkaConsumer):
             async with self.batch_lock:
                 await transactions.own({tp.partition for tp in assigned if tp.topic in mine})
         await super().on_partitions_assigned(assigned, generation_id)
+        if not self._url_checked:
+            self._url_checked = True
+            await self._refuse_a_shared_url()
+
+    async def _refuse_a_shared_url(self) -> None:
+        """At the first assignment: another member of the group advertising this worker's URL would be sent
+        the lookups of both (the group's map of owners holds one worker per URL), and answer half of them
+        wrongly. Several workers on one machine, each with the default loopback URL, is the usual way to get
+        there. Refused here, before any batch, with what to set."""
+        app = cast(Any, self.app)
+        mine = str(app.conf.canonical_url)
+        try:
+            urls = await kafka_admin.member_urls(app.streams_settings)
+        except Exception as e:
+            log.warning("could not compare the group's advertised URLs (%s)", type(e).__name__)
+            return
+        if list(urls.values()).count(mine) > 1:
+            message = (f"another worker of group {app.streams_settings.group!r} advertises the same URL {mine}: "
+                       "lookups would reach the wrong one. Give each worker its own STREAMS_ADVERTISED_URL (or "
+                       "its own STREAMS_WEB_PORT)")
+            log.critical(message)
+            print(f"streams: {message}", file=sys.stderr, flush=True)
+            os._exit(EX_CONFIG)  # before any batch: nothing of this worker's is written yet
 
 
 def fetch_positions(consumer: Any) -> dict[Any, int]:

@@ -249,3 +249,20 @@ def test_records_placed_by_librdkafka_are_not_repartitioned_with_crc32(topics: S
     # and the lookup finds the devices where librdkafka put them
     status, body = kit.get(f"http://127.0.0.1:{topics.web_port}/devices/rd-007")
     assert status == 200 and orjson.loads(body)["partition"] == crc32(b"rd-007") % topics.partitions
+
+
+def test_a_second_worker_advertising_the_same_url_is_refused(topics: Settings, start_worker: kit.StartWorker,
+                                                             tmp_path: Path) -> None:
+    """Two workers of one group on one machine, the same advertised URL (each with its own port): the group's
+    map of owners would send both workers' lookups to one of them. The second is refused at its first
+    assignment, exit 78, saying what to set; the first goes on."""
+    url = f"http://127.0.0.1:{topics.web_port}"
+    first = start_worker(topics, name="first", advertised_url=url)
+    first.wait_ready()
+    second = start_worker(topics, name="second", advertised_url=url, web_port=kit.free_port(),
+                          state_dir=str(tmp_path / "state2"))
+    assert second.proc.wait(120) == 78
+    log = second.log_path.read_text(errors="replace")
+    assert "advertises the same URL" in log and "STREAMS_ADVERTISED_URL" in log, log[-2000:]
+    first.wait_ready()
+    first.check_alive()
