@@ -1,7 +1,9 @@
 """The command line: `python -m streams COMMAND` (or `streams COMMAND`).
 
 Lives here: argument parsing and the exit codes; each command calls into its module. Settings come from
-`config.Settings`: a flag beats its environment variable, which beats the default.
+`config.Settings`: a flag beats its environment variable, which beats the default. A setting that cannot be
+right (an unknown STREAMS_* variable, a value out of range, a TLS file that cannot be read) stops every command
+that reads settings with one line on stderr and exit code 78 (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -103,18 +105,26 @@ def lookup(commands: Any, name: str, argument: str, argument_help: str, **texts:
     config.add_arguments(parser, "state")
 
 
+# the commands that connect to Kafka: the files their settings name are read before they start
+KAFKA_COMMANDS = ("worker", "produce", "tail")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "bench":  # the benchmark sets up its own settings
+        return run_bench(args)
+    if args.command == "worker":
+        drop_faust_environment()
     try:
-        settings = config.Settings.from_env().with_args(args)
+        settings = config.Settings.load(os.environ, args)
+        if args.command in KAFKA_COMMANDS:
+            settings.check_files()
     except config.SettingError as e:
         print(f"streams {args.command}: {e}", file=sys.stderr)
-        return 2
+        return config.EX_CONFIG
     if args.command == "replay":
         return run_replay(args, settings)
-    if args.command == "bench":
-        return run_bench(args)
     if args.command == "state":
         return run_state(args, settings)
     if args.command == "person":
@@ -124,7 +134,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return kafka_commands.run(args, settings)
     if args.command == "worker":
-        drop_faust_environment()
         from streams import web
         from streams.worker.app import run_worker
 
@@ -138,9 +147,8 @@ def drop_faust_environment() -> None:
     imported (its web port, data dir, event loop: a Kubernetes service named `faust-web` injects
     FAUST_WEB_PORT=tcp://...), before any setting of ours applies; the app is built with an empty
     environment for the rest (`streams.worker.app`)."""
-    for name in [n for n in os.environ if n.startswith(("FAUST_", "F_"))]:
-        print(f"streams worker: ignoring {name} (the worker is configured by STREAMS_* variables only)",
-              file=sys.stderr)
+    for name in config.faust_variables(os.environ):
+        print(f"streams worker: {config.FAUST_IGNORED.format(name)}", file=sys.stderr)
         del os.environ[name]
 
 

@@ -7,7 +7,8 @@ stores, their changelogs and recovery (`streams.worker.recovery`), the web serve
 Event, a task and an await per record; a RocksDB write and a changelog record per table assignment) is what
 the batch step replaces. Start-up checks: `streams.worker.startup`.
 
-`python -m streams worker` runs it; `faust -A streams.worker.app worker` works too (settings from STREAMS_*).
+`python -m streams worker` runs it; `faust -A streams.worker.app worker` works too (settings from STREAMS_*), with
+the same start-up checks and exit codes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, cast
 
 import faust
 
-from streams.config import Settings
+from streams.config import EX_CONFIG, SettingError, Settings
 from streams.enrich import Enricher
 from streams.gcpolicy import tune_gc
 from streams.kafka.transactions import PartitionProducers, transactional_producer
@@ -32,7 +33,13 @@ from streams.worker.consumer import BatchConsumer
 from streams.worker.names import PERSONS_TABLE, TABLE, topic_names
 from streams.worker.recovery import StreamsTableManager
 from streams.worker.retries import Retries
-from streams.worker.startup import EX_CONFIG, ConfigurationError, Layout, controller_node, credentials, prepare_topics
+from streams.worker.startup import (
+    ConfigurationError,
+    Layout,
+    controller_node,
+    credentials,
+    prepare_topics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,14 +192,9 @@ def quiet_loggers(level: str) -> None:
 def run_worker(settings: Settings, extend: Callable[[StreamsApp], None] | None = None) -> int:
     """Run the worker until it is stopped; `extend` adds to the app first (the CLI adds the web views)."""
     quiet_loggers(settings.log_level)
-    try:
-        layout = asyncio.run(prepare_topics(settings))
-    except ConfigurationError as e:
-        print(f"streams worker: {e}", file=sys.stderr)
-        return EX_CONFIG
-    except Exception as e:
-        print(f"streams worker: cannot reach Kafka at {settings.brokers}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    layout = start_up(settings)
+    if isinstance(layout, int):
+        return layout
     app = create_app(settings, layout)
     if extend is not None:
         extend(app)
@@ -225,7 +227,30 @@ def built_on_first_use(extend: Callable[[StreamsApp], None] | None = None) -> Ca
 __getattr__ = built_on_first_use()
 
 
+def start_up(settings: Settings) -> Layout | int:
+    """The start-up checks of every entry point: the topics prepared, or refused. The layout, or the exit code
+    after a line on stderr: 78 (EX_CONFIG) when restarting will not help, 1 when Kafka did not answer."""
+    try:
+        return asyncio.run(prepare_topics(settings))
+    except (ConfigurationError, SettingError) as e:
+        print(f"streams worker: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except Exception as e:
+        print(f"streams worker: cannot reach Kafka at {settings.brokers}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
 def from_environment() -> StreamsApp:
-    """The app as `faust -A` finds it: settings from STREAMS_* variables, topics prepared at import."""
-    settings = Settings.from_env()
-    return create_app(settings, asyncio.run(prepare_topics(settings)))
+    """The app as `faust -A` finds it: settings from STREAMS_* variables (checked as `python -m streams worker`
+    checks them), topics prepared at import. A failed check exits as that command does."""
+    try:
+        settings = Settings.load()
+        settings.check_files()
+    except SettingError as e:
+        print(f"streams worker: {e}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+    quiet_loggers(settings.log_level)
+    layout = start_up(settings)
+    if isinstance(layout, int):
+        raise SystemExit(layout)
+    return create_app(settings, layout)

@@ -23,10 +23,6 @@ from streams.worker.names import topic_names
 
 log = logging.getLogger(__name__)
 
-EX_CONFIG = 78  # sysexits.h: a configuration error; restarting will not help
-
-
-
 
 class ConfigurationError(Exception):
     pass

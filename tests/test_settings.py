@@ -1,0 +1,278 @@
+"""Settings never fail silently: an unknown STREAMS_* variable, a value out of its range, settings that contradict
+each other and a TLS file that cannot be used each stop every command that reads settings at once, with one line
+that names the variable (exit 78, EX_CONFIG)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from streams import config
+from streams.config import EX_CONFIG, SettingError, Settings
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def run(command: list[str], env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def refusal(out: subprocess.CompletedProcess[str]) -> str:
+    """The one line a command says when it refuses its settings (and that it exited 78 without a traceback)."""
+    assert out.returncode == EX_CONFIG, (out.returncode, out.stderr[-3000:])
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+def load(**environ: str) -> Settings:
+    return Settings.load(environ)
+
+
+# -- unknown variables ---------------------------------------------------------------------------------------
+
+
+# every command that reads settings, as each is started
+ENTRY_POINTS = {
+    "worker": [sys.executable, "-m", "streams", "worker"],
+    "replay": [sys.executable, "-m", "streams", "replay", "--input", "-", "--output", "-", "--dead-letter",
+               "/dev/null"],
+    "produce": [sys.executable, "-m", "streams", "produce"],
+    "tail": [sys.executable, "-m", "streams", "tail", "enriched"],
+    "state": [sys.executable, "-m", "streams", "state", "some-device"],
+    "person": [sys.executable, "-m", "streams", "person", "6b0f3c1e-8a4d-5b2e-9c7f-0d1e2f3a4b5c"],
+    "console script": [str(BIN / "streams"), "worker"],
+    "faust -A streams.worker.app": [str(BIN / "faust"), "-A", "streams.worker.app", "worker"],
+    "faust -A streams.web": [str(BIN / "faust"), "-A", "streams.web", "worker"],
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_a_misspelt_variable_stops_every_command_and_names_the_setting(entry: str) -> None:
+    # a broker nobody answers on: a command that went on would hang or say "cannot reach Kafka" instead
+    out = run(ENTRY_POINTS[entry], {"STREAMS_BROKER": "127.0.0.1:1"})
+    line = refusal(out)
+    assert "STREAMS_BROKER is no setting; did you mean STREAMS_BROKERS?" in line, line
+
+
+def test_unknown_variables_are_named_with_the_closest_setting() -> None:
+    environ = {"STREAMS_BROKER": "x", "streams_group": "g", "STREAMS_REPLICATION": "3", "STREAMS_ZZZ": "1",
+               "STREAMS_SASL_PASSWROD": "secret", "STREAMS_BROKERS": "kafka:9092", "OTHER": "1"}
+    assert config.unknown_variables(environ) == [
+        "STREAMS_BROKER is no setting; did you mean STREAMS_BROKERS?",
+        "STREAMS_REPLICATION is no setting; did you mean STREAMS_REPLICATION_FACTOR?",
+        "STREAMS_SASL_PASSWROD is no setting; did you mean STREAMS_SASL_PASSWORD?",
+        "STREAMS_ZZZ is no setting (the settings: --help, or the README's Settings)",
+        "streams_group is no setting; did you mean STREAMS_GROUP?",
+    ]
+    with pytest.raises(SettingError) as refused:
+        load(**environ)
+    assert "secret" not in str(refused.value)  # names only, never a value
+
+
+def test_kubernetes_service_links_are_let_be() -> None:
+    """A service named `streams` (or `streams-web`) puts these into every pod of its namespace."""
+    links = {"STREAMS_SERVICE_HOST": "10.0.0.11", "STREAMS_SERVICE_PORT": "6066", "STREAMS_SERVICE_PORT_HTTP": "6066",
+             "STREAMS_PORT": "tcp://10.0.0.11:6066", "STREAMS_PORT_6066_TCP": "tcp://10.0.0.11:6066",
+             "STREAMS_PORT_6066_TCP_PROTO": "tcp", "STREAMS_PORT_6066_TCP_PORT": "6066",
+             "STREAMS_PORT_6066_TCP_ADDR": "10.0.0.11", "STREAMS_WEB_SERVICE_HOST": "10.0.0.12"}
+    assert config.unknown_variables(links) == []
+    assert load(**links) == Settings()
+    # but a port that is not a link's is a misspelt setting
+    assert config.unknown_variables({"STREAMS_PORT": "6067"}) == [
+        "STREAMS_PORT is no setting; did you mean STREAMS_WEB_PORT?"]
+    # and a link that lands on a setting says where it comes from
+    with pytest.raises(SettingError, match="Kubernetes sets it for a service named streams-web"):
+        load(STREAMS_WEB_PORT="tcp://10.0.0.12:80")
+
+
+# -- values out of range -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), [
+    ("STREAMS_PARTITIONS", "0", "1 or more"),
+    ("STREAMS_REPLICATION_FACTOR", "0", "-1 (the brokers' default.replication.factor) or 1 to 32767"),
+    ("STREAMS_REPLICATION_FACTOR", "-2", "-1 (the brokers' default.replication.factor) or 1 to 32767"),
+    ("STREAMS_REPLICATION_FACTOR", "40000", "-1 (the brokers' default.replication.factor) or 1 to 32767"),
+    ("STREAMS_WEB_PORT", "0", "1 to 65535"),
+    ("STREAMS_WEB_PORT", "65536", "1 to 65535"),
+    ("STREAMS_SESSION_TIMEOUT", "0", "1 or more"),
+    ("STREAMS_BATCH_RECORDS", "0", "1 or more"),
+    ("STREAMS_BATCH_RETRIES", "-1", "0 or more"),
+    ("STREAMS_STANDBY_REPLICAS", "-1", "0 or more"),
+    ("STREAMS_PERSON_MAX_DEVICES", "0", "1 or more"),
+    ("STREAMS_MAX_RECORD_BYTES", "0", "1 or more"),
+    ("STREAMS_REPLAY_JOBS", "0", "1 or more"),
+    ("STREAMS_CACHE_DEVICES", "-1", "0 or more"),
+    ("STREAMS_ROCKSDB_CACHE_MB", "0", "1 or more"),
+    ("STREAMS_BROKERS", "", "host:port, comma-separated"),
+    ("STREAMS_BROKERS", "kafka://k1:9092", "no scheme"),
+    ("STREAMS_BROKERS", "k1:9092,", "host:port, comma-separated"),
+    ("STREAMS_BROKERS", "k1:99999", "ports 1 to 65535"),
+    ("STREAMS_BROKERS", "k1 :9092", "host:port"),
+    ("STREAMS_RAW_TOPIC", "events raw", "a Kafka topic name"),
+    ("STREAMS_ENRICHED_TOPIC", "", "a Kafka topic name"),
+    ("STREAMS_DEAD_LETTER_TOPIC", "..", "a Kafka topic name"),
+    ("STREAMS_PERSONS_TOPIC", "p" * 250, "1 to 249"),
+    ("STREAMS_GROUP", "my group", "letters, digits"),
+    ("STREAMS_STATE_DIR", "", "not empty"),
+    ("STREAMS_ADVERTISED_URL", "worker-3:6066", "http://HOST[:PORT]"),
+    ("STREAMS_ADVERTISED_URL", "http://worker-3:99999", "http://HOST[:PORT]"),
+    ("STREAMS_HASH_IDENTITY_KEYS", "$identity_mobile,1mail", "identity keys"),
+    ("STREAMS_MISSING_RAW_TOPIC", "maybe", "fail, create"),
+    ("STREAMS_PARTITIONER", "consistent_random", "murmur2, crc32"),
+    ("STREAMS_PROCESSING_GUARANTEE", "exactly-once", "at_least_once, exactly_once"),
+    ("STREAMS_PERSONS", "yes", "on, off"),
+    ("STREAMS_SECURITY_PROTOCOL", "TLS", "PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL"),
+    ("STREAMS_SASL_MECHANISM", "GSSAPI", "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+    ("STREAMS_LOG_LEVEL", "verbose", "debug, info, warning, error"),
+    ("STREAMS_DEFAULT_PLATFORM", "ios", "mp-alipay"),
+])
+def test_a_value_out_of_range_names_the_variable_and_what_it_allows(name: str, value: str, allowed: str) -> None:
+    with pytest.raises(SettingError) as refused:
+        load(**{name: value})
+    message = str(refused.value)
+    flag = "--jobs" if name == "STREAMS_REPLAY_JOBS" else config.flag_name(name.removeprefix("STREAMS_").lower())
+    shown = value if value.lstrip("-").isdigit() else repr(value)  # as the setting holds it
+    assert message.startswith(f"{name} ({flag}) is {shown}; allowed: "), message
+    assert allowed in message, message
+
+
+def test_a_whole_number_that_is_not_one_is_named() -> None:
+    with pytest.raises(SettingError, match=r"^STREAMS_PARTITIONS \(--partitions\) is 'four', not a whole number$"):
+        load(STREAMS_PARTITIONS="four")
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("STREAMS_REPLICATION_FACTOR", "-1"), ("STREAMS_REPLICATION_FACTOR", "3"), ("STREAMS_WEB_PORT", "65535"),
+    ("STREAMS_BROKERS", "k1:9092,k2:9092, k3:9092"), ("STREAMS_BROKERS", "[::1]:9092,kafka"),
+    ("STREAMS_ADVERTISED_URL", "http://worker-3.streams.svc:6066"), ("STREAMS_ADVERTISED_URL", ""),
+    ("STREAMS_HASH_IDENTITY_KEYS", "$identity_mobile, $identity_email"), ("STREAMS_DEFAULT_PLATFORM", ""),
+    ("STREAMS_BATCH_RETRIES", "0"), ("STREAMS_STANDBY_REPLICAS", "0"), ("STREAMS_CACHE_DEVICES", "0"),
+    ("STREAMS_RAW_TOPIC", "app.events_raw-2"), ("STREAMS_LOGIN_CUSTOMER_ID_TYPE", ""),
+])
+def test_values_in_range_are_taken(name: str, value: str) -> None:
+    load(**{name: value})
+
+
+def test_the_rules_hold_for_flags_and_for_every_settings_object() -> None:
+    """One place: the settings object checks itself, whatever made it."""
+    with pytest.raises(SettingError, match=r"STREAMS_PARTITIONS \(--partitions\) is 0"):
+        Settings.load({}, argparse.Namespace(partitions=0))
+    with pytest.raises(SettingError, match="STREAMS_WEB_PORT"):
+        Settings(web_port=0)
+    with pytest.raises(SettingError, match="STREAMS_SESSION_TIMEOUT"):
+        replace(Settings(), session_timeout=0)
+    # the flag beats a variable it replaces, whatever that holds
+    assert Settings.load({"STREAMS_PARTITIONS": "0"}, argparse.Namespace(partitions=6)).partitions == 6
+
+
+def test_a_flag_out_of_range_stops_the_command() -> None:
+    line = refusal(run([sys.executable, "-m", "streams", "replay", "--input", "-", "--output", "-", "--dead-letter",
+                        "/dev/null", "--max-record-bytes", "0"], {}))
+    assert line == "streams replay: STREAMS_MAX_RECORD_BYTES (--max-record-bytes) is 0; allowed: 1 or more"
+
+
+# -- settings that need each other ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({"STREAMS_SSL_CAFILE": "/etc/ca.pem"},
+     "STREAMS_SSL_CAFILE (--ssl-cafile) is set, but STREAMS_SECURITY_PROTOCOL (--security-protocol) is PLAINTEXT, "
+     "which uses no TLS"),
+    ({"STREAMS_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "STREAMS_SSL_CERTFILE": "/etc/client.pem"},
+     "STREAMS_SSL_CERTFILE (--ssl-certfile) is set, but STREAMS_SECURITY_PROTOCOL (--security-protocol) is "
+     "SASL_PLAINTEXT, which uses no TLS"),
+    ({"STREAMS_SECURITY_PROTOCOL": "SSL", "STREAMS_SSL_KEYFILE": "/etc/client.key"},
+     "STREAMS_SSL_KEYFILE (--ssl-keyfile) is set without STREAMS_SSL_CERTFILE"),
+    ({"STREAMS_SECURITY_PROTOCOL": "SASL_SSL"},
+     "STREAMS_SECURITY_PROTOCOL (--security-protocol) is SASL_SSL, but STREAMS_SASL_USERNAME (--sasl-username) is "
+     "empty"),
+    ({"STREAMS_SASL_USERNAME": "streams", "STREAMS_SASL_PASSWORD": "hunter2"},
+     "STREAMS_SASL_USERNAME (--sasl-username) is set, but STREAMS_SECURITY_PROTOCOL (--security-protocol) is "
+     "PLAINTEXT, which uses no SASL"),
+    ({"STREAMS_SASL_PASSWORD": "hunter2"},
+     "STREAMS_SASL_PASSWORD (--sasl-password) is set, but STREAMS_SECURITY_PROTOCOL (--security-protocol) is "
+     "PLAINTEXT, which uses no SASL"),
+])
+def test_settings_that_mean_nothing_alone_are_refused(environ: dict[str, str], expected: str) -> None:
+    with pytest.raises(SettingError) as refused:
+        load(**environ)
+    assert str(refused.value).startswith(expected), refused.value
+    assert "hunter2" not in str(refused.value)
+
+
+# -- TLS files -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A self-signed certificate and its key (cert.pem, key.pem), the key encrypted (encrypted.pem), a file
+    that holds no PEM (garbage.pem)."""
+    where = tmp_path_factory.mktemp("pem")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-days", "1", "-subj", "/CN=streams-test"]
+    subprocess.run(["openssl", "req", "-x509", *ec, "-nodes", "-keyout", where / "key.pem", "-out",
+                    where / "cert.pem"], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", *ec, "-passout", "pass:secret", "-keyout", where / "encrypted.pem",
+                    "-out", where / "encrypted-cert.pem"], check=True, capture_output=True)
+    (where / "garbage.pem").write_text("not a certificate\n")
+    return where
+
+
+def tls(**files: str) -> Settings:
+    return Settings(security_protocol="SSL", **files)
+
+
+def test_usable_tls_files_make_a_context(pem: Path) -> None:
+    settings = tls(ssl_cafile=str(pem / "cert.pem"), ssl_certfile=str(pem / "cert.pem"),
+                   ssl_keyfile=str(pem / "key.pem"))
+    settings.check_files()
+    assert settings.kafka_options()["ssl_context"] is not None
+
+
+@pytest.mark.parametrize(("name", "file", "problem"), [
+    ("ssl_cafile", "missing.pem", "No such file or directory"),
+    ("ssl_cafile", ".", "Is a directory"),
+    ("ssl_certfile", "missing.pem", "No such file or directory"),
+    ("ssl_keyfile", "missing.pem", "No such file or directory"),
+])
+def test_a_tls_file_that_cannot_be_read_is_named(pem: Path, name: str, file: str, problem: str) -> None:
+    files = {"ssl_certfile": str(pem / "cert.pem"), name: str(pem / file)}
+    settings = tls(**files)
+    with pytest.raises(SettingError) as refused:
+        settings.check_files()
+    assert str(refused.value) == f"{config._named(name)}: cannot read {pem / file}: {problem}"
+    # also where a client is made, rather than a connection that fails for 30 s
+    with pytest.raises(SettingError):
+        settings.kafka_options()
+
+
+def test_a_tls_file_that_holds_no_pem_is_named(pem: Path) -> None:
+    with pytest.raises(SettingError, match=rf"^STREAMS_SSL_CAFILE \(--ssl-cafile\): {pem}/garbage.pem holds no CA "):
+        tls(ssl_cafile=str(pem / "garbage.pem")).check_files()
+    with pytest.raises(SettingError,
+                       match=rf"^STREAMS_SSL_CERTFILE / STREAMS_SSL_KEYFILE: {pem}/garbage.pem and {pem}/key.pem "):
+        tls(ssl_certfile=str(pem / "garbage.pem"), ssl_keyfile=str(pem / "key.pem")).check_files()
+
+
+def test_an_encrypted_key_is_refused_without_a_prompt(pem: Path) -> None:
+    with pytest.raises(SettingError, match="the private key is encrypted, and no setting holds its password"):
+        tls(ssl_certfile=str(pem / "encrypted-cert.pem"), ssl_keyfile=str(pem / "encrypted.pem")).check_files()
+
+
+@pytest.mark.parametrize("entry", ["worker", "produce", "faust -A streams.worker.app"])
+def test_a_missing_ca_file_stops_the_kafka_commands_at_once(entry: str, tmp_path: Path) -> None:
+    missing = tmp_path / "ca.pem"
+    out = run(ENTRY_POINTS[entry], {"STREAMS_BROKERS": "127.0.0.1:1", "STREAMS_SECURITY_PROTOCOL": "SSL",
+                                    "STREAMS_SSL_CAFILE": str(missing)}, timeout=20)
+    line = refusal(out)
+    assert line.endswith(f"STREAMS_SSL_CAFILE (--ssl-cafile): cannot read {missing}: No such file or directory")
