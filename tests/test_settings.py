@@ -1,20 +1,26 @@
 """Settings never fail silently: an unknown STREAMS_* variable, a value out of its range, settings that contradict
 each other and a TLS file that cannot be used each stop every command that reads settings at once, with one line
-that names the variable (exit 78, EX_CONFIG)."""
+that names the variable (exit 78, EX_CONFIG). Then what the worker checks against the brokers at start-up (the
+existing topics' settings, the session timeout)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from streams import config
 from streams.config import EX_CONFIG, SettingError, Settings
+from streams.worker import startup
+from streams.worker.startup import ConfigurationError, ExistingTopic, topic_problems
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
@@ -276,3 +282,154 @@ def test_a_missing_ca_file_stops_the_kafka_commands_at_once(entry: str, tmp_path
                                     "STREAMS_SSL_CAFILE": str(missing)}, timeout=20)
     line = refusal(out)
     assert line.endswith(f"STREAMS_SSL_CAFILE (--ssl-cafile): cannot read {missing}: No such file or directory")
+
+
+# -- existing topics -----------------------------------------------------------------------------------------
+
+
+def existing(name: str = "g-devices-changelog", compacted: bool = True, replicas: int = 3, policy: str = "compact",
+             min_insync: int = 2) -> ExistingTopic:
+    return ExistingTopic(name, "the device table's changelog" if compacted else "the enriched topic", compacted,
+                         4, replicas, policy, min_insync)
+
+
+SETTINGS = Settings(brokers="k1:9092,k2:9092", group="g")
+
+
+def test_a_topic_as_the_worker_would_create_it_passes() -> None:
+    assert topic_problems(SETTINGS, existing(), replication=3, min_insync=2) == []
+    assert topic_problems(SETTINGS, existing("events.enriched", False, policy="delete"), 3, 2) == []
+    # more replicas, or more of them in sync, than the worker would make: fine
+    assert topic_problems(SETTINGS, existing(replicas=5, min_insync=3), replication=3, min_insync=2) == []
+
+
+@pytest.mark.parametrize("policy", ["delete", "compact,delete"])
+def test_a_changelog_that_is_not_compacted_is_refused_with_the_fix(policy: str) -> None:
+    [problem] = topic_problems(SETTINGS, existing(policy=policy), replication=3, min_insync=2)
+    assert problem.startswith(f"g-devices-changelog (the device table's changelog) has cleanup.policy={policy}, "
+                              "but it holds the latest value of each key and must be compacted")
+    assert problem.endswith(": kafka-configs.sh --bootstrap-server k1:9092,k2:9092 --alter --entity-type topics "
+                            "--entity-name g-devices-changelog --add-config cleanup.policy=compact")
+
+
+def test_an_output_that_is_compacted_is_refused_with_the_fix() -> None:
+    [problem] = topic_problems(SETTINGS, existing("events.enriched", False, policy="compact,delete"), 3, 2)
+    assert "compaction keeps only the last of each key" in problem
+    assert problem.endswith("--entity-name events.enriched --add-config cleanup.policy=delete")
+
+
+def test_fewer_replicas_than_the_worker_creates_are_refused() -> None:
+    [problem] = topic_problems(SETTINGS, existing(replicas=1, min_insync=1), replication=3, min_insync=2)
+    assert problem.startswith("g-devices-changelog (the device table's changelog) has 1 replica(s), but the worker "
+                              "creates its topics with 3 (the brokers' default.replication.factor)")
+    assert "kafka-reassign-partitions.sh --bootstrap-server k1:9092,k2:9092" in problem
+    assert "each of its 4 partitions 3 brokers" in problem
+    assert "kafka-topics.sh --bootstrap-server k1:9092,k2:9092 --delete --topic g-devices-changelog" in problem
+    assert problem.endswith("Or accept it with STREAMS_REPLICATION_FACTOR=1")
+    named = replace(SETTINGS, replication_factor=3)
+    assert "with 3 (STREAMS_REPLICATION_FACTOR)" in topic_problems(named, existing(replicas=1), 3, 2)[0]
+
+
+def test_fewer_replicas_in_sync_than_the_brokers_give_is_refused() -> None:
+    """The issue's example: a changelog with min.insync.replicas 1 on replication factor 3."""
+    [problem] = topic_problems(SETTINGS, existing(min_insync=1), replication=3, min_insync=2)
+    assert problem.startswith("g-devices-changelog (the device table's changelog) has min.insync.replicas=1, but "
+                              "the worker's topics get the brokers' 2")
+    assert problem.endswith("--entity-name g-devices-changelog --add-config min.insync.replicas=2")
+
+
+def test_more_replicas_in_sync_than_replicas_is_refused() -> None:
+    [problem] = topic_problems(SETTINGS, existing(replicas=3, min_insync=4), replication=3, min_insync=2)
+    assert "has min.insync.replicas=4 but 3 replica(s): no write with acks=all can succeed" in problem
+    assert problem.endswith("--add-config min.insync.replicas=2")
+
+
+def test_the_fix_on_a_secured_cluster_takes_the_client_config() -> None:
+    secured = replace(SETTINGS, security_protocol="SASL_SSL", sasl_username="streams")
+    [problem] = topic_problems(secured, existing(policy="delete"), replication=3, min_insync=2)
+    assert "kafka-configs.sh --bootstrap-server k1:9092,k2:9092 --command-config client.properties --alter" in problem
+
+
+class FakeAdmin:
+    """What `_check_existing_topics` asks of the admin client: a broker that answers, and configurations."""
+
+    def __init__(self, configs: dict[str, dict[str, str]], error: int = 0, **broker: str) -> None:
+        self.configs = configs
+        self.broker = {"min.insync.replicas": "2", "group.min.session.timeout.ms": "6000",
+                       "group.max.session.timeout.ms": "1800000"} | {k.replace("_", "."): v for k, v in broker.items()}
+        self.error = error
+
+    async def reachable_node(self) -> int:
+        return 1
+
+    async def describe_configs(self, resources: list[Any]) -> list[Any]:
+        found = []
+        for resource in resources:
+            values = self.broker if resource.name == "1" else self.configs[resource.name]
+            entries = [(key, value, False, 5, False, []) for key, value in values.items()]
+            found.append((self.error if resource.name != "1" else 0, None, 2, resource.name, entries))
+        return [SimpleNamespace(resources=found)]
+
+
+def partitions(replicas: int, count: int = 4) -> list[dict[str, Any]]:
+    return [{"partition": p, "replicas": list(range(replicas))} for p in range(count)]
+
+
+def check(admin: FakeAdmin, metadata: dict[str, list[dict[str, Any]]], replication: int = 3,
+          settings: Settings = SETTINGS) -> None:
+    asyncio.run(startup._check_against_brokers(admin, settings, metadata, replication))
+
+
+def test_every_topic_of_the_worker_is_checked_for_its_promise() -> None:
+    good_compact = {"cleanup.policy": "compact", "min.insync.replicas": "2"}
+    good_delete = {"cleanup.policy": "delete", "min.insync.replicas": "2"}
+    roles = {"g-devices-changelog": good_compact, "g-persons-changelog": good_compact,
+             "events.persons": good_compact, "events.enriched": good_delete, "events.dead-letter": good_delete,
+             "g-events.raw-repartition": good_delete, "g-persons-repartition": good_delete}
+    metadata = {name: partitions(3) for name in roles} | {"events.raw": partitions(1), "unrelated": partitions(1)}
+    check(FakeAdmin(roles), metadata)  # all as the worker would create them; the raw topic is not the worker's
+    for name in roles:
+        broken = {**roles, name: {**roles[name], "min.insync.replicas": "1"}}
+        with pytest.raises(ConfigurationError) as refused:
+            check(FakeAdmin(broken), metadata)
+        assert str(refused.value).startswith(
+            "1 setting(s) of existing topics on k1:9092,k2:9092 break what the worker promises; put them right, "
+            f"then start it again:\n  - {name} ("), refused.value
+    # with the persons stage off, its topics are not the worker's
+    check(FakeAdmin({**roles, "events.persons": good_delete}), metadata, settings=replace(SETTINGS, persons="off"))
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    metadata = {"events.persons": partitions(3), "g-devices-changelog": partitions(1)}
+    admin = FakeAdmin({"events.persons": {"cleanup.policy": "delete", "min.insync.replicas": "1"},
+                       "g-devices-changelog": {"cleanup.policy": "compact", "min.insync.replicas": "2"}})
+    with pytest.raises(ConfigurationError) as refused:
+        check(admin, metadata)
+    lines = str(refused.value).splitlines()
+    assert lines[0].startswith("3 setting(s) of existing topics")
+    named = sorted(line.split(" ")[3] for line in lines[1:])
+    assert named == ["events.persons", "events.persons", "g-devices-changelog"]
+
+
+def test_a_replication_below_the_brokers_min_insync_replicas_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match=r"^the worker would create its topics with 1 replica\(s\) "
+                       r"\(STREAMS_REPLICATION_FACTOR\), fewer than the brokers' min.insync.replicas=2 on "
+                       r"k1:9092,k2:9092: no write with acks=all could succeed"):
+        check(FakeAdmin({}), {}, replication=1, settings=replace(SETTINGS, replication_factor=1))
+
+
+def test_configurations_the_worker_may_not_read_are_a_configuration_error() -> None:
+    metadata = {"events.enriched": partitions(3)}
+    with pytest.raises(ConfigurationError, match="may not read the configuration of events.enriched "
+                       r"\(TopicAuthorizationFailedError\).*DescribeConfigs"):
+        check(FakeAdmin({"events.enriched": {}}, error=29), metadata)
+
+
+def test_a_session_timeout_the_brokers_refuse_is_refused_at_start() -> None:
+    """Else one error in the log (InvalidSessionTimeoutError), and a worker that never joins its group."""
+    with pytest.raises(ConfigurationError, match=r"^STREAMS_SESSION_TIMEOUT \(--session-timeout\) is 2 s, but the "
+                       r"brokers on k1:9092,k2:9092 take 6 to 1800 s \(group.min.session.timeout.ms, "):
+        check(FakeAdmin({}), {}, settings=replace(SETTINGS, session_timeout=2))
+    with pytest.raises(ConfigurationError, match="is 60 s, but the brokers on k1:9092,k2:9092 take 6 to 30 s"):
+        check(FakeAdmin({}, group_max_session_timeout_ms="30000"), {}, settings=replace(SETTINGS, session_timeout=60))
+    check(FakeAdmin({}), {}, settings=replace(SETTINGS, session_timeout=6))

@@ -1,5 +1,6 @@
 """Before the worker starts: the raw topic's real partition count, the worker's other topics made to match it
-(or a clear refusal), and how Faust reaches a controller with a broker down."""
+(or a clear refusal), the settings of the topics that exist already checked against what the worker promises,
+and how Faust reaches a controller with a broker down."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from typing import Any
 
 import faust
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError, NodeNotReadyError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaError,
+    NodeNotReadyError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
 from aiokafka.protocol.metadata import MetadataRequest
 
 from streams.config import Settings
@@ -22,6 +30,9 @@ from streams.kafka import admin as kafka_admin
 from streams.worker.names import topic_names
 
 log = logging.getLogger(__name__)
+
+TOPIC_AUTHORIZATION_FAILED = TopicAuthorizationFailedError.errno  # 29
+CLUSTER_AUTHORIZATION_FAILED = ClusterAuthorizationFailedError.errno  # 31
 
 
 class ConfigurationError(Exception):
@@ -56,8 +67,10 @@ async def _prepare_topics(settings: Settings) -> Layout:
                                **settings.kafka_options())
     await admin.start()
     try:
-        counts = await _partition_counts(admin)
+        metadata = await _topics(admin)
+        counts = {name: len(partitions) for name, partitions in metadata.items()}
         replication = await kafka_admin.replication_factor(admin, settings)
+        await _check_against_brokers(admin, settings, metadata, replication)
         partitions = counts.get(settings.raw_topic)
         if partitions is None:
             if settings.missing_raw_topic != "create":
@@ -110,9 +123,15 @@ async def _prepare_topics(settings: Settings) -> Layout:
         await admin.close()
 
 
-async def _partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int]:
+async def _topics(admin: AIOKafkaAdminClient) -> dict[str, list[dict[str, Any]]]:
+    """Every topic's partitions (with their replicas). All topics rather than some by name: a metadata request
+    that names a topic may create it on a broker with auto.create.topics.enable."""
     metadata = await admin.describe_topics()
-    return {t["topic"]: len(t["partitions"]) for t in metadata if not t.get("error_code")}
+    return {t["topic"]: t["partitions"] for t in metadata if not t.get("error_code")}
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int]:
+    return {name: len(partitions) for name, partitions in (await _topics(admin)).items()}
 
 
 async def _until_listed(admin: AIOKafkaAdminClient, names: Sequence[str], wait: float = 15.0) -> None:
@@ -135,6 +154,147 @@ async def _create(admin: AIOKafkaAdminClient, settings: Settings, name: str, par
         # e.g. a replication factor above the number of brokers, a policy, an invalid name: not worth a retry
         raise ConfigurationError(f"{e} on {settings.brokers} ({partitions} partitions, replication factor "
                                  f"{replication}; STREAMS_REPLICATION_FACTOR / --replication-factor)") from e
+
+
+# -- the settings of the topics that exist already ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExistingTopic:
+    """A topic of the worker's as the brokers describe it."""
+
+    name: str
+    role: str  # what it is, in a message: "the device table's changelog"
+    compacted: bool  # whether the worker's promises need it compacted (else: never compacted)
+    partitions: int
+    replicas: int  # the fewest replicas of any of its partitions
+    cleanup_policy: str
+    min_insync_replicas: int
+
+
+def topic_problems(settings: Settings, topic: ExistingTopic, replication: int, min_insync: int) -> list[str]:
+    """What is wrong with an existing topic, each with the command that puts it right: its compaction (a
+    changelog and the persons topic hold the latest value of each key and must be compacted; the other outputs
+    and the repartition topics hold every record, and compaction would keep only the last of each key), and
+    its durability as the worker would create it (`replication` replicas, the brokers' `min_insync` replicas
+    in sync for a write with acks=all)."""
+    problems = []
+    name, policy = topic.name, topic.cleanup_policy
+    if topic.compacted and policy != "compact":
+        fix = _configs(settings, name, "--add-config cleanup.policy=compact")
+        problems.append(f"{name} ({topic.role}) has cleanup.policy={policy}, but it holds the latest value of "
+                        f"each key and must be compacted, or the values of keys not written for a while are "
+                        f"deleted with their segments: {fix}")
+    if not topic.compacted and "compact" in policy.split(","):
+        problems.append(f"{name} ({topic.role}) has cleanup.policy={policy}, but it holds every record, and "
+                        f"compaction keeps only the last of each key: "
+                        f"{_configs(settings, name, '--add-config cleanup.policy=delete')}")
+    source = ("STREAMS_REPLICATION_FACTOR" if settings.replication_factor > 0
+              else "the brokers' default.replication.factor")
+    if topic.replicas < replication:
+        problems.append(
+            f"{name} ({topic.role}) has {topic.replicas} replica(s), but the worker creates its topics with "
+            f"{replication} ({source}): kafka-topics.sh cannot add replicas; kafka-reassign-partitions.sh "
+            f"--bootstrap-server {settings.brokers} --reassignment-json-file more-replicas.json --execute can, with "
+            f"a plan that gives each of its {topic.partitions} partitions {replication} brokers. If what it holds "
+            f"may be lost: kafka-topics.sh --bootstrap-server {settings.brokers} --delete --topic {name} (the "
+            f"worker creates it again). Or accept it with STREAMS_REPLICATION_FACTOR={topic.replicas}")
+    elif topic.min_insync_replicas < min_insync:
+        problems.append(
+            f"{name} ({topic.role}) has min.insync.replicas={topic.min_insync_replicas}, but the worker's topics "
+            f"get the brokers' {min_insync}: a write would count as done on fewer replicas than promised: "
+            f"{_configs(settings, name, f'--add-config min.insync.replicas={min_insync}')}")
+    elif topic.min_insync_replicas > topic.replicas:
+        problems.append(
+            f"{name} ({topic.role}) has min.insync.replicas={topic.min_insync_replicas} but {topic.replicas} "
+            f"replica(s): no write with acks=all can succeed: "
+            f"{_configs(settings, name, f'--add-config min.insync.replicas={min_insync}')}")
+    return problems
+
+
+def _configs(settings: Settings, topic: str, change: str) -> str:
+    """The kafka-configs.sh command line that makes `change` to `topic`."""
+    secured = "" if settings.security_protocol == "PLAINTEXT" else " --command-config client.properties"
+    return (f"kafka-configs.sh --bootstrap-server {settings.brokers}{secured} --alter --entity-type topics "
+            f"--entity-name {topic} {change}")
+
+
+async def _check_against_brokers(admin: Any, settings: Settings, metadata: Mapping[str, list[dict[str, Any]]],
+                                 replication: int) -> None:
+    """Refuse to start with settings the brokers would refuse later, one error in a log and an idle worker (a
+    session timeout out of their bounds; a replication factor that no write with acks=all could satisfy), and
+    on existing topics that break what the worker promises (`topic_problems`)."""
+    node = await admin.reachable_node()
+    wanted = {"min.insync.replicas": None, "group.min.session.timeout.ms": None,
+              "group.max.session.timeout.ms": None}
+    broker = (await _describe(admin, ConfigResource(ConfigResourceType.BROKER, str(node), wanted))).get(str(node), {})
+    low, high = (int(broker.get(f"group.{bound}.session.timeout.ms", default)) // 1000
+                 for bound, default in (("min", "6000"), ("max", "1800000")))
+    if not low <= settings.session_timeout <= high:
+        raise ConfigurationError(
+            f"STREAMS_SESSION_TIMEOUT (--session-timeout) is {settings.session_timeout} s, but the brokers on "
+            f"{settings.brokers} take {low} to {high} s (group.min.session.timeout.ms, "
+            "group.max.session.timeout.ms): the group would not let the worker join")
+    min_insync = int(broker.get("min.insync.replicas", "1"))
+    if replication < min_insync:
+        source = ("STREAMS_REPLICATION_FACTOR" if settings.replication_factor > 0
+                  else "the brokers' default.replication.factor")
+        raise ConfigurationError(
+            f"the worker would create its topics with {replication} replica(s) ({source}), fewer than the "
+            f"brokers' min.insync.replicas={min_insync} on {settings.brokers}: no write with acks=all could "
+            f"succeed. Set STREAMS_REPLICATION_FACTOR (--replication-factor) to {min_insync} or more")
+    topics = topic_names(settings, settings.partitions)
+    roles = {
+        topics.enriched: ("the enriched topic", False),
+        topics.dead_letter: ("the dead-letter topic", False),
+        topics.repartition: ("the raw topic's repartition topic", False),
+        topics.changelog: ("the device table's changelog", True),
+    }
+    if topics.persons is not None:
+        roles[topics.persons] = ("the persons topic", True)
+    if topics.persons_repartition is not None:
+        roles[topics.persons_repartition] = ("the persons stage's repartition topic", False)
+    if topics.persons_changelog is not None:
+        roles[topics.persons_changelog] = ("the persons table's changelog", True)
+    existing = [name for name in roles if name in metadata]
+    if not existing:
+        return
+    configs = await _topic_configs(admin, existing)
+    problems = []
+    for name in existing:
+        role, compacted = roles[name]
+        partitions = metadata[name]
+        topic = ExistingTopic(
+            name, role, compacted, len(partitions), min((len(p["replicas"]) for p in partitions), default=0),
+            configs[name].get("cleanup.policy", "delete"), int(configs[name].get("min.insync.replicas", "1")))
+        problems += topic_problems(settings, topic, replication, min_insync)
+    if problems:
+        raise ConfigurationError(
+            f"{len(problems)} setting(s) of existing topics on {settings.brokers} break what the worker promises; "
+            "put them right, then start it again:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+async def _topic_configs(admin: Any, names: Sequence[str]) -> dict[str, dict[str, str]]:
+    wanted = {"cleanup.policy": None, "min.insync.replicas": None}
+    return await _describe(admin, *(ConfigResource(ConfigResourceType.TOPIC, n, dict(wanted)) for n in names))
+
+
+async def _describe(admin: Any, *resources: ConfigResource) -> dict[str, dict[str, str]]:
+    """The configuration entries of each resource, by its name."""
+    found: dict[str, dict[str, str]] = {}
+    for response in await admin.describe_configs(list(resources)):
+        for error, message, _type, name, entries, *_ in response.resources:
+            if error in (TOPIC_AUTHORIZATION_FAILED, CLUSTER_AUTHORIZATION_FAILED):
+                raise ConfigurationError(f"the worker may not read the configuration of {name} "
+                                         f"({for_code(error).__name__}): it checks its topics' settings at start-up "
+                                         "and needs DescribeConfigs on its topics and on the cluster")
+            if error:
+                raise KafkaError(f"cannot read the configuration of {name}: error code {error} {message or ''}")
+            found[name] = {entry[0]: entry[1] for entry in entries}
+    return found
+
+
+# -- Faust's own lookups, made to survive a broker down -------------------------------------------------------
 
 
 async def controller_node(owner: Any, client: Any, timeout: int = 30000) -> int | None:

@@ -1,14 +1,20 @@
 """What the worker checks before it consumes, against the real (single) broker: a missing raw topic stops it
-with a clear error unless it may create the topic, and every error of creating a topic is reported."""
+with a clear error unless it may create the topic, and every error of creating a topic is reported; existing
+topics whose settings break a promise are refused with the commands that fix them."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import shlex
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from aiokafka.admin import NewTopic
 
 from streams.config import Settings
 from streams.kafka import admin as kafka_admin
@@ -78,3 +84,65 @@ def test_the_replication_factor_is_the_setting_or_the_brokers_default(topics: Se
 
     assert asyncio.run(resolve(topics)) == 1  # -1: the broker's default.replication.factor
     assert asyncio.run(resolve(replace(topics, replication_factor=2))) == 2
+
+
+# -- existing topics whose settings break a promise --------------------------------------------------------
+
+
+def create(settings: Settings, topic: str, replication: int = 1, **configs: str) -> None:
+    async def call(admin: kafka_admin.Admin) -> None:
+        response = await admin.create_topics([NewTopic(topic, kit.PARTITIONS, replication, topic_configs=configs)])
+        for name, code, *message in response.topic_errors:
+            assert code == 0, f"cannot create topic {name}: error {code} {message}"
+
+    asyncio.run(kit.admin_call(settings.brokers, call))
+
+
+def kafka_configs(command: str) -> subprocess.CompletedProcess[str]:
+    """Run a `kafka-configs.sh ...` command line as the worker printed it, with the broker's own jars."""
+    libs = Path(os.environ.get("KAFKA_CACHE", ROOT / ".cache" / "kafka"))
+    if not any(libs.glob("*/libs/*.jar")):
+        subprocess.run(["bash", str(ROOT / "scripts" / "kafka.sh"), "install"], check=True, capture_output=True)
+    classpath = ":".join(str(p) for p in sorted(libs.glob("*/libs/*.jar")))
+    argv = shlex.split(command)
+    assert argv[0] == "kafka-configs.sh", command
+    return subprocess.run(["java", "-Xmx256m", "-XX:TieredStopAtLevel=1", "-cp", classpath,
+                           "kafka.admin.ConfigCommand", *argv[1:]], capture_output=True, text=True, timeout=120)
+
+
+def test_existing_topics_that_break_a_promise_are_refused_with_the_commands_that_fix_them(
+        topics: Settings, start_worker: kit.StartWorker) -> None:
+    changelog = f"{topics.group}-devices-changelog"
+    create(topics, topics.persons_topic)  # not compacted: mappings of users not seen for a while would go
+    create(topics, changelog, **{"cleanup.policy": "compact", "min.insync.replicas": "2"})  # no write can succeed
+    create(topics, topics.enriched_topic, **{"cleanup.policy": "compact"})  # one record left per device
+    run = run_worker(topics)
+    assert run.returncode == EX_CONFIG, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert (f"streams worker: 3 setting(s) of existing topics on {topics.brokers} break what the worker promises"
+            in run.stderr), run.stderr
+    fixes = re.findall(r"kafka-configs\.sh .*$", run.stderr, re.MULTILINE)
+    assert sorted(fixes) == sorted(
+        f"kafka-configs.sh --bootstrap-server {topics.brokers} --alter --entity-type topics --entity-name {name} "
+        f"--add-config {change}" for name, change in [(topics.persons_topic, "cleanup.policy=compact"),
+                                                       (changelog, "min.insync.replicas=1"),
+                                                       (topics.enriched_topic, "cleanup.policy=delete")])
+    # refused before anything was made
+    assert asyncio.run(kafka_admin.partition_count(topics, topics.dead_letter_topic)) is None
+
+    for fix in fixes:  # the commands, as printed, put the topics right
+        done = kafka_configs(fix)
+        assert done.returncode == 0, done.stderr[-3000:]
+    worker = start_worker(topics)
+    worker.wait_ready()
+
+
+def test_an_existing_topic_with_fewer_replicas_than_the_worker_creates_is_refused(topics: Settings) -> None:
+    create(topics, topics.dead_letter_topic)
+    two = replace(topics, replication_factor=2)
+    run = run_worker(two)
+    assert run.returncode == EX_CONFIG, run.stderr[-3000:]
+    assert (f"{two.dead_letter_topic} (the dead-letter topic) has 1 replica(s), but the worker creates its topics "
+            "with 2 (STREAMS_REPLICATION_FACTOR)") in run.stderr, run.stderr
+    assert "kafka-reassign-partitions.sh" in run.stderr and "STREAMS_REPLICATION_FACTOR=1" in run.stderr
+    assert asyncio.run(kafka_admin.partition_count(two, two.enriched_topic)) is None
