@@ -32,6 +32,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                        "streams.state", "streams.kafka"),
     "streams.web": (*RULES, "streams.codec", "streams.config", "streams.state", "streams.kafka",
                     "streams.worker"),
+    "streams.warehouse": ("streams.config", "streams.kafka"),  # the topics' reader: Kafka in, DuckDB out
     "streams.cli": ("streams",),  # the command line reaches everything
     "streams.__main__": ("streams.cli",),
     "streams": (),

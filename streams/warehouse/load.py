@@ -1,0 +1,212 @@
+"""The load: the topics of `tables.TABLES` into a DuckDB file, chunk by chunk, each chunk with its offsets.
+
+No consumer group: the loader holds every partition of its topics (`assign`), seeks each to the offset the file
+stores for it (the topic's beginning when none), reads committed records only, and writes each chunk's rows
+with the offsets after them in one DuckDB transaction. Without `follow` it stops at the end offsets it saw at
+the start (the last stable offsets: records of transactions still open then are left to the next run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streams.config import Settings
+from streams.kafka.admin import partition_count
+from streams.warehouse import CHUNK_RECORDS
+from streams.warehouse.database import Offsets, Warehouse
+from streams.warehouse.tables import TABLES, Record, Table, by_table, rows_of
+
+log = logging.getLogger(__name__)
+
+FOLLOW_FLUSH_SECONDS = 1.0  # with --follow: how long records wait for a chunk to fill
+FETCH_BYTES = 4 * 1024 * 1024  # per partition: larger than the largest record the worker writes (1,000,000 bytes)
+
+
+class NothingToLoad(Exception):
+    """None of the tables' topics exists."""
+
+
+@dataclass
+class LoadReport:
+    """What a load read and wrote; `missing` lists the topics that did not exist."""
+
+    records: int = 0
+    per_table: dict[str, int] = field(default_factory=dict)
+    total: int = 0  # records to read at the start (the end offsets less the stored ones: markers included)
+    missing: list[str] = field(default_factory=list)
+    chunks: int = 0
+
+
+class Progress:
+    """As replay's: a live line on a terminal (rate and ETA), elsewhere a line every few seconds."""
+
+    def __init__(self, stream: TextIO, interval: float | None = None) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval = interval if interval is not None else (0.2 if self.tty else 5.0)
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def update(self, report: LoadReport, following: bool) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = report.records / elapsed if elapsed else 0.0
+        if following or not report.total:
+            line = f"load: {report.records:,} records, {rate:,.0f}/s" + (", following" if following else "")
+        else:
+            done = min(report.records / report.total, 1.0)
+            eta = elapsed * (1 - done) / done if done else 0.0
+            line = (f"load [{'#' * int(done * 20):<20}] {done:4.0%}  {report.records:,} of {report.total:,} records, "
+                    f"{rate:,.0f}/s  ETA {eta:,.0f}s")
+        self.stream.write("\r" + line + "\x1b[K" if self.tty else line + "\n")
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self, report: LoadReport, path: str) -> None:
+        elapsed = time.monotonic() - self.start
+        rate = report.records / elapsed if elapsed else 0.0
+        if self.tty and self.shown:
+            self.stream.write("\r\x1b[K")
+        tables = ", ".join(f"{name} {n:,}" for name, n in report.per_table.items())
+        self.stream.write(f"load: {report.records:,} records into {path} ({tables}), {elapsed:.1f}s "
+                          f"({rate:,.0f} records/s)\n")
+        self.stream.flush()
+
+
+def consumer(settings: Settings) -> Any:
+    """Not started; no group, nothing committed to Kafka, committed records only."""
+    return AIOKafkaConsumer(bootstrap_servers=settings.brokers, **settings.kafka_options(), group_id=None,
+                            enable_auto_commit=False, isolation_level="read_committed",
+                            auto_offset_reset="earliest", max_partition_fetch_bytes=FETCH_BYTES)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM end the load after the chunk in hand is written."""
+    loop = asyncio.get_running_loop()
+    handled = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+    try:
+        yield
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+async def topics_of(settings: Settings, tables: Sequence[Table], report: LoadReport) -> dict[str, tuple[str, int]]:
+    """Table name -> (topic, partitions) for the tables whose topic exists; the others go to `report.missing`."""
+    found = {}
+    for table in tables:
+        topic = getattr(settings, table.topic_setting)
+        count = await partition_count(settings, topic)
+        if count is None:
+            report.missing.append(topic)
+        else:
+            found[table.name] = (topic, count)
+    if not found:
+        raise NothingToLoad(f"none of the topics exists: {', '.join(report.missing)}")
+    return found
+
+
+async def load(
+    settings: Settings,
+    path: str,
+    *,
+    follow: bool = False,
+    chunk_records: int = CHUNK_RECORDS,
+    progress: TextIO | None = None,
+    tables: Sequence[Table] = TABLES,
+) -> LoadReport:
+    """Load the tables' topics into the DuckDB file at `path` from the offsets it stores; up to the end offsets
+    seen at the start, or (`follow`) until SIGINT or SIGTERM. Returns what was loaded."""
+    report = LoadReport(per_table={t.name: 0 for t in tables})
+    found = await topics_of(settings, tables, report)
+    topics = {name: topic for name, (topic, _) in found.items()}
+    meter = Progress(progress) if progress is not None else None
+    if progress is not None:
+        for topic in report.missing:
+            progress.write(f"load: topic {topic} does not exist: skipped\n")
+    with Warehouse(path, tables) as warehouse:
+        stored = warehouse.offsets()
+        kafka = consumer(settings)
+        await kafka.start()
+        try:
+            partitions = [TopicPartition(topic, p) for topic, count in found.values() for p in range(count)]
+            kafka.assign(partitions)
+            for tp in partitions:
+                if (tp.topic, tp.partition) in stored:
+                    kafka.seek(tp, stored[(tp.topic, tp.partition)])
+                else:
+                    await kafka.seek_to_beginning(tp)
+            ends = await kafka.end_offsets(partitions)
+            starts = {tp: await kafka.position(tp) for tp in partitions}
+            report.total = sum(max(0, ends[tp] - starts[tp]) for tp in partitions)
+            stop = asyncio.Event()
+            with _stop_on_signals(stop):
+                await _run(kafka, warehouse, topics, tables, ends, report, stop=stop, follow=follow,
+                           chunk_records=chunk_records, progress=meter)
+        finally:
+            await kafka.stop()
+    if meter is not None:
+        meter.finish(report, path)
+    return report
+
+
+async def _run(kafka: Any, warehouse: Warehouse, topics: dict[str, str], tables: Sequence[Table],
+               ends: dict[TopicPartition, int], report: LoadReport, *, stop: asyncio.Event, follow: bool,
+               chunk_records: int, progress: Progress | None) -> None:
+    pending: list[Record] = []
+    offsets: Offsets = {}
+    first_pending = 0.0
+
+    def write() -> None:
+        nonlocal pending, offsets
+        groups = by_table(tables, topics, pending)
+        chunk = {name: rows_of(next(t for t in tables if t.name == name), records)
+                 for name, records in groups.items()}
+        warehouse.write(chunk, offsets)
+        for name, records in groups.items():
+            report.per_table[name] += len(records)
+        report.records += len(pending)
+        report.chunks += 1
+        log.info("committed %d records to %s (%s), next offsets %s", len(pending), warehouse.path,
+                 ", ".join(f"{n} {len(r)}" for n, r in groups.items()),
+                 ", ".join(f"{t}:{p}={o}" for (t, p), o in sorted(offsets.items())))
+        pending, offsets = [], {}
+
+    async def at_end() -> bool:
+        return all([await kafka.position(tp) >= end for tp, end in ends.items()])
+
+    while not stop.is_set():
+        if not follow and not pending and await at_end():
+            break
+        batch = await kafka.getmany(timeout_ms=200, max_records=max(1, chunk_records - len(pending)))
+        for tp, records in batch.items():
+            if records:
+                if not pending:
+                    first_pending = time.monotonic()
+                pending.extend(records)
+                offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
+        full = len(pending) >= chunk_records
+        if pending and (full or (not follow and await at_end())
+                        or (follow and time.monotonic() - first_pending >= FOLLOW_FLUSH_SECONDS)):
+            write()
+        if progress is not None:
+            progress.update(report, following=follow and await at_end())
+    if pending:
+        write()
