@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     kafka_commands.add_commands(commands)
 
+    from streams.warehouse import command as warehouse_command
+
+    warehouse_command.add_command(commands)
+
     bench = commands.add_parser(
         "bench",
         help="measure the worker against a bare passthrough and a stock Faust agent (make bench)",
@@ -106,7 +110,7 @@ def lookup(commands: Any, name: str, argument: str, argument_help: str, **texts:
 
 
 # the commands that connect to Kafka: the files their settings name are read before they start
-KAFKA_COMMANDS = ("worker", "produce", "tail")
+KAFKA_COMMANDS = ("worker", "produce", "tail", "load")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from streams.kafka import commands as kafka_commands
 
         return kafka_commands.run(args, settings)
+    if args.command == "load":
+        from streams.warehouse import command as warehouse_command
+
+        return warehouse_command.run(args, settings)
     if args.command == "worker":
         from streams import web
         from streams.worker.app import run_worker
