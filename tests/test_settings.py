@@ -1,7 +1,7 @@
 """Settings never fail silently: an unknown STREAMS_* variable, a value out of its range, settings that contradict
 each other and a TLS file that cannot be used each stop every command that reads settings at once, with one line
 that names the variable (exit 78, EX_CONFIG). Then what the worker checks against the brokers at start-up (the
-existing topics' settings, the session timeout)."""
+existing topics' settings, the session timeout), and that its clients create no topic."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import aiokafka.admin.client
+import aiokafka.client
 import pytest
+from aiokafka.protocol.metadata import MetadataRequest, MetadataRequest_v5
 
 from streams import config
 from streams.config import EX_CONFIG, SettingError, Settings
@@ -282,6 +285,20 @@ def test_a_missing_ca_file_stops_the_kafka_commands_at_once(entry: str, tmp_path
                                     "STREAMS_SSL_CAFILE": str(missing)}, timeout=20)
     line = refusal(out)
     assert line.endswith(f"STREAMS_SSL_CAFILE (--ssl-cafile): cannot read {missing}: No such file or directory")
+
+
+# -- the worker's own clients create no topic ----------------------------------------------------------------
+
+
+def test_the_worker_s_metadata_requests_ask_for_no_topic_creation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aiokafka.client, "MetadataRequest", aiokafka.client.MetadataRequest)
+    monkeypatch.setattr(aiokafka.admin.client, "MetadataRequest", aiokafka.admin.client.MetadataRequest)
+    assert MetadataRequest(["events.raw"]).build(MetadataRequest_v5).allow_auto_topic_creation  # aiokafka's own
+    startup.forbid_topic_auto_creation()
+    for module in (aiokafka.client, aiokafka.admin.client):
+        request = module.MetadataRequest(["events.raw"])  # type: ignore[attr-defined]
+        built = request.build(MetadataRequest_v5)
+        assert built.topics == ["events.raw"] and built.allow_auto_topic_creation is False
 
 
 # -- existing topics -----------------------------------------------------------------------------------------

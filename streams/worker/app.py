@@ -38,6 +38,7 @@ from streams.worker.startup import (
     Layout,
     controller_node,
     credentials,
+    forbid_topic_auto_creation,
     prepare_topics,
 )
 
@@ -228,8 +229,10 @@ __getattr__ = built_on_first_use()
 
 
 def start_up(settings: Settings) -> Layout | int:
-    """The start-up checks of every entry point: the topics prepared, or refused. The layout, or the exit code
-    after a line on stderr: 78 (EX_CONFIG) when restarting will not help, 1 when Kafka did not answer."""
+    """The start-up checks of every entry point: the topics prepared (or refused), no topic created by a client
+    afterwards. The layout, or the exit code after a line on stderr: 78 (EX_CONFIG) when restarting will not
+    help, 1 when Kafka did not answer."""
+    forbid_topic_auto_creation()
     try:
         return asyncio.run(prepare_topics(settings))
     except (ConfigurationError, SettingError) as e:

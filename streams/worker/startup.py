@@ -1,6 +1,7 @@
 """Before the worker starts: the raw topic's real partition count, the worker's other topics made to match it
 (or a clear refusal), the settings of the topics that exist already checked against what the worker promises,
-and how Faust reaches a controller with a broker down."""
+no topic created by a client of the worker once it runs, and how Faust reaches a controller with a broker
+down."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiokafka.admin.client
+import aiokafka.client
 import faust
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -292,6 +295,28 @@ async def _describe(admin: Any, *resources: ConfigResource) -> dict[str, dict[st
                 raise KafkaError(f"cannot read the configuration of {name}: error code {error} {message or ''}")
             found[name] = {entry[0]: entry[1] for entry in entries}
     return found
+
+
+# -- no topic created by a client of the worker ----------------------------------------------------------------
+
+
+class _NoAutoCreation(MetadataRequest):  # type: ignore[misc]
+    """A metadata request that asks the brokers not to create the topics it names."""
+
+    def __init__(self, topics: list[str] | None = None, allow_auto_topic_creation: bool | None = None) -> None:
+        super().__init__(topics, allow_auto_topic_creation=False)
+
+
+def forbid_topic_auto_creation() -> None:
+    """No Kafka client of this process asks the brokers to create a topic it names in a metadata request.
+
+    aiokafka (0.14) asks for it in every such request and has no setting against it (its consumer has no
+    allow_auto_create_topics): on brokers with auto.create.topics.enable=true (Kafka's default), the worker's
+    consumer would create its raw topic again, with the brokers' default partition count, the moment someone
+    deleted it, and a producer would create a deleted output topic the same way. The worker creates the topics it
+    needs at start-up, explicitly (`prepare_topics`); the raw topic only with STREAMS_MISSING_RAW_TOPIC=create."""
+    aiokafka.client.MetadataRequest = _NoAutoCreation
+    aiokafka.admin.client.MetadataRequest = _NoAutoCreation
 
 
 # -- Faust's own lookups, made to survive a broker down -------------------------------------------------------

@@ -1,17 +1,21 @@
 """What the worker checks before it consumes, against the real (single) broker: a missing raw topic stops it
 with a clear error unless it may create the topic, and every error of creating a topic is reported; existing
-topics whose settings break a promise are refused with the commands that fix them."""
+topics whose settings break a promise are refused with the commands that fix them; and once it runs, no client of
+the worker creates a topic (a deleted raw topic stays deleted)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka.admin import NewTopic
@@ -146,3 +150,62 @@ def test_an_existing_topic_with_fewer_replicas_than_the_worker_creates_is_refuse
             "with 2 (STREAMS_REPLICATION_FACTOR)") in run.stderr, run.stderr
     assert "kafka-reassign-partitions.sh" in run.stderr and "STREAMS_REPLICATION_FACTOR=1" in run.stderr
     assert asyncio.run(kafka_admin.partition_count(two, two.enriched_topic)) is None
+
+
+# -- no topic made by a client once the worker runs ---------------------------------------------------------
+
+
+# `python -c RECORDER RECORD python -m streams worker`: the worker, with every metadata request its Kafka clients
+# send written to RECORD (the topics it names, and whether it asks the brokers to create them)
+RECORDER = """
+import json, runpy, sys
+from aiokafka.conn import AIOKafkaConnection
+from aiokafka.protocol.metadata import MetadataRequest
+
+record = open(sys.argv[1], "a")
+send = AIOKafkaConnection.send
+
+def recorded(self, request, *args, **kwargs):
+    if isinstance(request, MetadataRequest):
+        allow = request._allow_auto_topic_creation
+        record.write(json.dumps({"topics": request._topics, "allow": True if allow is None else allow}) + "\\n")
+        record.flush()
+    return send(self, request, *args, **kwargs)
+
+AIOKafkaConnection.send = recorded
+sys.argv = ["streams", *sys.argv[sys.argv.index("streams") + 1:]]
+runpy.run_module("streams", run_name="__main__", alter_sys=True)
+"""
+
+
+def recorded(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_raw_topic_deleted_under_the_worker_is_not_created_again(topics: Settings, start_worker: kit.StartWorker,
+                                                                   tmp_path: Path) -> None:
+    """This broker creates no topic by itself (auto.create.topics.enable=false), whatever a client asks: what the
+    worker's clients ask is read from their requests. On brokers with Kafka's default (true), a request that
+    asked would create the topic again, with the brokers' default partition count."""
+    record = tmp_path / "metadata.jsonl"
+    worker = start_worker(topics, prefix=[sys.executable, "-c", RECORDER, str(record)])
+    worker.wait_ready()
+    # a record through first: the consumer's positions are set, and a fetch from the deleted topic fails
+    kit.produce(topics, [(b"d-1", b'{"device_id": "d-1", "platform": "web", "event": "e"}')])
+    kit.wait_for_outputs(topics, 1, workers=[worker])
+    asked = len(recorded(record))
+
+    async def delete(admin: kafka_admin.Admin) -> None:
+        await admin.delete_topics([topics.raw_topic])
+
+    asyncio.run(kit.admin_call(topics.brokers, delete))
+    deadline = time.monotonic() + 60
+    while not any(topics.raw_topic in (r["topics"] or []) for r in recorded(record)[asked:]):
+        assert time.monotonic() < deadline, f"the worker asked for no metadata of {topics.raw_topic} after it went"
+        time.sleep(0.5)
+    time.sleep(5)  # the consumer's tries after the first
+    requests = recorded(record)
+    naming = [r for r in requests if r["topics"]]
+    assert naming and not [r for r in naming if r["allow"]], [r for r in naming if r["allow"]][:5]
+    assert any(topics.raw_topic in r["topics"] for r in requests[asked:])
+    assert asyncio.run(kafka_admin.partition_count(topics, topics.raw_topic)) is None
