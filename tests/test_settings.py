@@ -1,7 +1,8 @@
 """Settings never fail silently: an unknown STREAMS_* variable, a value out of its range, settings that contradict
 each other and a TLS file that cannot be used each stop every command that reads settings at once, with one line
 that names the variable (exit 78, EX_CONFIG). Then what the worker checks against the brokers at start-up (the
-existing topics' settings, the session timeout), and that its clients create no topic."""
+existing topics' settings, the session timeout), that its clients create no topic, and its isolation from Faust's
+own variables under every entry point."""
 
 from __future__ import annotations
 
@@ -285,6 +286,30 @@ def test_a_missing_ca_file_stops_the_kafka_commands_at_once(entry: str, tmp_path
                                     "STREAMS_SSL_CAFILE": str(missing)}, timeout=20)
     line = refusal(out)
     assert line.endswith(f"STREAMS_SSL_CAFILE (--ssl-cafile): cannot read {missing}: No such file or directory")
+
+
+# -- Faust's own variables -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["streams.worker.app", "streams.web"])
+def test_faust_a_ignores_fausts_variables_as_python_m_streams_does(module: str) -> None:
+    """Faust reads them when it is imported, before the worker's module: the command runs again without them."""
+    env = {"F_DEBUG": "1", "FAUST_BLOCKING_TIMEOUT": "0.5", "STREAMS_BROKER": "127.0.0.1:1"}
+    faust_a = run([str(BIN / "faust"), "-A", module, "worker"], env)
+    python_m = run([sys.executable, "-m", "streams", "worker"], env)
+    for out in (faust_a, python_m):
+        assert out.returncode == EX_CONFIG, out.stderr
+        # said once each: the command that went on (and read the settings) did not see them
+        assert out.stderr.splitlines() == [
+            "streams worker: ignoring FAUST_BLOCKING_TIMEOUT (the worker is configured by STREAMS_* variables only)",
+            "streams worker: ignoring F_DEBUG (the worker is configured by STREAMS_* variables only)",
+            "streams worker: STREAMS_BROKER is no setting; did you mean STREAMS_BROKERS?",
+        ], out.stderr
+
+
+def test_faust_a_refuses_a_faust_workdir_it_cannot_undo(tmp_path: Path) -> None:
+    line = refusal(run([str(BIN / "faust"), "-A", "streams.worker.app", "worker"], {"FAUST_WORKDIR": str(tmp_path)}))
+    assert "FAUST_WORKDIR" in line and "python -m streams worker" in line
 
 
 # -- the worker's own clients create no topic ----------------------------------------------------------------

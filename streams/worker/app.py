@@ -8,7 +8,7 @@ Event, a task and an await per record; a RocksDB write and a changelog record pe
 the batch step replaces. Start-up checks: `streams.worker.startup`.
 
 `python -m streams worker` runs it; `faust -A streams.worker.app worker` works too (settings from STREAMS_*), with
-the same start-up checks and exit codes.
+the same start-up checks, exit codes and isolation from Faust's own environment variables.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from streams.worker.startup import (
     credentials,
     forbid_topic_auto_creation,
     prepare_topics,
+    without_faust_environment,
 )
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,7 @@ def start_up(settings: Settings) -> Layout | int:
 def from_environment() -> StreamsApp:
     """The app as `faust -A` finds it: settings from STREAMS_* variables (checked as `python -m streams worker`
     checks them), topics prepared at import. A failed check exits as that command does."""
+    without_faust_environment()
     try:
         settings = Settings.load()
         settings.check_files()
