@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, cast
 
 import faust
 
+from streams import config
 from streams.config import EX_CONFIG, SettingError, Settings
 from streams.enrich import Enricher
 from streams.gcpolicy import tune_gc
@@ -40,7 +42,6 @@ from streams.worker.startup import (
     credentials,
     forbid_topic_auto_creation,
     prepare_topics,
-    without_faust_environment,
 )
 
 log = logging.getLogger(__name__)
@@ -259,3 +260,45 @@ def from_environment() -> StreamsApp:
     if isinstance(layout, int):
         raise SystemExit(layout)
     return create_app(settings, layout)
+
+
+# -- Faust's own environment variables under `faust -A` -------------------------------------------------------
+
+
+def without_faust_environment() -> None:
+    """`faust -A streams.worker.app worker` (and `streams.web`) imports Faust, which reads FAUST_* and F_*
+    variables (its working and data directories, event loop, debug mode, web transport) before this module is
+    imported: too late to drop them, as `python -m streams worker` does before it imports Faust. When the
+    process started with any of them, run the same command line again without them (the same process id), after
+    a line on stderr for each, as `python -m streams worker` says it ignores them; FAUST_WORKDIR (F_WORKDIR),
+    which Faust has acted on already, is refused (EX_CONFIG). Faust's CLI sets F_DATADIR itself: only the
+    environment the process started with counts."""
+    started_with = _initial_environment()
+    ignored = config.faust_variables(started_with)
+    if not ignored:
+        return
+    moved = sorted({"FAUST_WORKDIR", "F_WORKDIR"} & set(ignored))
+    if moved:
+        # Faust's CLI has moved into that directory already, and the one the command started in is lost (PWD may
+        # be a parent's): a relative state directory would be read from the wrong place
+        print(f"streams worker: Faust has changed the working directory to {' / '.join(moved)} already: unset it, "
+              "or run `python -m streams worker`, which ignores it", file=sys.stderr)
+        raise SystemExit(EX_CONFIG)
+    for name in ignored:
+        print(f"streams worker: {config.FAUST_IGNORED.format(name)}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {k: v for k, v in started_with.items() if k not in ignored})
+
+
+def _initial_environment() -> dict[str, str]:
+    """The environment the process was started with (Linux: /proc/self/environ, which later changes leave
+    alone); elsewhere the current one without the variables Faust's CLI sets itself."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        faust_sets = ("F_DATADIR", "F_WORKDIR", "FAUST_DATADIR", "FAUST_LOOP")
+        return {k: v for k, v in os.environ.items() if k not in faust_sets}
+    pairs = (os.fsdecode(entry).partition("=") for entry in raw.split(b"\0") if entry)
+    return {name: value for name, _, value in pairs}

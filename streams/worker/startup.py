@@ -1,16 +1,14 @@
 """Before the worker starts: the raw topic's real partition count, the worker's other topics made to match it
 (or a clear refusal), the settings of the topics that exist already checked against what the worker promises,
-no topic created by a client of the worker once it runs, `faust -A` as deaf to Faust's own environment variables
-as `python -m streams worker`, and how Faust reaches a controller with a broker down."""
+no topic created by a client of the worker once it runs, and how Faust reaches a controller with a broker
+down."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import random
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +28,6 @@ from aiokafka.errors import (
 )
 from aiokafka.protocol.metadata import MetadataRequest
 
-from streams import config
 from streams.config import Settings
 from streams.kafka import admin as kafka_admin
 from streams.worker.names import topic_names
@@ -320,48 +317,6 @@ def forbid_topic_auto_creation() -> None:
     needs at start-up, explicitly (`prepare_topics`); the raw topic only with STREAMS_MISSING_RAW_TOPIC=create."""
     aiokafka.client.MetadataRequest = _NoAutoCreation
     aiokafka.admin.client.MetadataRequest = _NoAutoCreation
-
-
-# -- Faust's own environment variables under `faust -A` -------------------------------------------------------
-
-
-def without_faust_environment() -> None:
-    """`faust -A streams.worker.app worker` (and `streams.web`) imports Faust, which reads FAUST_* and F_*
-    variables (its working and data directories, event loop, debug mode, web transport) before this module is
-    imported: too late to drop them, as `python -m streams worker` does before it imports Faust. When the
-    process started with any of them, run the same command line again without them (the same process id), after
-    a line on stderr for each, as `python -m streams worker` says it ignores them; FAUST_WORKDIR (F_WORKDIR),
-    which Faust has acted on already, is refused (EX_CONFIG). Faust's CLI sets F_DATADIR itself: only the
-    environment the process started with counts."""
-    started_with = _initial_environment()
-    ignored = config.faust_variables(started_with)
-    if not ignored:
-        return
-    moved = sorted({"FAUST_WORKDIR", "F_WORKDIR"} & set(ignored))
-    if moved:
-        # Faust's CLI has moved into that directory already, and the one the command started in is lost (PWD may
-        # be a parent's): a relative state directory would be read from the wrong place
-        print(f"streams worker: Faust has changed the working directory to {' / '.join(moved)} already: unset it, "
-              "or run `python -m streams worker`, which ignores it", file=sys.stderr)
-        raise SystemExit(config.EX_CONFIG)
-    for name in ignored:
-        print(f"streams worker: {config.FAUST_IGNORED.format(name)}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, {k: v for k, v in started_with.items() if k not in ignored})
-
-
-def _initial_environment() -> dict[str, str]:
-    """The environment the process was started with (Linux: /proc/self/environ, which later changes leave
-    alone); elsewhere the current one without the variables Faust's CLI sets itself."""
-    try:
-        with open("/proc/self/environ", "rb") as f:
-            raw = f.read()
-    except OSError:
-        faust_sets = ("F_DATADIR", "F_WORKDIR", "FAUST_DATADIR", "FAUST_LOOP")
-        return {k: v for k, v in os.environ.items() if k not in faust_sets}
-    pairs = (os.fsdecode(entry).partition("=") for entry in raw.split(b"\0") if entry)
-    return {name: value for name, _, value in pairs}
 
 
 # -- Faust's own lookups, made to survive a broker down -------------------------------------------------------
