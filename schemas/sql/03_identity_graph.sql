@@ -20,24 +20,24 @@ latest AS (
     WHERE newest = 1
 ),
 held AS (
-    SELECT l.person_id, l.device_id, l.kafka_partition, l.kafka_offset, i.identity_key, i.identity_value
+    SELECT l.person_id, l.device_id, i.identity_key, i.identity_value
     FROM latest l
     JOIN enriched_identities i
       ON i.kafka_topic = l.kafka_topic AND i.kafka_partition = l.kafka_partition
      AND i.kafka_offset = l.kafka_offset
 ),
-unbound AS (
-    SELECT r.device_id, r.kafka_partition, r.kafka_offset, i.identity_key, i.identity_value
+dropped AS (
+    SELECT r.device_id, i.identity_key, i.identity_value
     FROM records r
     JOIN enriched_identities i
       ON i.kafka_topic = r.kafka_topic AND i.kafka_partition = r.kafka_partition
      AND i.kafka_offset = r.kafka_offset
-    WHERE r.type = 'track_id_unbind'
+    JOIN latest l ON l.device_id = r.device_id
+    WHERE r.type = 'track_id_unbind' AND r.kafka_partition = l.kafka_partition AND r.kafka_offset > l.kafka_offset
 )
 SELECT h.person_id, h.identity_key, h.identity_value, COUNT(DISTINCT h.device_id) AS devices
 FROM held h
-LEFT JOIN unbound u
-  ON u.device_id = h.device_id AND u.identity_key = h.identity_key AND u.identity_value = h.identity_value
- AND u.kafka_partition = h.kafka_partition AND u.kafka_offset > h.kafka_offset
-WHERE u.device_id IS NULL
+LEFT JOIN dropped d
+  ON d.device_id = h.device_id AND d.identity_key = h.identity_key AND d.identity_value = h.identity_value
+WHERE d.device_id IS NULL
 GROUP BY h.person_id, h.identity_key, h.identity_value;
