@@ -24,15 +24,17 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "streams.enrich": (*RULES, "streams.codec"),
     "streams.config": (*RULES, "streams.codec", "streams.enrich"),
     "streams.gcpolicy": (),
+    "streams.progress": (),  # a long command's progress line (replay, load)
     "streams.kafka": ("streams.config",),
     "streams.state": (*RULES, "streams.codec"),
     "streams.offline": (*RULES, "streams.codec", "streams.enrich", "streams.config", "streams.gcpolicy",
-                        "streams.state"),
+                        "streams.state", "streams.progress"),
     "streams.worker": (*RULES, "streams.codec", "streams.enrich", "streams.config", "streams.gcpolicy",
                        "streams.state", "streams.kafka"),
     "streams.web": (*RULES, "streams.codec", "streams.config", "streams.state", "streams.kafka",
                     "streams.worker"),
-    "streams.warehouse": ("streams.config", "streams.kafka"),  # the topics' reader: Kafka in, DuckDB out
+    # the topics' reader: Kafka in, DuckDB out
+    "streams.warehouse": ("streams.config", "streams.kafka", "streams.progress"),
     "streams.cli": ("streams",),  # the command line reaches everything
     "streams.__main__": ("streams.cli",),
     "streams": (),

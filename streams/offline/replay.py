@@ -20,6 +20,7 @@ from typing import BinaryIO, TextIO
 from streams.enrich import Enricher, EnrichSettings, MemoryStore, StateStore
 from streams.offline.jobs import ReplayJobs
 from streams.offline.persons import OfflinePersons
+from streams.progress import ProgressLine
 from streams.state.store import CachedStore, RocksBackend
 
 # lines between writes of the RocksDB state (its write-back cache holds the changed states until then)
@@ -48,45 +49,25 @@ class Counts:
 
 
 class Progress:
-    """A live line on a terminal (rate and ETA); elsewhere a line every few seconds for long inputs."""
+    """Replay's progress line: records, dead letters and rate, and with a file's size the share read."""
 
     def __init__(self, stream: TextIO, total_bytes: int | None, interval: float | None = None) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+        self.line = ProgressLine("replay", stream, interval)
         self.total = total_bytes
-        self.interval = interval if interval is not None else (0.2 if self.tty else 5.0)
-        self.start = self.last = time.monotonic()
-        self.shown = False
 
     def update(self, counts: Counts, position: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
+        elapsed = self.line.due()
+        if elapsed is None:
             return
-        self.last = now
-        elapsed = now - self.start
-        rate = counts.records / elapsed if elapsed else 0.0
-        line = f"replay: {counts.records:,} records, {counts.dead_letters:,} dead letters, {rate:,.0f}/s"
-        if self.total and position:
-            done = min(position / self.total, 1.0)
-            eta = elapsed * (1 - done) / done if done else 0.0
-            bar = "#" * int(done * 20)
-            line = f"replay [{bar:<20}] {done:4.0%}  " + line.removeprefix("replay: ") + f"  ETA {eta:,.0f}s"
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self.shown = True
+        rate = ProgressLine.rate(counts.records, elapsed)
+        text = f"{counts.records:,} records, {counts.dead_letters:,} dead letters, {rate:,.0f}/s"
+        self.line.show(text, elapsed, position / self.total if self.total and position else None)
 
     def finish(self, counts: Counts) -> None:
-        elapsed = time.monotonic() - self.start
-        rate = counts.records / elapsed if elapsed else 0.0
-        if self.tty and self.shown:
-            self.stream.write("\r\x1b[K")
-        self.stream.write(
-            f"replay: {counts.records:,} records in, {counts.enriched:,} enriched out, "
-            f"{counts.dead_letters:,} dead letters, {elapsed:.1f}s ({rate:,.0f} records/s)\n"
-        )
+        elapsed = time.monotonic() - self.line.start
+        self.line.finish(f"{counts.records:,} records in, {counts.enriched:,} enriched out, "
+                         f"{counts.dead_letters:,} dead letters, {elapsed:.1f}s "
+                         f"({ProgressLine.rate(counts.records, elapsed):,.0f} records/s)")
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.config import Settings
 from streams.kafka.admin import partition_count
+from streams.progress import ProgressLine
 from streams.warehouse import CHUNK_RECORDS
 from streams.warehouse.database import Offsets, Warehouse
 from streams.warehouse.tables import TABLES, Record, Table, by_table, rows_of
@@ -47,42 +48,28 @@ class LoadReport:
 
 
 class Progress:
-    """As replay's: a live line on a terminal (rate and ETA), elsewhere a line every few seconds."""
+    """The load's progress line: records and rate, and the share read of what there was at the start."""
 
     def __init__(self, stream: TextIO, interval: float | None = None) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.interval = interval if interval is not None else (0.2 if self.tty else 5.0)
-        self.start = self.last = time.monotonic()
-        self.shown = False
+        self.line = ProgressLine("load", stream, interval)
 
     def update(self, report: LoadReport, following: bool) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
+        elapsed = self.line.due()
+        if elapsed is None:
             return
-        self.last = now
-        elapsed = now - self.start
-        rate = report.records / elapsed if elapsed else 0.0
+        rate = ProgressLine.rate(report.records, elapsed)
         if following or not report.total:
-            line = f"load: {report.records:,} records, {rate:,.0f}/s" + (", following" if following else "")
+            self.line.show(f"{report.records:,} records, {rate:,.0f}/s" + (", following" if following else ""),
+                           elapsed)
         else:
-            done = min(report.records / report.total, 1.0)
-            eta = elapsed * (1 - done) / done if done else 0.0
-            line = (f"load [{'#' * int(done * 20):<20}] {done:4.0%}  {report.records:,} of {report.total:,} records, "
-                    f"{rate:,.0f}/s  ETA {eta:,.0f}s")
-        self.stream.write("\r" + line + "\x1b[K" if self.tty else line + "\n")
-        self.stream.flush()
-        self.shown = True
+            self.line.show(f"{report.records:,} of {report.total:,} records, {rate:,.0f}/s", elapsed,
+                           report.records / report.total)
 
     def finish(self, report: LoadReport, path: str) -> None:
-        elapsed = time.monotonic() - self.start
-        rate = report.records / elapsed if elapsed else 0.0
-        if self.tty and self.shown:
-            self.stream.write("\r\x1b[K")
+        elapsed = time.monotonic() - self.line.start
         tables = ", ".join(f"{name} {n:,}" for name, n in report.per_table.items())
-        self.stream.write(f"load: {report.records:,} records into {path} ({tables}), {elapsed:.1f}s "
-                          f"({rate:,.0f} records/s)\n")
-        self.stream.flush()
+        self.line.finish(f"{report.records:,} records into {path} ({tables}), {elapsed:.1f}s "
+                         f"({ProgressLine.rate(report.records, elapsed):,.0f} records/s)")
 
 
 def consumer(settings: Settings) -> Any:
