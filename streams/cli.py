@@ -140,7 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "load":
         from streams.warehouse import command as warehouse_command
 
-        return warehouse_command.run(args, settings)
+        try:
+            return warehouse_command.run(args, settings)
+        except warehouse_command.errors() as e:
+            return failed("load", e)
     if args.command == "worker":
         from streams import web
         from streams.worker.app import run_worker
@@ -182,16 +185,22 @@ def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:
             jobs=settings.replay_jobs,
             persons_path=args.persons_file,
         )
-    except ValueError as e:
-        print(f"streams replay: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"streams replay: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("streams replay: interrupted", file=sys.stderr)
-        return 130
+    except (ValueError, OSError, KeyboardInterrupt) as e:
+        return failed("replay", e)
     return 0
+
+
+def failed(command: str, error: BaseException, code: int = 1) -> int:
+    """A command's failure as one line on stderr, no traceback; its exit code (`code` for what is not a file's
+    fault, a wrong argument's or an interruption)."""
+    if isinstance(error, KeyboardInterrupt):
+        print(f"streams {command}: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(error, OSError) and error.filename:
+        print(f"streams {command}: {error.strerror or error}: {error.filename}", file=sys.stderr)
+        return 1
+    print(f"streams {command}: {error}", file=sys.stderr)
+    return 2 if isinstance(error, ValueError) else code
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -7,10 +7,15 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import Any
+
+from aiokafka.errors import KafkaError
 
 from streams import config
 from streams.config import Settings
 from streams.warehouse import CHUNK_RECORDS
+from streams.warehouse.database import WarehouseError
+from streams.warehouse.load import NothingToLoad
 
 LOAD_EXAMPLES = """examples:
   python -m streams load --into warehouse.duckdb            # what the topics hold now, then stop
@@ -21,19 +26,18 @@ LOAD_EXAMPLES = """examples:
 
 
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
-        "load",
-        help="load the enriched, dead-letter and persons topics into a DuckDB file",
-        description=(
+    texts: dict[str, Any] = {
+        "help": "load the enriched, dead-letter and persons topics into a DuckDB file",
+        "description": (
             "Read the enriched, dead-letter and persons topics (committed records only) into the tables enriched,\n"
             "enriched_identities, dead_letters and persons of a DuckDB file, and create the views of schemas/sql/\n"
             "(persons_latest, events_with_person, identity_graph). Each chunk of records is written with the\n"
             "offsets it reaches in one transaction: a run killed at any point and run again neither loses nor\n"
             "repeats a row. Reads up to the end offsets seen at the start, or with --follow until interrupted."
         ),
-        epilog=LOAD_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        "epilog": LOAD_EXAMPLES,
+    }
+    parser = commands.add_parser("load", formatter_class=argparse.RawDescriptionHelpFormatter, **texts)
     parser.add_argument("--into", required=True, metavar="PATH", help="the DuckDB file (created when missing)")
     parser.add_argument("--follow", action="store_true",
                         help="keep loading new records until Ctrl-C or SIGTERM (the chunk in hand is written)")
@@ -44,11 +48,9 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Run `load`; the exit code."""
-    from aiokafka.errors import KafkaError
+    """Run `load`; the exit code. Raises one of `errors()` for a failure the command line reports in one line."""
 
-    from streams.warehouse.database import WarehouseError
-    from streams.warehouse.load import NothingToLoad, load
+    from streams.warehouse.load import load
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.chunk_records < 1:
@@ -57,15 +59,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         asyncio.run(load(settings, args.into, follow=args.follow, chunk_records=args.chunk_records,
                          progress=None if args.quiet else sys.stderr))
-    except (NothingToLoad, WarehouseError) as e:
-        print(f"streams load: {e}", file=sys.stderr)
-        return 1
     except KafkaError as e:
-        print(f"streams load: Kafka at {settings.brokers}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"streams load: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        raise LoadFailed(f"Kafka at {settings.brokers}: {e}") from e
     return 0
+
+
+class LoadFailed(Exception):
+    pass
+
+
+def errors() -> tuple[type[BaseException], ...]:
+    """What `run` may raise for the command line to report: nothing to load, the database refused, Kafka, a file
+    (imported here: the command line's other commands need neither DuckDB nor the loader)."""
+
+    return LoadFailed, NothingToLoad, WarehouseError, OSError, KeyboardInterrupt
