@@ -21,7 +21,7 @@ from streams.config import Settings
 from streams.kafka import admin as kafka_admin
 from streams.kafka import clients as kafka_clients
 from tests.conftest import ROOT, validate
-from tests.integration.kit.process import OUTPUT_TIMEOUT, Worker, worker_env
+from tests.integration.kit.process import OUTPUT_TIMEOUT, StartWorker, Worker, worker_env
 
 SAMPLE = kafka_clients.SAMPLE
 
@@ -238,3 +238,18 @@ def wait_for_persons(settings: Settings, expected: dict[str, bytes], workers: li
                         f"missing {missing[:3]}, {len(extra)} extra {extra[:3]}, {len(differ)} differ\n{detail}",
                         pytrace=False)
         time.sleep(1.0)
+
+
+def killed_mid_stream(start_worker: StartWorker, settings: Settings, lines: list[bytes], state_dir: str,
+                      guarantee: str, chunks: int = 6) -> Worker:
+    """A worker SIGKILLed while `lines` are produced, once its first outputs are out, and then a second one on
+    the same state directory, ready in the group; returns the second."""
+    first = start_worker(settings, "run1", state_dir=state_dir, processing_guarantee=guarantee)
+    first.wait_ready()
+    sender = produce_slowly(settings, lines, chunks=chunks, pause=0.5)
+    wait_for_outputs(settings, 1, workers=[first], settle=0)
+    first.kill()
+    sender.join()
+    second = start_worker(settings, "run2", state_dir=state_dir, processing_guarantee=guarantee)
+    second.wait_ready()
+    return second
