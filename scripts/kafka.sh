@@ -214,6 +214,11 @@ jar_version() {
 }
 
 cmd_install() {
+    # One install at a time: the test processes start the single broker and the cluster side by side, and a
+    # second install would delete the jars a node just launched by the first one is loading
+    mkdir -p "$CACHE_DIR"
+    exec 9>"$CACHE_DIR/install.lock"
+    flock 9
     if is_installed; then
         log "Kafka $KAFKA_VERSION already installed in $LIB_DIR"
         return 0

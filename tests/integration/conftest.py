@@ -162,7 +162,10 @@ class Cluster:
     @staticmethod
     def _run(*args: str) -> None:
         run = _kafka_sh(*args, timeout=300)
-        assert run.returncode == 0, f"scripts/kafka.sh {' '.join(args)}: exit {run.returncode}\n{run.stderr[-3000:]}"
+        # the script's own lines first (why it failed), then the end of what it printed (a node's log)
+        said = "\n".join(line for line in run.stderr.splitlines() if line.startswith("kafka:"))
+        assert run.returncode == 0, (f"scripts/kafka.sh {' '.join(args)}: exit {run.returncode}\n{said}\n"
+                                     f"{run.stderr[-3000:]}")
 
     def kill(self, node: int) -> None:
         """SIGKILL, as a crash or a power loss would."""
