@@ -149,7 +149,10 @@ def test_person_lookup_from_either_host(topics: Settings, start_worker: kit.Star
     metrics = wait_for_metrics(hosts, gauges)
     # at least once: a batch tried again (a send that timed out, a rebalance) writes its mappings again
     assert metrics["streams_person_mappings_written_total"] >= len(mappings), metrics
-    assert metrics["streams_person_tombstones_written_total"] == 0, metrics
+    # two workers' messages may interleave otherwise than replay's one order: a mapping may end for a while on
+    # the way, but every one it wrote a tombstone for is written again (the topic ends as replay's, above)
+    assert (metrics["streams_person_mappings_written_total"] - metrics["streams_person_tombstones_written_total"]
+            >= len(mappings)), metrics
     assert metrics["streams_person_unreadable_messages_total"] == 0, metrics
     assert metrics['streams_person_messages_total{kind="claim"}'] >= 5, metrics
     assert metrics['streams_person_messages_total{kind="owner"}'] >= 3, metrics

@@ -90,8 +90,8 @@ def expected_states() -> dict[str, dict[str, Any]]:
 
 def test_lookup_is_routed_to_the_owner(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path) -> None:
     first = start_worker(topics, name="first")
-    second = start_worker(topics, name="second", state_dir=str(tmp_path / "state2"), web_port=topics.web_port + 1
-                          if topics.web_port < 65000 else topics.web_port - 1)
+    # a free port, not the next one: under `pytest -n` another test's worker may hold that
+    second = start_worker(topics, name="second", state_dir=str(tmp_path / "state2"), web_port=kit.free_port())
     first.wait_ready(members=2)
     second.wait_ready(members=2)
     asyncio.run(kafka_clients.produce_file(topics, str(SAMPLE)))
