@@ -145,7 +145,19 @@ async def assigned(settings: Settings, topic: str, *, from_beginning: bool = Tru
             await consumer.seek_to_end(*partitions)
         yield consumer
     finally:
+        await stopped(consumer)
+
+
+async def stopped(consumer: AIOKafkaConsumer) -> None:
+    """`consumer.stop()`. aiokafka's fetcher lets the cancellation of its own fetch task out of `stop()` when a
+    fetch had just failed (a broker closing the connection): that one is not ours, and the records read stand.
+    A cancellation of the caller's own task still goes through."""
+    try:
         await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 async def read_all(settings: Settings, topic: str, *, idle_timeout: float = 5.0) -> list[ConsumerRecord]:
