@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from aiokafka.admin import NewTopic
+from aiokafka.client import AIOKafkaClient
 
 from streams.config import Settings
 from streams.kafka import admin as kafka_admin
@@ -179,8 +180,22 @@ class Cluster:
         self._run("cluster-start-node", str(node))
 
     def up(self) -> set[int]:
-        run = _kafka_sh("cluster-status", timeout=120)
-        return {int(line.split()[1].rstrip(":")) for line in run.stdout.splitlines() if ": up " in line}
+        """The nodes that answer a metadata request themselves, asked from this process (`cluster-status` starts
+        a JVM a node: a load that slowed the other tests)."""
+        async def answers(address: str) -> bool:
+            client = AIOKafkaClient(bootstrap_servers=address, request_timeout_ms=5_000)
+            try:
+                await asyncio.wait_for(client.bootstrap(), 10)
+                return True
+            except Exception:
+                return False
+            finally:
+                await client.close()
+
+        async def ask() -> list[bool]:
+            return await asyncio.gather(*(answers(a) for a in self.brokers.split(",")))
+
+        return {n for n, ok in enumerate(asyncio.run(ask()), 1) if ok}
 
     def all_up(self) -> None:
         self._run("cluster-start")
@@ -214,7 +229,8 @@ def cluster(kafka_cluster: Cluster) -> Iterator[Cluster]:
     if kafka_cluster.up() != {1, 2, 3}:
         kafka_cluster.all_up()
     yield kafka_cluster
-    kafka_cluster.all_up()
+    if kafka_cluster.up() != {1, 2, 3}:
+        kafka_cluster.all_up()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from tests.integration import kit
 from tests.integration.conftest import Cluster
 
 # one process runs them all, one after the other: each kills, wipes and starts the cluster's nodes
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(480), pytest.mark.xdist_group("cluster")]
+pytestmark = [pytest.mark.kafka, pytest.mark.cluster, pytest.mark.timeout(480), pytest.mark.xdist_group("cluster")]
 
 OUTPUT_TIMEOUT = 240.0  # a broker's death moves leaders and coordinators: slower than the single broker
 

@@ -133,6 +133,8 @@ def test_load_equals_replay_and_a_killed_load_loses_and_repeats_nothing(
     people = {u: orjson.loads(v)["person_id"] for u, v in expected_persons.items()}
     assert [p for _, p, _ in rows] == [people.get(r["user_id"], r["user_id"]) for r in got]
     loaded_dead = [orjson.loads(v) for (v,) in query(clean, "SELECT value_json FROM dead_letters")]
+    if guarantee == "at_least_once":  # a dead letter written again after the kill: the same one, source and all
+        loaded_dead = list({kit.canonical(d): d for d in loaded_dead}.values())
     assert kit.dead_letters_without_source(loaded_dead) == kit.dead_letters_without_source(dead)
     repeats = -(-len(enriched) // REPEAT_EVERY) if guarantee == "at_least_once" else 0
     assert query(clean, "SELECT COUNT(*) FROM enriched")[0][0] >= len(enriched) + repeats
