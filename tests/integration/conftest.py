@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import subprocess
 import time
@@ -48,20 +47,6 @@ def _kafka_sh(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 
 
-@contextlib.contextmanager
-def _one_at_a_time(name: str) -> Iterator[None]:
-    """Across the test processes of one `pytest -n` run: one starts the broker (or the cluster), the others wait
-    for it and find it up."""
-    lock_dir = ROOT / ".cache"
-    lock_dir.mkdir(exist_ok=True)
-    with open(lock_dir / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _stop_at_the_end() -> bool:
     """Whether this test process stops at its end what it started: not when others of the same run (`pytest -n`)
     may still use it; the broker is then left running, as `make run` leaves it."""
@@ -74,7 +59,7 @@ def kafka() -> Iterator[str]:
     if not KAFKA_SH.exists():
         pytest.fail(f"{KAFKA_SH} is missing: it installs and starts the test broker", pytrace=False)
     started = False
-    with _one_at_a_time("kafka"):
+    with kit.one_at_a_time("kafka"):
         if _kafka_sh("status", timeout=120).returncode != 0:
             # on a fresh machine this downloads the broker's jars first
             run = _kafka_sh("start", timeout=1800)
@@ -205,7 +190,7 @@ class Cluster:
 def kafka_cluster() -> Iterator[Cluster]:
     """Three brokers (scripts/kafka.sh cluster-start), for the tests that need them only; stopped at the end
     when this session started them. Never skips: a cluster that does not come up is a failure."""
-    with _one_at_a_time("kafka-cluster"):
+    with kit.one_at_a_time("kafka-cluster"):
         started = _kafka_sh("cluster-status", timeout=120).returncode != 0
         if started:
             run = _kafka_sh("cluster-start", timeout=1800)

@@ -25,7 +25,7 @@ from streams.kafka import clients as kafka_clients
 from tests.conftest import ROOT
 from tests.integration import kit
 
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(2400), pytest.mark.xdist_group("container")]
 
 CONTAINER_SH = ROOT / "scripts" / "container.sh"
 SAMPLE = kafka_clients.SAMPLE
@@ -58,7 +58,9 @@ def images() -> str:
     """The images, built or found in podman's storage; the worker's image name."""
     if not CONTAINER_SH.exists():
         pytest.fail(f"{CONTAINER_SH} is missing: it installs Podman and builds the images", pytrace=False)
-    must(container_sh("build", timeout=BUILD_TIMEOUT), "`bash scripts/container.sh build`")
+    # one build at a time across the test processes of `pytest -n`: two would share .cache/container
+    with kit.one_at_a_time("container-build"):
+        must(container_sh("build", timeout=BUILD_TIMEOUT), "`bash scripts/container.sh build`")
     return IMAGE
 
 

@@ -4,6 +4,8 @@ group's assignment, its web port and metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import re
 import signal
@@ -13,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -219,3 +221,17 @@ def two_hosts(start_worker: StartWorker, settings: Settings, state_dir: Path) ->
     first.wait_ready(members=2)
     second.wait_ready(members=2)
     return first, second, port
+
+
+@contextlib.contextmanager
+def one_at_a_time(name: str) -> Iterator[None]:
+    """Across the test processes of one `pytest -n` run, one at a time: one starts the broker (or the cluster, or
+    builds the images), the others wait for it and find it done."""
+    lock_dir = ROOT / ".cache"
+    lock_dir.mkdir(exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
