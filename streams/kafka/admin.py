@@ -217,49 +217,49 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> in
     return await retrying(ensure, patience=30.0)
 
 
-async def member_urls(settings: Settings) -> dict[str, str]:
-    """The URL each member of the worker group advertises (Faust's member metadata), by member ID."""
+async def _worker_group(settings: Settings) -> tuple[Any, ...] | None:
+    """The worker group as the brokers describe it (error, group ID, state, protocol type, protocol, members),
+    None when there is no such group."""
     async def describe() -> Any:
         async with _admin(settings) as admin:
             return await admin.describe_consumer_groups([settings.group])
 
-    urls: dict[str, str] = {}
     for response in await retrying(describe, patience=30.0):
         for group in response.groups:
-            if group[1] != settings.group:
-                continue
-            for member in group[5]:
-                member_id, metadata = member[0], member[-2]
-                try:
-                    user_data = ConsumerProtocolMemberMetadata.decode(metadata).user_data
-                    urls[member_id] = str(json.loads(user_data)["url"])
-                except Exception:
-                    continue  # not a worker of ours (or a protocol this does not read): no URL to compare
+            if group[1] == settings.group:
+                return tuple(group)
+    return None
+
+
+async def member_urls(settings: Settings) -> dict[str, str]:
+    """The URL each member of the worker group advertises (Faust's member metadata), by member ID."""
+    group = await _worker_group(settings)
+    urls: dict[str, str] = {}
+    for member in group[5] if group is not None else ():
+        member_id, metadata = member[0], member[-2]
+        try:
+            user_data = ConsumerProtocolMemberMetadata.decode(metadata).user_data
+            urls[member_id] = str(json.loads(user_data)["url"])
+        except Exception:
+            continue  # not a worker of ours (or a protocol this does not read): no URL to compare
     return urls
 
 
 async def group_assignment(settings: Settings) -> tuple[str, list[set[int]]]:
     """The worker group's state and, per member, the raw-topic partitions it holds ("absent" when there is no
     such group): what tests and the fault harness wait on around rebalances."""
-    async def describe() -> Any:
-        async with _admin(settings) as admin:
-            return await admin.describe_consumer_groups([settings.group])
-
-    responses = await retrying(describe, patience=30.0)
-    for response in responses:
-        for group in response.groups:
-            error, group_id, state, _, _, members, *_ = group
-            if group_id != settings.group:
-                continue
-            held = []
-            for member in members:
-                partitions: set[int] = set()
-                if member[-1]:
-                    assignment = ConsumerProtocolMemberAssignment.decode(member[-1])
-                    for topic, parts in assignment.assignment:
-                        if topic == settings.raw_topic:
-                            partitions.update(parts)
-                held.append(partitions)
-            return (state if not error else f"error {error}"), held
-    return "absent", []
+    group = await _worker_group(settings)
+    if group is None:
+        return "absent", []
+    error, _, state, _, _, members, *_ = group
+    held = []
+    for member in members:
+        partitions: set[int] = set()
+        if member[-1]:
+            assignment = ConsumerProtocolMemberAssignment.decode(member[-1])
+            for topic, parts in assignment.assignment:
+                if topic == settings.raw_topic:
+                    partitions.update(parts)
+        held.append(partitions)
+    return (state if not error else f"error {error}"), held
 
