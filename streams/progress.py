@@ -36,14 +36,15 @@ class ProgressLine:
         self.stream.flush()
         self.shown = True
 
-    def finish(self, text: str) -> float:
-        """The summary line, in place of the live one; returns the seconds since the start."""
-        elapsed = time.monotonic() - self.start
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def finish(self, text: str) -> None:
+        """The summary line, in place of the live one."""
         if self.tty and self.shown:
             self.stream.write("\r\x1b[K")
         self.stream.write(f"{self.command}: {text}\n")
         self.stream.flush()
-        return elapsed
 
     @staticmethod
     def rate(count: int, elapsed: float) -> float:

@@ -320,7 +320,7 @@ def health(app: StreamsApp, now: float, ready: bool = True) -> tuple[int, dict[s
 
 def _lag(app: StreamsApp) -> list[tuple[dict[str, str], float]]:
     consumer = app.consumer
-    mine = set(input_topics(app.streams_pipeline.topics))  # the persons repartition topic too
+    mine = input_topics(app.streams_pipeline.topics)  # the persons repartition topic too
     samples: list[tuple[dict[str, str], float]] = []
     for tp in sorted(consumer.assignment()):
         if tp.topic not in mine:

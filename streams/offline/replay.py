@@ -12,7 +12,6 @@ import itertools
 import os
 import re
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, TextIO
@@ -64,7 +63,7 @@ class Progress:
         self.line.show(text, elapsed, position / self.total if self.total and position else None)
 
     def finish(self, counts: Counts) -> None:
-        elapsed = time.monotonic() - self.line.start
+        elapsed = self.line.elapsed()
         self.line.finish(f"{counts.records:,} records in, {counts.enriched:,} enriched out, "
                          f"{counts.dead_letters:,} dead letters, {elapsed:.1f}s "
                          f"({ProgressLine.rate(counts.records, elapsed):,.0f} records/s)")

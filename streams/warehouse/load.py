@@ -66,7 +66,7 @@ class Progress:
                            report.records / report.total)
 
     def finish(self, report: LoadReport, path: str) -> None:
-        elapsed = time.monotonic() - self.line.start
+        elapsed = self.line.elapsed()
         tables = ", ".join(f"{name} {n:,}" for name, n in report.per_table.items())
         self.line.finish(f"{report.records:,} records into {path} ({tables}), {elapsed:.1f}s "
                          f"({ProgressLine.rate(report.records, elapsed):,.0f} records/s)")
