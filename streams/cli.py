@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--persons", dest="persons_file", metavar="PATH",
                         help="write the final persons mapping here: one JSON object per device user that has one, "
                         "sorted by user_id (persons.md §4)")
+    replay.add_argument("--identity-changes", dest="changes_file", metavar="PATH",
+                        help="write the identity change log here: a row per change of a device user's mapping, "
+                        "and the identifiers that link it (schemas/identity-change.schema.json)")
     replay.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     config.add_arguments(replay, "replay")
 
@@ -184,6 +187,7 @@ def run_replay(args: argparse.Namespace, settings: config.Settings) -> int:
             cache_devices=settings.cache_devices,
             jobs=settings.replay_jobs,
             persons_path=args.persons_file,
+            changes_path=args.changes_file,
         )
     except (ValueError, OSError, KeyboardInterrupt) as e:
         return failed("replay", e)

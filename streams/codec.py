@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -18,6 +18,7 @@ import orjson
 from streams.identity import CustomerId, DeviceState, Reason, Rejected
 from streams.persons import DevicePersons, Entry
 from streams.persons import Mapping as PersonMapping
+from streams.persons.changes import Trigger
 from streams.persons.pairs import Summary
 
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
@@ -283,37 +284,75 @@ def decode_summary(data: bytes) -> Summary:
     return Summary(owner, bool(shared))
 
 
-def encode_claim(device_id: str, entry: Entry | None) -> bytes:
+# A persons message may carry the cause of what it says (the change log's trigger: [record_id, event_time]) and a
+# user message the identifiers that link the user: only with the identity change log on. Messages without them
+# (the log off, or written by an earlier release) read as having none.
+Cause = Trigger | None
+
+
+def _cause(trigger: Cause) -> list[Any]:
+    return [trigger.record_id, trigger.event_time] if trigger is not None else []
+
+
+def _trigger(loaded: Any) -> Cause:
+    if not loaded:
+        return None
+    record_id, event_time = loaded
+    return Trigger(record_id, event_time)
+
+
+def encode_claim(device_id: str, entry: Entry | None, cause: Cause = None) -> bytes:
     """A device's claims on a pair, to the pair stage (keyed by the pair)."""
+    if cause is not None:
+        return orjson.dumps([device_id, list(entry.logins) if entry is not None else None,
+                             entry.device_user if entry is not None else None, _cause(cause)])
     return orjson.dumps([device_id, list(entry.logins), entry.device_user] if entry is not None else [device_id])
 
 
-def decode_claim(data: bytes) -> tuple[str, Entry | None]:
+def decode_claim(data: bytes) -> tuple[str, Entry | None, Cause]:
     loaded = orjson.loads(data)
     if len(loaded) == 1:
-        return str(loaded[0]), None
-    device_id, logins, device_user = loaded
-    return str(device_id), Entry(tuple(str(u) for u in logins), bool(device_user))
+        return str(loaded[0]), None, None
+    device_id, logins, device_user, *cause = loaded
+    entry = Entry(tuple(str(u) for u in logins), bool(device_user)) if logins is not None else None
+    return str(device_id), entry, _trigger(cause[0]) if cause else None
 
 
-def encode_owner(pair: str, owner: str | None) -> bytes:
+def encode_owner(pair: str, owner: str | None, cause: Cause = None) -> bytes:
     """The pair stage's answer to a device (keyed by the device ID)."""
-    return orjson.dumps([pair, owner])
+    return orjson.dumps([pair, owner, _cause(cause)] if cause is not None else [pair, owner])
 
 
-def decode_owner(data: bytes) -> tuple[str, str | None]:
-    pair, owner = orjson.loads(data)
-    return str(pair), owner
+def decode_owner(data: bytes) -> tuple[str, str | None, Cause]:
+    pair, owner, *cause = orjson.loads(data)
+    return str(pair), owner, _trigger(cause[0]) if cause else None
 
 
-def encode_user(mapping: PersonMapping | None, conflict: bool) -> bytes:
+def encode_user(mapping: PersonMapping | None, conflict: bool, cause: Cause = None,
+                links: Sequence[tuple[str, str]] = ()) -> bytes:
     """A device user's mapping now, to the stage that keeps the persons index (keyed by the user ID)."""
-    return orjson.dumps([mapping.record() if mapping is not None else None, conflict])
+    record = mapping.record() if mapping is not None else None
+    if cause is None:
+        return orjson.dumps([record, conflict])
+    return orjson.dumps([record, conflict, _cause(cause), [list(link) for link in links]])
 
 
 def decode_user(data: bytes) -> tuple[PersonMapping | None, bool]:
-    record, conflict = orjson.loads(data)
+    record, conflict, *_ = orjson.loads(data)
     return (PersonMapping.from_record(record) if record is not None else None), bool(conflict)
+
+
+def decode_user_cause(data: bytes) -> tuple[Cause, tuple[tuple[str, str], ...]]:
+    """A user message's cause and links (none: sent without them)."""
+    loaded = orjson.loads(data)
+    if len(loaded) < 4:
+        return None, ()
+    return _trigger(loaded[2]), tuple((str(k), str(h)) for k, h in loaded[3])
+
+
+def encode_rows(rows: Sequence[Mapping[str, Any]]) -> list[bytes]:
+    """The identity change log's rows (schemas/identity-change.schema.json)."""
+    return [orjson.dumps(row) for row in rows]
 
 
 def encode_mapping(mapping: PersonMapping) -> bytes:

@@ -101,6 +101,10 @@ class Settings:
                                      groups=("worker", "kafka"), rule=TOPIC)
     persons_topic: str = setting("events.persons", "compacted topic the persons mapping goes to, keyed by user_id "
                                  "(persons.md §4)", groups=("worker", "kafka"), rule=TOPIC)
+    identity_changes_topic: str = setting(
+        "events.identity-changes", "append-only topic the identity change log goes to, keyed by user_id: a row per "
+        "change of a device user's mapping, and the identifiers that link it (schemas/identity-change.schema.json)",
+        groups=("worker", "kafka"), rule=TOPIC)
     group: str = setting("streams-enricher", "consumer group, and the Faust app id (prefixes the changelog)",
                          groups=("worker", "kafka"), rule=GROUP)
     state_dir: str = setting("data/state", "where the worker keeps RocksDB state", rule=NOT_EMPTY)
@@ -148,6 +152,8 @@ class Settings:
                                       groups=("worker", "replay"), rule=IDENTITY_KEYS)
     persons: str = setting("on", "the persons mapping stage: claims across devices, the persons topic, replay's "
                            "claims with --state-dir (user_id is stamped either way)", choices=["on", "off"])
+    identity_changes: str = setting("on", "the identity change log (with the persons stage on): a row per change of "
+                                    "a device user's mapping to IDENTITY_CHANGES_TOPIC", choices=["on", "off"])
     person_salt: str = setting("", "a secret that salts every user_id and person_id (persons.md §1); unset, anyone "
                                "can recompute them from a guessed login ID", groups=("worker", "replay"), secret=True)
     person_max_devices: int = setting(50, "a pair claimed from more devices than this has no owner and maps no one "

@@ -261,6 +261,8 @@ def render_metrics(app: StreamsApp) -> str:
                "(each kept as a dead letter)", [({}, p.unreadable)])
         metric("person_refused_claims_total", "counter", "claims and sign-ups not made: the device was at its "
                "bound (1,000 of each; an unbind makes room)", [({}, p.refused_claims)])
+        metric("identity_change_rows_total", "counter", "rows appended to the identity change log (a mapping "
+               "row per change, and its link rows)", [({}, p.change_rows)])
     return "\n".join(out) + "\n"
 
 

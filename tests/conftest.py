@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 SCHEMAS = {
     name: jsonschema.Draft202012Validator(json.loads((ROOT / "schemas" / f"{name}.schema.json").read_text()))
-    for name in ("raw", "enriched", "dead-letter", "person")
+    for name in ("raw", "enriched", "dead-letter", "person", "identity-change")
 }
 
 
@@ -31,6 +31,7 @@ def validate(kind: str, record: Any) -> None:
 @pytest.fixture(autouse=True)
 def _outputs_follow_the_schemas(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     encode, dead_letter, encode_mapping = codec.encode, codec.dead_letter, codec.encode_mapping
+    encode_rows = codec.encode_rows
 
     def checked_encode(record: Any) -> bytes:
         data = encode(record)
@@ -47,7 +48,14 @@ def _outputs_follow_the_schemas(monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
         validate("person", data)
         return data
 
+    def checked_rows(*args: Any, **kwargs: Any) -> list[bytes]:
+        rows = encode_rows(*args, **kwargs)
+        for row in rows:
+            validate("identity-change", row)
+        return rows
+
     monkeypatch.setattr(codec, "encode", checked_encode)
+    monkeypatch.setattr(codec, "encode_rows", checked_rows)
     monkeypatch.setattr(codec, "encode_mapping", checked_mapping)
     monkeypatch.setattr(codec, "dead_letter", checked_dead_letter)
     yield

@@ -73,6 +73,7 @@ class FakeBatch:
 class Broker:
     def __init__(self, rng: random.Random, failure_rate: float = 0.0, fail_on: set[str] | None = None) -> None:
         self.logs: dict[tuple[str, int], list[Record]] = defaultdict(list)
+        self.clock = 1_700_000_000_000
         self.committed: dict[tuple[str, int], int] = defaultdict(int)
         self.rng = rng
         self.failure_rate = failure_rate
@@ -92,7 +93,8 @@ class Broker:
         log = self.logs[(topic, partition)]
         first = len(log)
         for key, value, headers in batch.messages:
-            record = Record(topic, partition, len(log), key, value, headers)
+            self.clock += 1  # a real record always has a timestamp: the producer's clock, here a count
+            record = Record(topic, partition, len(log), key, value, headers, self.clock)
             log.append(record)
             if into is not None:
                 into.append(record)

@@ -118,7 +118,7 @@ async def produce_file(
 
 def topic_of(settings: Settings, which: str) -> str:
     return {"enriched": settings.enriched_topic, "dead-letter": settings.dead_letter_topic,
-            "persons": settings.persons_topic}.get(which, which)
+            "persons": settings.persons_topic, "identity-changes": settings.identity_changes_topic}.get(which, which)
 
 
 @contextlib.asynccontextmanager

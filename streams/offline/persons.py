@@ -14,8 +14,9 @@ from typing import Any
 
 from streams import codec
 from streams.enrich import EnrichSettings, Outcome
-from streams.persons import DevicePersons, Mapping, UserIds, claim, mappings, observe, owner_of_entries
-from streams.persons.device import may_claim
+from streams.persons import DevicePersons, Mapping, UserIds, claim, mapping_of, mappings, observe, owner_of_entries
+from streams.persons.changes import Change, Trigger, links_of
+from streams.persons.device import NOTHING, may_claim
 from streams.persons.pairs import Entry, MemoryPairs, Summary
 from streams.state.pairs import StoredPairs
 
@@ -24,13 +25,23 @@ PREFIX = b"\xfe"
 
 
 class OfflinePersons:
-    def __init__(self, settings: EnrichSettings, db: Any = None) -> None:
+    """`changes`: keep the identity change log (`change_rows` holds its rows until taken). Replay decides each
+    change after the record that caused it, with the pairs' owners as they stand then: the worker, which decides
+    them per batch and as owners' answers arrive, may skip a mapping replay writes, or write one that held
+    between two of its messages; the last row per user agrees."""
+
+    def __init__(self, settings: EnrichSettings, db: Any = None, changes: bool = False) -> None:
         self.ids = UserIds(settings.person_salt)
         self.max_devices = settings.person_max_devices
         self.hashed_keys = settings.identity.hashed_keys
         self.devices: dict[str, DevicePersons] = {}  # in memory; with a database, the batch's changed ones
         self.stored = StoredPairs(db, PREFIX) if db is not None else None
         self.pairs: MemoryPairs | StoredPairs = self.stored if self.stored is not None else MemoryPairs()
+        self.changes = changes
+        self.change_rows: list[bytes] = []
+        # in memory: per device user, its mapping as the log last said and its version (with a database, the
+        # index's keys hold them, as the worker's do)
+        self.users: dict[str, tuple[Mapping | None, int]] = {}
 
     def _load(self, device_id: str) -> DevicePersons | None:
         persons = self.devices.get(device_id)
@@ -40,7 +51,7 @@ class OfflinePersons:
                 persons = codec.decode_device_persons(data)
         return persons
 
-    def observe(self, outcome: Outcome) -> None:
+    def observe(self, outcome: Outcome, line: int | None = None) -> None:
         emitted, device_id = outcome.emitted, outcome.device_id
         if not emitted or (not self.hashed_keys and not may_claim(emitted)):
             return
@@ -51,8 +62,48 @@ class OfflinePersons:
         if step is None:
             return
         self.devices[device_id] = step.persons
+        touched: dict[str, set[str]] = {device_id: step.users} if step.users else {}
         for pair, entry in step.changes.items():
-            claim(self.pairs, pair, device_id, entry, self.max_devices)
+            for device, _ in claim(self.pairs, pair, device_id, entry, self.max_devices):
+                claimants = (self._load(device) or NOTHING).claims.get(pair, {})
+                touched.setdefault(device, set()).update(c for c, login in claimants.items() if not login)
+        if self.changes and touched:
+            self._log(touched, Trigger.of_record(emitted[0], line))
+
+    def _owner(self, pair: str) -> str | None:
+        owner: str | None = self.pairs.summary(pair).owner
+        return owner
+
+    def _log(self, touched: dict[str, set[str]], trigger: Trigger) -> None:
+        """The mappings the record changed, with the pairs' owners as they stand now, each as the log's rows."""
+        for device_id in sorted(touched):
+            persons = self._load(device_id) or NOTHING
+            for user in sorted(touched[device_id]):
+                mapping, conflict = mapping_of(persons, device_id, user, self._owner)
+                old, version = self._user(user)
+                if mapping == old:
+                    continue
+                links = links_of(persons, user, mapping, self.ids, self._owner)
+                change = Change(user, old, mapping, conflict, tuple(links), trigger)
+                self.change_rows += codec.encode_rows(change.rows(version + 1, None))
+                self._put_user(user, mapping, version + 1)
+
+    def _user(self, user: str) -> tuple[Mapping | None, int]:
+        if self.stored is None:
+            return self.users.get(user, (None, 0))
+        data = self.stored.user(user)
+        return (codec.decode_user(data)[0] if data is not None else None), self.stored.version(user)
+
+    def _put_user(self, user: str, mapping: Mapping | None, version: int) -> None:
+        if self.stored is None:
+            self.users[user] = (mapping, version)
+            return
+        self.stored.put_user(user, codec.encode_user(mapping, False) if mapping is not None else None)
+        self.stored.put_version(user, version)
+
+    def take_changes(self) -> list[bytes]:
+        rows, self.change_rows = self.change_rows, []
+        return rows
 
     def flush(self) -> list[tuple[bytes, bytes | None]]:
         """With a database: the changed devices' parts and pairs, to write (and forgotten here)."""

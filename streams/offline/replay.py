@@ -100,26 +100,35 @@ def replay(
     progress_interval: float | None = None,
     jobs: int = 1,
     persons_path: str | None = None,
+    changes_path: str | None = None,
 ) -> Counts:
-    """`persons_path`: where the final persons mapping goes (persons.md §4). With `state_dir` the persons stage
-    runs whenever it is on (`settings.persons`), so that the claims persist for a later run that asks."""
+    """`persons_path`: where the final persons mapping goes (persons.md §4); `changes_path`: where the identity
+    change log goes (schemas/identity-change.schema.json), in the order replay decides the changes. With
+    `state_dir` the persons stage runs whenever it is on (`settings.persons`), so that the claims, and the log's
+    last mapping and version per user, persist for a later run that asks."""
     if persons_path is not None and not settings.persons:
         raise ValueError("--persons needs the persons stage on (STREAMS_PERSONS=on)")
+    if changes_path is not None and not settings.persons:
+        raise ValueError("--identity-changes needs the persons stage on (STREAMS_PERSONS=on)")
     if jobs > 1:
         if state_dir:
             raise ValueError("several jobs keep their device states in memory: --jobs takes no --state-dir")
+        if changes_path is not None:
+            # a change depends on the owners of pairs, which any device may claim: one job alone cannot see them
+            raise ValueError("--identity-changes runs in one process: --jobs takes no --identity-changes")
         return _replay_in_jobs(input_path, output_path, dead_letter_path, settings, jobs, progress,
                                progress_interval, persons_path)
     enricher = Enricher(settings)
     backend = RocksBackend(state_dir) if state_dir else None
     store: StateStore = CachedStore(backend, cache_devices) if backend else MemoryStore()
     persons = None
-    if persons_path is not None or (backend is not None and settings.persons):
-        persons = OfflinePersons(settings, backend.db if backend is not None else None)
+    if persons_path is not None or changes_path is not None or (backend is not None and settings.persons):
+        persons = OfflinePersons(settings, backend.db if backend is not None else None,
+                                 changes=changes_path is not None or backend is not None)
     counts = Counts.none()
     try:
         with _open_in(input_path) as (src, size), _open_out(output_path) as out, \
-                _open_out(dead_letter_path) as dead:
+                _open_out(dead_letter_path) as dead, _open_out(changes_path or os.devnull) as changes:
             report = Progress(progress, size, progress_interval) if progress is not None else None
             step = enricher.step
             # enriched records not yet written: written together every 64 lines (one write, not two a record)
@@ -131,6 +140,10 @@ def replay(
                     pending.append(b"")
                     out.write(b"\n".join(pending))
                     pending.clear()
+                if persons is not None and persons.change_rows:
+                    rows = persons.take_changes()
+                    if changes_path is not None:
+                        changes.write(b"".join(row + b"\n" for row in rows))
                 counts.lines, counts.records, counts.enriched, counts.dead_letters = n, records, enriched, dead_letters
 
             source = {"line": 0}  # one dict, refilled: a dead letter copies it
@@ -150,7 +163,7 @@ def replay(
                     enriched += len(produced)
                     pending += produced
                     if persons is not None:
-                        persons.observe(outcome)
+                        persons.observe(outcome, n)
                 if n & 63 == 0 and pending:  # ~12 KiB: below the size where a joined buffer costs an mmap
                     pending.append(b"")
                     out.write(b"\n".join(pending))
@@ -164,12 +177,14 @@ def replay(
                     catch_up()
                     out.flush()
                     dead.flush()
+                    changes.flush()
                     store.flush()
                     _flush_persons(persons, backend)
             catch_up()
             if isinstance(store, CachedStore):
                 out.flush()
                 dead.flush()
+                changes.flush()
                 store.flush()
                 _flush_persons(persons, backend)
             if persons is not None and persons_path is not None:

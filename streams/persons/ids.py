@@ -35,3 +35,8 @@ class UserIds:
 
     def device_user(self, device_id: str, default_id: str) -> str:
         return _uuid5(self.namespace, "device:" + str(len(device_id)) + ":" + device_id + default_id)
+
+    def pair_hash(self, pair: str) -> str:
+        """An identity pair's value, as the identity change log names it: hashed in this namespace, so that
+        without the salt it cannot be looked up from a guessed value."""
+        return _uuid5(self.namespace, "pair:" + pair)

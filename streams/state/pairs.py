@@ -6,6 +6,7 @@ the writes of the batch under way and hands them out once (`take`), as the devic
 - `E` + the pair's length (4 bytes) + pair + device ID: that device's claims on the pair. A pair's entries
   sit together, so that its devices are read with one seek;
 - `U` + user ID: the mapping last written to the persons topic for a device user (or its conflict);
+- `V` + user ID: the identity change log's last version for a device user (written with the log on);
 - `D` + device ID: replay only, a device's persons part (the worker keeps it in the device's state).
 All after an optional prefix (replay keeps them in its device database, after 0xFE: no device ID's UTF-8
 starts with it). Pairs are `key+value` with a key that never holds "+" (`streams.persons.claims`).
@@ -124,6 +125,14 @@ class StoredPairs:
 
     def put_user(self, user_id: str, value: bytes | None) -> None:
         self._write(self.prefix + b"U" + _bytes(user_id), value)
+
+    def version(self, user_id: str) -> int:
+        """The identity change log's last version for a device user (0: none yet)."""
+        data = self._get(self.prefix + b"V" + _bytes(user_id))
+        return int(data) if data is not None else 0
+
+    def put_version(self, user_id: str, version: int) -> None:
+        self._write(self.prefix + b"V" + _bytes(user_id), str(version).encode())
 
     def device(self, device_id: str) -> bytes | None:
         return self._get(self.prefix + b"D" + _bytes(device_id))

@@ -10,7 +10,8 @@ once per device per batch and nothing acknowledged before what it depends on is 
 3. `devices`: enrich each record against the batch's state transaction (`streams.state.transaction`), skipping
    what the device's stored state already holds; outputs and dead letters into the outbox; the persons stage
    watches what each record emitted;
-4. `persons`: the persons stage's messages (claims, owners' answers, mappings) between partitions;
+4. `persons`: the persons stage's messages (claims, owners' answers, mappings) between partitions; `changes`
+   watches its index and appends a row per change of a mapping to the identity change log;
 5. `commit`: produce the outputs (`streams.worker.send`) and wait for the acks; then per partition, in one
    transaction of its own producer, the changed states, the marks and the persons messages (which fences a
    worker that lost the partition without being told); then RocksDB. Exactly-once: the partition's outputs
@@ -37,7 +38,7 @@ from streams.persons import UserIds
 from streams.state.transaction import Applied, PartitionDB, PartitionState
 from streams.worker.names import Topics
 from streams.worker.send import Message, Outbox
-from streams.worker.stages import commit, devices, persons, plan, route
+from streams.worker.stages import changes, commit, devices, persons, plan, route
 from streams.worker.stages.commit import BatchFailed
 from streams.worker.stages.persons import OWNER, PartitionPersons, PersonsCounters, kind_of
 from streams.worker.stages.route import KafkaRecord, Part
@@ -195,6 +196,7 @@ class Pipeline:
         for p in run.parts:
             plan.order(run, p)  # at-least-once: how far this batch goes, durable before any output
             persons.begin(run, p)  # the persons stage watches what the device stage emits
+            changes.begin(run, p)  # the identity change log watches the persons index
             for item in route.records(run, p):  # skip what is applied, decode, forward what belongs elsewhere
                 devices.apply(run, p, item)  # enrich: outputs, dead letters, the device's new state
             persons.messages(run, p)  # claims, owners' answers and mappings between partitions

@@ -29,11 +29,15 @@ class Topics:
     persons_changelog: str | None = None
     persons: str | None = None
     persons_partitions: int = 0
+    # the identity change log (None: off, or the persons stage off): rows keyed by user ID, appended
+    identity_changes: str | None = None
+    identity_changes_partitions: int = 0
 
 
 def topic_names(settings: Settings, partitions: int, outputs: Mapping[str, int] | None = None) -> Topics:
     outputs = outputs or {}
     persons = settings.persons == "on"
+    changes = persons and settings.identity_changes == "on"
     return Topics(
         raw=settings.raw_topic,
         repartition=f"{settings.group}-{settings.raw_topic}-repartition",
@@ -47,6 +51,8 @@ def topic_names(settings: Settings, partitions: int, outputs: Mapping[str, int] 
         persons_changelog=f"{settings.group}-{PERSONS_TABLE}-changelog" if persons else None,
         persons=settings.persons_topic if persons else None,
         persons_partitions=outputs.get(settings.persons_topic, partitions) if persons else 0,
+        identity_changes=settings.identity_changes_topic if changes else None,
+        identity_changes_partitions=outputs.get(settings.identity_changes_topic, partitions) if changes else 0,
     )
 
 

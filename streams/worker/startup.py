@@ -101,7 +101,7 @@ async def _prepare_topics(settings: Settings) -> Layout:
                     f"table afresh (device states are then rebuilt only from the records still in the topic)."
                 )
         outputs = {}
-        for name in (topics.enriched, topics.dead_letter, topics.persons):
+        for name in (topics.enriched, topics.dead_letter, topics.persons, topics.identity_changes):
             if name is None:
                 continue
             if name not in counts:
@@ -255,6 +255,8 @@ async def _check_against_brokers(admin: Any, settings: Settings, metadata: Mappi
     }
     if topics.persons is not None:
         roles[topics.persons] = ("the persons topic", True)
+    if topics.identity_changes is not None:
+        roles[topics.identity_changes] = ("the identity change log", False)
     if topics.persons_repartition is not None:
         roles[topics.persons_repartition] = ("the persons stage's repartition topic", False)
     if topics.persons_changelog is not None:

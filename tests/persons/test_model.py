@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
 
 from .model import Config, model_run
-from .runner import Run, run_replay
+from .runner import Run, changes_end_at, run_replay
 
 PLATFORMS = ("mp-wechat", "web", "mp-alipay", "mp-jd")
 LOGIN_IDS = ("u1", "u2", "u3")
@@ -140,6 +140,8 @@ def test_replay_writes_the_models_mapping(records: list[dict[str, Any]], config:
     run = run_replay(records, config)
     model = model_run(records, per_record(records, run), config)
     assert run.persons == model.persons_file()
+    # the identity change log's last row per user says the same mapping
+    assert changes_end_at(run.change_rows()) == run.persons
     for name in model.outcomes():
         event(name)
     target(float(len(model.conflicts())), label="device users in conflict")
@@ -181,6 +183,12 @@ def test_two_runs_with_a_state_dir_write_the_mapping_of_one(
         second = run_replay(records[split:], config, state_dir=state)
     assert first.output + second.output == whole.output
     assert second.persons == whole.persons == model_run(records, per_record(records, whole), config).persons_file()
+    # the second run's log goes on from the first's: its versions continue, and it ends where the whole's does
+    # (a first run without the file leaves its users' last mapping and version in the state all the same)
+    if persons_in_first:
+        # (a row's line is of its own run's input)
+        shifted = [r | {"line": r["line"] + split} if "line" in r else r for r in second.change_rows()]
+        assert first.change_rows() + shifted == whole.change_rows()
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,6 +6,7 @@ table (last value per key, tombstones removing it) ends equal to replay's mappin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import random
@@ -30,7 +31,8 @@ from tests.fakes import run_worker as fake_worker
 
 T = Topics(raw="raw", repartition="raw-repartition", enriched="enriched", dead_letter="dead", changelog="changelog",
            partitions=3, persons_repartition="persons-repartition", persons_changelog="persons-changelog",
-           persons="persons", persons_partitions=2)
+           persons="persons", persons_partitions=2, identity_changes="identity-changes",
+           identity_changes_partitions=2)
 INPUTS = (T.raw, T.repartition, T.persons_repartition)
 CHANGELOGS = {"devices": T.changelog, "persons": T.persons_changelog}
 
@@ -235,3 +237,83 @@ def test_a_persons_message_that_fails_midway_is_never_half_applied(monkeypatch: 
     (letter,) = [orjson.loads(r.value or b"") for p in range(T.partitions) for r in broker.logs[(T.dead_letter, p)]]
     assert letter["source"] == {"topic": T.persons_repartition, "partition": q, "offset": victim.offset}
     assert letter["reason"] == "internal_error"
+
+
+# -- the identity change log (`streams.worker.stages.changes`) ---------------------------------------------------
+
+def change_log(broker: Broker) -> list[dict[str, Any]]:
+    rows = []
+    for p in range(T.identity_changes_partitions):
+        for rec in broker.visible(T.identity_changes or "", p):
+            assert rec.value is not None and rec.key is not None
+            row = orjson.loads(rec.value)
+            assert rec.key.decode() == row["user_id"]
+            rows.append(row | {"_bytes": rec.value})
+    return rows
+
+
+def final_state(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The mapping each user's row of the highest version says (none: unmapped), as a persons record."""
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["kind"] == "mapping" and row["version"] > last.get(row["user_id"], {"version": 0})["version"]:
+            last[row["user_id"]] = row
+    return {user: {k: row[k] for k in ("user_id", "person_id", "via", "device_id", "identity_key") if k in row}
+            for user, row in last.items() if row["person_id"] is not None}
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_the_change_log_ends_where_the_persons_topic_does_and_repeats_only_byte_for_byte(
+        seed: int, tmp_path: Path) -> None:
+    rng = random.Random(seed)
+    settings = EnrichSettings(person_max_devices=3 if seed % 2 else 50)
+    lines = persons_input(rng, devices=14, records=160)
+    broker = new_broker(rng, failure_rate=0.12)
+    produce(broker, lines, settings)
+    assert run_worker(broker, rng, settings) > 0
+    rows = change_log(broker)
+    persons = {user: orjson.loads(value) for user, value in topic_persons(broker).items()}
+    assert persons and final_state(rows) == persons
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(line + b"\n" for line in lines))
+    replay(str(src), "/dev/null", "/dev/null", settings, changes_path=str(tmp_path / "changes.jsonl"))
+    replayed = [orjson.loads(line) for line in (tmp_path / "changes.jsonl").read_bytes().splitlines()]
+    assert final_state(replayed) == persons
+    # at-least-once repeats a row after a crash, the same bytes under the same user and version; a user's
+    # versions otherwise only grow, in the order of the log, and a mapping row comes before its links
+    seen: dict[tuple[str, str, int, str | None, str | None], bytes] = {}
+    latest: dict[str, int] = {}
+    for row in rows:
+        key = (row["kind"], row["user_id"], row["version"], row.get("key"), row.get("value_hash"))
+        if key in seen:
+            assert seen[key] == row["_bytes"]
+            continue
+        seen[key] = row["_bytes"]
+        if row["kind"] == "mapping":
+            assert row["version"] > latest.get(row["user_id"], 0)
+            latest[row["user_id"]] = row["version"]
+            assert row["processed_time"] is not None  # (the inputs carry no client time)
+            assert row["record_id"] is not None and row["record_id"].startswith(T.raw + ":")
+        else:
+            assert row["version"] == latest[row["user_id"]], "a link row after its mapping row"
+
+
+def test_with_the_change_log_off_the_persons_messages_carry_no_causes(tmp_path: Path) -> None:
+    """Off, the stage sends what it sent before the log existed: the same persons topic, no cause in any
+    message, no row."""
+    rng = random.Random(5)
+    settings = EnrichSettings()
+    lines = persons_input(rng, devices=12, records=150)
+    broker = Broker(rng)
+    produce(broker, lines, settings)
+    global T
+    saved, T = T, dataclasses.replace(T, identity_changes=None)
+    try:
+        run_worker(broker, rng, settings)
+    finally:
+        T = saved
+    assert topic_persons(broker) == replay_persons(tmp_path, lines, settings)
+    assert not change_log(broker)
+    for p in range(T.partitions):
+        for rec in broker.visible(T.persons_repartition or "", p):
+            assert len(orjson.loads(rec.value or b"")) <= 3, rec.value

@@ -29,6 +29,7 @@ from streams import codec
 from streams.enrich import EnrichSettings, Outcome
 from streams.identity import Reason, Rejected
 from streams.persons import DevicePersons, UserIds, claim, mapping_of, observe, on_owner
+from streams.persons.changes import NO_TRIGGER, Change, Trigger, links_of
 from streams.persons.device import NOTHING, may_claim
 from streams.state.keys import INTERNAL
 from streams.worker.send import Message, put
@@ -49,6 +50,9 @@ STATS = ("claims", "owned_pairs", "shared_pairs", "via_login", "via_identity", "
 
 # (topic, partition, (key, value, headers)): what the stage asks the pipeline to send
 Send = Callable[[str, int, tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]], None]
+# what watches the persons index's changes (the identity change log): the change, when it was decided (the
+# broker timestamp of the message that carried it, ms), and where to send what it writes
+Watcher = Callable[[Change, int | None, Send], None]
 
 
 class Devices:
@@ -74,6 +78,8 @@ class PersonsCounters:
     # (streams.persons.device)
     unreadable: int = 0
     refused_claims: int = 0
+    # the identity change log's rows written (its stage, `streams.worker.stages.changes`)
+    change_rows: int = 0
 
     def add(self, other: PersonsCounters) -> None:
         for name in self.__dataclass_fields__:
@@ -103,9 +109,12 @@ class PartitionPersons:
     pairs: StoredPairs
     stats: dict[str, int]
     counters: PersonsCounters = field(default_factory=PersonsCounters)
-    # device -> its device users whose mapping may have changed in this batch
-    touched: dict[str, set[str]] = field(default_factory=dict)
+    # device -> its device users whose mapping may have changed in this batch, each with what caused it last
+    # (None: causes are not carried)
+    touched: dict[str, dict[str, Trigger | None]] = field(default_factory=dict)
     stats_changed: bool = False
+    # what watches the index's changes; with one, the messages carry the causes and links it writes
+    watchers: list[Watcher] = field(default_factory=list)
 
     # -- the device side --------------------------------------------------------------------------------
 
@@ -133,15 +142,16 @@ class PartitionPersons:
         before = old[0] if old else None
         self._count("claims", step.persons.claim_count() - (before.claim_count() if before else 0))
         route = self.route
+        cause = Trigger.of_record(emitted[0]) if self.watchers else None
         for pair, entry in step.changes.items():
             send(route.repartition, route.key_hash(pair) % route.partitions,
-                 (pair.encode(), codec.encode_claim(device_id, entry), [(HEADER, CLAIM)]))
+                 (pair.encode(), codec.encode_claim(device_id, entry, cause), [(HEADER, CLAIM)]))
             self.counters.claim_messages += 1
         if step.users:
-            self.touched.setdefault(device_id, set()).update(step.users)
+            self.touched.setdefault(device_id, {}).update(dict.fromkeys(step.users, cause))
 
     def on_owner(self, devices: Any, device_id: str, value: bytes) -> None:
-        pair, owner = codec.decode_owner(value)
+        pair, owner, cause = codec.decode_owner(value)
         persons = devices.persons(device_id)
         if persons is None:
             return
@@ -149,7 +159,7 @@ class PartitionPersons:
         if new is not persons:
             devices.put_persons(device_id, new)
         if users:
-            self.touched.setdefault(device_id, set()).update(users)
+            self.touched.setdefault(device_id, {}).update(dict.fromkeys(users, self._cause(cause)))
 
     def finish(self, devices: Any, send: Send) -> None:
         """The batch's device users whose mapping may have changed: their mapping now, to the index."""
@@ -158,15 +168,18 @@ class PartitionPersons:
             persons = devices.persons(device_id) or NOTHING
             for user in sorted(users):
                 mapping, conflict = mapping_of(persons, device_id, user, persons.owners.get)
+                cause = self._cause(users[user])
+                links = links_of(persons, user, mapping, self.ids, persons.owners.get) if cause is not None else ()
                 send(route.repartition, route.key_hash(user) % route.partitions,
-                     (user.encode(), codec.encode_user(mapping, conflict), [(HEADER, USER)]))
+                     (user.encode(), codec.encode_user(mapping, conflict, cause, links), [(HEADER, USER)]))
                 self.counters.user_messages += 1
         self.touched.clear()
 
     # -- the pair side and the index ----------------------------------------------------------------------
 
     def on_claim(self, pair: str, value: bytes, send: Send) -> None:
-        device_id, entry = codec.decode_claim(value)
+        device_id, entry, cause = codec.decode_claim(value)
+        cause = self._cause(cause)
         before = self.pairs.summary(pair)
         answers = claim(self.pairs, pair, device_id, entry, self.settings.person_max_devices)
         after = self.pairs.summary(pair)
@@ -176,10 +189,10 @@ class PartitionPersons:
         route = self.route
         for device, owner in answers:
             send(route.repartition, route.key_hash(device) % route.partitions,
-                 (device.encode(), codec.encode_owner(pair, owner), [(HEADER, OWNER)]))
+                 (device.encode(), codec.encode_owner(pair, owner, cause), [(HEADER, OWNER)]))
             self.counters.owner_messages += 1
 
-    def on_user(self, user: str, value: bytes, send: Send) -> None:
+    def on_user(self, user: str, value: bytes, send: Send, timestamp: int | None = None) -> None:
         mapping, conflict = codec.decode_user(value)
         stored = self.pairs.user(user)
         old, old_conflict = codec.decode_user(stored) if stored is not None else (None, False)
@@ -194,6 +207,11 @@ class PartitionPersons:
             else:
                 send(route.persons, target, (user.encode(), None, None))  # the tombstone: no mapping now
                 self.counters.tombstones_written += 1
+        if self.watchers and mapping != old:
+            cause, links = codec.decode_user_cause(value)
+            change = Change(user, old, mapping, conflict, links, cause or NO_TRIGGER)
+            for watch in self.watchers:
+                watch(change, timestamp, send)
         self.pairs.put_user(user, codec.encode_user(mapping, conflict) if mapping is not None or conflict else None)
         for name, was, now in (("via_login", old is not None and old.via == "login",
                                 mapping is not None and mapping.via == "login"),
@@ -202,7 +220,8 @@ class PartitionPersons:
                                ("conflicts", old_conflict, conflict)):
             self._count(name, now - was)
 
-    def apply(self, devices: Any, kind: bytes, key: bytes, value: bytes, send: Send) -> None:
+    def apply(self, devices: Any, kind: bytes, key: bytes, value: bytes, send: Send,
+              timestamp: int | None = None) -> None:
         """A record of the persons repartition topic, by its kind, applied whole or not at all: its writes to the
         pairs are taken back, and what it would send or count is dropped, when it fails midway. A pair whose
         owner changed in the table with its devices never told would stay wrong for good. (The device side
@@ -212,7 +231,7 @@ class PartitionPersons:
         counters, self.counters = self.counters, PersonsCounters()
         self.pairs.savepoint()
         try:
-            self._apply(devices, kind, key.decode(), value, lambda *message: held.append(message))
+            self._apply(devices, kind, key.decode(), value, lambda *message: held.append(message), timestamp)
         except BaseException:
             self.pairs.rollback()
             self.stats.clear()
@@ -226,15 +245,20 @@ class PartitionPersons:
         for topic, partition, message in held:
             send(topic, partition, message)
 
-    def _apply(self, devices: Any, kind: bytes, key: str, value: bytes, send: Send) -> None:
+    def _apply(self, devices: Any, kind: bytes, key: str, value: bytes, send: Send, timestamp: int | None) -> None:
         if kind == CLAIM:
             self.on_claim(key, value, send)
         elif kind == USER:
-            self.on_user(key, value, send)
+            self.on_user(key, value, send, timestamp)
         elif kind == OWNER:
             self.on_owner(devices, key, value)
         else:
             raise ValueError(f"unknown persons message kind {kind[:32]!r}")
+
+    def _cause(self, cause: Trigger | None) -> Trigger | None:
+        """What a message passes on of its cause: nothing without a watcher; with one, a cause always (a message
+        from before the watcher came names none)."""
+        return (cause or NO_TRIGGER) if self.watchers else None
 
     # -- what the batch makes durable ----------------------------------------------------------------------
 
@@ -324,7 +348,7 @@ def _message(run: Run, p: int, stage: PartitionPersons, state: Any, rec: KafkaRe
         kind = kind_of(rec.headers)
         if kind is None or rec.key is None or rec.value is None:
             raise Rejected(Reason.INTERNAL_ERROR, "", "not a persons message: no kind header, key or value")
-        stage.apply(state, kind, rec.key, rec.value, send)
+        stage.apply(state, kind, rec.key, rec.value, send, getattr(rec, "timestamp", None))
     except Exception as e:
         stage.counters.unreadable += 1
         log.error("partition %d: persons message at offset %d not applied (%s: %s); kept as a dead letter",
