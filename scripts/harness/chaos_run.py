@@ -167,7 +167,8 @@ def run_settings(stamp: str, run_dir: Path, brokers: str, guarantee: str) -> Set
     name = f"chaos-{stamp}"
     return replace(
         Settings(), brokers=brokers, raw_topic=f"{name}.raw", enriched_topic=f"{name}.enriched",
-        dead_letter_topic=f"{name}.dead-letter", persons_topic=f"{name}.persons", group=name,
+        dead_letter_topic=f"{name}.dead-letter", persons_topic=f"{name}.persons",
+        identity_changes_topic=f"{name}.identity-changes", group=name,
         state_dir=str(run_dir / "state"),
         partitions=PARTITIONS, log_level="info", processing_guarantee=guarantee,
     )

@@ -167,11 +167,12 @@ def worker_child(kafka: Kafka, names: Names, label: str, raw: str, enriched: str
                  guarantee: str = "at_least_once", group: str | None = None, state: str | None = None,
                  **more: Any) -> Child:
     """A worker with its own group and state directory, named after `label` unless `group`/`state` say, and
-    its own persons topic (the persons stage is on by default: without one of its own, every worker of every
-    run would write the shared default topic). `more`: further settings, by Settings field name."""
+    its own persons topic and identity change log (the persons stage is on by default: without ones of its own,
+    every worker of every run would write the shared default topics). `more`: further settings, by Settings field name."""
     settings = {
         "brokers": kafka.brokers, "raw_topic": raw, "enriched_topic": enriched, "dead_letter_topic": dead,
         "persons_topic": names.topic(f"{group or label}.persons"),
+        "identity_changes_topic": names.topic(f"{group or label}.identity-changes"),
         "group": names.group(group or label), "state_dir": str(names.run_dir / f"{state or label}-state"),
         "web_port": free_port(), "partitions": PARTITIONS, "log_level": "warning",
         "processing_guarantee": guarantee, **more,

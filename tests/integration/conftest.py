@@ -112,6 +112,7 @@ def fresh_topics(brokers: str, tmp_path: Path) -> Iterator[Settings]:
         enriched_topic=f"{name}.enriched",
         dead_letter_topic=f"{name}.dead-letter",
         persons_topic=f"{name}.persons",
+        identity_changes_topic=f"{name}.identity-changes",
         group=name,
         state_dir=str(tmp_path / "state"),
         partitions=kit.PARTITIONS,

@@ -91,6 +91,7 @@ def test_worker_persons_equal_replay(topics: Settings, start_worker: kit.StartWo
     kit.produce(topics, kit.keyed(lines))
     check_enriched(topics, enriched, [worker], repeats=False, dead=len(dead))
     kit.wait_for_persons(topics, expected, [worker])
+    kit.wait_for_change_log(topics, expected, guarantee == "exactly_once")
     assert all(r.value is None or r.key for r in kit.read_topic(topics, topics.persons_topic))
     metrics = _metrics(topics)
     assert metrics["streams_person_device_users{via=\"login\"}"] == vias.count("login"), metrics
@@ -121,6 +122,7 @@ def test_persons_survive_a_sigkill(topics: Settings, start_worker: kit.StartWork
     w2 = kit.killed_mid_stream(start_worker, topics, lines, str(tmp_path / "state"), guarantee, chunks=8)
     check_enriched(topics, enriched, [w2], repeats=guarantee == "at_least_once", dead=len(dead))
     kit.wait_for_persons(topics, expected, [w2])
+    kit.wait_for_change_log(topics, expected, guarantee == "exactly_once")
     assert w2.stop() == 0
 
 
@@ -140,6 +142,7 @@ def test_two_workers_agree_with_replay(topics: Settings, start_worker: kit.Start
     kit.produce(topics, kit.keyed(lines[len(lines) // 2:]))
     check_enriched(topics, enriched, [b], repeats=False, dead=len(dead))
     kit.wait_for_persons(topics, expected, [b])
+    kit.wait_for_change_log(topics, expected, exactly_once=False)
     assert b.stop() == 0
 
 

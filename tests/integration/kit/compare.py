@@ -94,3 +94,30 @@ def assert_sources_in(letters: Iterable[dict[str, Any]], settings: Settings) -> 
         assert set(source) == {"topic", "partition", "offset"}, d
         assert source["topic"] == settings.raw_topic, d
         assert 0 <= source["partition"] < settings.partitions, d
+
+
+def change_log_state(records: Iterable[Any], exactly_once: bool) -> dict[str, bytes]:
+    """The identity change log read as the persons topic: per user, the mapping its row of the highest version
+    says (as the persons record's bytes; none when unmapped). On the way: every row keyed by its user, a user's
+    versions growing in the log's order, and a row seen twice (at-least-once after a crash) the same bytes;
+    exactly-once sees no row twice."""
+    seen: dict[tuple[Any, ...], bytes] = {}
+    last: dict[str, dict[str, Any]] = {}
+    repeats = 0
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        row = orjson.loads(r.value)
+        assert r.key.decode() == row["user_id"], f"a row under another key: {r.key!r} {row}"
+        place = (row["kind"], row["user_id"], row["version"], row.get("key"), row.get("value_hash"))
+        if place in seen:
+            assert seen[place] == r.value, f"a row repeated with other bytes:\n  {seen[place]!r}\n  {r.value!r}"
+            repeats += 1
+            continue
+        seen[place] = r.value
+        if row["kind"] == "mapping":
+            before = last.get(row["user_id"])
+            assert before is None or row["version"] > before["version"], f"a version going back: {before} {row}"
+            last[row["user_id"]] = row
+    assert not (exactly_once and repeats), f"exactly-once wrote {repeats} rows twice"
+    keys = ("user_id", "person_id", "via", "device_id", "identity_key")
+    return {user: orjson.dumps({k: row[k] for k in keys if k in row})
+            for user, row in last.items() if row["person_id"] is not None}

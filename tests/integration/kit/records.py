@@ -21,6 +21,7 @@ from streams.config import Settings
 from streams.kafka import admin as kafka_admin
 from streams.kafka import clients as kafka_clients
 from tests.conftest import ROOT, validate
+from tests.integration.kit.compare import change_log_state
 from tests.integration.kit.process import OUTPUT_TIMEOUT, StartWorker, Worker, worker_env
 
 SAMPLE = kafka_clients.SAMPLE
@@ -219,6 +220,19 @@ def topic_persons(settings: Settings) -> dict[str, bytes]:
         assert value["user_id"] == key, f"a mapping under another key: {key} {value}"
         final[key] = r.value
     return final
+
+
+def wait_for_change_log(settings: Settings, expected: dict[str, bytes], exactly_once: bool) -> None:
+    """The identity change log ends at `expected` (replay's mapping): it is written with the persons topic, so
+    once that is there the log is too, but for what its own partitions' replication adds."""
+    deadline = time.monotonic() + 30
+    while True:
+        got = change_log_state(read_topic(settings, settings.identity_changes_topic), exactly_once)
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == expected, (f"the change log ends elsewhere: {len(got)} mappings, replay {len(expected)}; "
+                             f"differ: {sorted(k for k in expected.keys() | got.keys() if got.get(k) != expected.get(k))[:3]}")
 
 
 def wait_for_persons(settings: Settings, expected: dict[str, bytes], workers: list[Worker]) -> dict[str, bytes]:
