@@ -168,7 +168,8 @@ def worker_child(kafka: Kafka, names: Names, label: str, raw: str, enriched: str
                  **more: Any) -> Child:
     """A worker with its own group and state directory, named after `label` unless `group`/`state` say, and
     its own persons topic and identity change log (the persons stage is on by default: without ones of its own,
-    every worker of every run would write the shared default topics). `more`: further settings, by Settings field name."""
+    every worker of every run would write the shared default topics). `more`: further settings, by Settings
+    field name."""
     settings = {
         "brokers": kafka.brokers, "raw_topic": raw, "enriched_topic": enriched, "dead_letter_topic": dead,
         "persons_topic": names.topic(f"{group or label}.persons"),

@@ -231,8 +231,8 @@ def wait_for_change_log(settings: Settings, expected: dict[str, bytes], exactly_
         if got == expected or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert got == expected, (f"the change log ends elsewhere: {len(got)} mappings, replay {len(expected)}; "
-                             f"differ: {sorted(k for k in expected.keys() | got.keys() if got.get(k) != expected.get(k))[:3]}")
+    differ = sorted(k for k in expected.keys() | got.keys() if got.get(k) != expected.get(k))
+    assert got == expected, f"the change log ends elsewhere: {len(got)} mappings, replay {len(expected)}: {differ[:3]}"
 
 
 def wait_for_persons(settings: Settings, expected: dict[str, bytes], workers: list[Worker]) -> dict[str, bytes]:
