@@ -30,7 +30,7 @@ class Outcome:
 
 def result_lines(checks: Sequence[Check], records: int, devices_seen: int) -> list[str]:
     """The report's lines on what came out: losses, inventions, duplicates; the states and the persons last."""
-    enriched, dead, states, persons = checks
+    enriched, dead, states, persons, changes = checks
     wrong = "not what the engine makes of its raw record"
 
     def n(check: Check, key: str) -> int:
@@ -56,6 +56,10 @@ def result_lines(checks: Sequence[Check], records: int, devices_seen: int) -> li
         f"persons mapping       {n(persons, 'mapped'):,} mapped on the topic, replay {n(persons, 'expected'):,}; "
         f"missing {n(persons, 'persons missing'):,}, invented {n(persons, 'persons invented'):,}, "
         f"differing {n(persons, 'persons differing'):,}",
+        f"identity change log   {n(changes, 'distinct'):,} distinct rows / "
+        f"{n(changes, 'distinct') + n(changes, 'copies'):,} with duplicates (differing "
+        f"{n(changes, 'differing duplicates'):,}); its last rows: {n(changes, 'mapped'):,} mapped, "
+        f"{n(changes, 'ending elsewhere'):,} ending elsewhere than replay",
     ]
 
 

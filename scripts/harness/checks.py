@@ -1,7 +1,7 @@
 """make chaos's checks: what the workers wrote (read committed) against the references. Nothing lost or invented,
 a record written again only as the very bytes of its first copy (exactly-once: not at all), each record what
 the engine makes of the raw record it names, the dead letters and the final states as replay's, the persons
-topic's final mapping as `replay --persons`'s.
+topic's final mapping as `replay --persons`'s, and the identity change log's last rows as that mapping too.
 """
 
 from __future__ import annotations
@@ -277,6 +277,41 @@ def check_persons(settings: Settings, ref: Reference, timeout: float = 180.0) ->
     return c
 
 
+def check_changes(settings: Settings, ref: Reference) -> Check:
+    """The identity change log (read after the persons topic settled: its rows are written with it): each row
+    under its user's key, a user's versions only growing, a row written twice only as the same bytes
+    (exactly-once: never), and the last row per user saying replay's mapping."""
+    c = Check("identity change log")
+    seen: dict[tuple[Any, ...], bytes] = {}
+    last: dict[str, dict[str, Any]] = {}
+    for r in sorted(read_topic(settings, settings.identity_changes_topic), key=lambda r: (r.partition, r.offset)):
+        row = orjson.loads(r.value)
+        if r.key is None or r.key.decode() != row["user_id"]:
+            c.problem("rows under another key", brief(r.value))
+        place = (row["kind"], row["user_id"], row["version"], row.get("key"), row.get("value_hash"))
+        if place in seen:
+            c.counts["copies"] = c.counts.get("copies", 0) + 1
+            if seen[place] != r.value:
+                c.problem("differing duplicates", f"{brief(seen[place])}\n      {brief(r.value)}")
+            continue
+        seen[place] = r.value
+        if row["kind"] != "mapping":
+            continue
+        before = last.get(row["user_id"])
+        if before is not None and row["version"] <= before["version"]:
+            c.problem("versions going back", f"{brief(orjson.dumps(before))}\n      {brief(r.value)}")
+        last[row["user_id"]] = row
+    keys = ("user_id", "person_id", "via", "device_id", "identity_key")
+    final = {user: orjson.dumps({k: row[k] for k in keys if k in row})
+             for user, row in last.items() if row["person_id"] is not None}
+    for user in sorted(ref.persons.keys() | final.keys()):
+        if final.get(user) != ref.persons.get(user):
+            c.problem("ending elsewhere", f"{user}:\n      log:    {brief(final.get(user))}\n"
+                      f"      replay: {brief(ref.persons.get(user))}")
+    c.counts.update(distinct=len(seen), users=len(last), mapped=len(final))
+    return c
+
+
 def read_topic(settings: Settings, topic: str) -> list[Any]:
     try:
         return list(run_async(kafka_clients.read_all(settings, topic, idle_timeout=10.0), timeout=900))
@@ -285,8 +320,8 @@ def read_topic(settings: Settings, topic: str) -> list[Any]:
 
 
 def run_checks(settings: Settings, ref: Reference, feeder: Feeder, phases: dict[str, float]) -> list[Check]:
-    """Read the enriched, dead-letter, changelog and persons topics, and check them: enriched, dead letters,
-    states, persons (the time each phase took in `phases`)."""
+    """Read the enriched, dead-letter, changelog, persons and identity change log topics, and check them:
+    enriched, dead letters, states, persons, the change log (the time each phase took in `phases`)."""
     log("reading the enriched, dead-letter and changelog topics")
     started = time.monotonic()
     enriched, dead, changelog = (read_topic(settings, t) for t in (
@@ -296,7 +331,8 @@ def run_checks(settings: Settings, ref: Reference, feeder: Feeder, phases: dict[
     checks = [check_enriched(enriched, ref, placed, settings.raw_topic),
               check_dead_letters(dead, ref, placed, settings.raw_topic),
               check_states(changelog, ref, feeder.placed, feeder.lines), check_persons(settings, ref)]
+    checks.append(check_changes(settings, ref))
     if settings.exactly_once:
-        no_duplicates(checks[:2])
+        no_duplicates([*checks[:2], checks[4]])
     phases["compare"] = time.monotonic() - started - phases["read"]
     return checks
