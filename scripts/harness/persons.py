@@ -1,6 +1,7 @@
-"""make bench's persons stage: the worker with STREAMS_PERSONS=off then on, alternating, on one raw topic; the
-on/off ratio of events/s, each run's output against replay's, the persons topic's final mapping against
-`replay --persons`'s (polled until it settles), and how long it took to settle after the enriched output.
+"""make bench's persons stage: the worker with STREAMS_PERSONS=off, then on, then on without the identity change
+log, alternating, on one raw topic; the on/off ratio of events/s, the change log's cost, each run's output
+against replay's, the persons topic's final mapping against `replay --persons`'s (polled until it settles), and
+how long it took to settle after the enriched output.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ class PersonsRun:
     tombstones: int = 0
     messages: int = 0  # records on the stage's internal topic
     via: Counter[str] = field(default_factory=Counter)
+    changes: bool = True  # the identity change log on
+    change_rows: int = 0  # rows on its topic
 
 
 async def persons_settled(kafka: Kafka, tail: TopicTable, group: str, repartition: str,
@@ -139,7 +142,7 @@ async def persons_settled(kafka: Kafka, tail: TopicTable, group: str, repartitio
 
 
 async def measure_persons_run(kafka: Kafka, names: Names, label: str, raw: str, ref: PersonsReference,
-                              persons: bool, timeout: float) -> PersonsRun:
+                              persons: bool, timeout: float, changes: bool = True) -> PersonsRun:
     """One worker over `raw` with the persons stage on or off: fresh group, state directory and topics (its own
     persons topic, compacted, with LogAppendTime as the outputs). Events/s and CPU as the worker's measurement;
     with the stage on, then until the persons topic settles, and its final mapping against replay's."""
@@ -149,7 +152,7 @@ async def measure_persons_run(kafka: Kafka, names: Names, label: str, raw: str, 
     group = names.group(label)
     repartition = f"{group}-persons-repartition"  # the stage's internal topic (streams.worker.names.topic_names)
     child = worker_child(kafka, names, label, raw, enriched, dead, persons="on" if persons else "off",
-                         persons_topic=persons_topic)
+                         persons_topic=persons_topic, identity_changes="on" if changes else "off")
     records = ref.replay.records
     await wait_consumed(kafka, child, group, raw, records, [enriched, dead],
                         ref.replay.enriched + ref.replay.dead_letters)
@@ -172,15 +175,19 @@ async def measure_persons_run(kafka: Kafka, names: Names, label: str, raw: str, 
                            f"{child.tail()}")
     child.stop()
     state = "on" if persons else "off"
+    if persons and not changes:
+        state = "on, change log off"
     result = Result(f"worker, persons {state} ({label.rsplit('-', 1)[-1]})", "all", records, last - first, cpu,
                     child.peak_rss_mib, f"STREAMS_PERSONS={state}")
     verdict = compare(ref.digest, await topic_digest(kafka.brokers, raw, enriched, dead), f"worker, persons {state}")
     run = PersonsRun(result, persons, verdict.ok, " ".join(verdict.lines), values=tail.values,
-                     tombstones=tail.tombstones)
+                     tombstones=tail.tombstones, changes=changes)
     if not persons:
         run.mapping_lines = [f"{tail.values + tail.tombstones:,} records on its persons topic (the stage is off)"]
         return run
     run.messages = await kafka.count([repartition])
+    if changes:
+        run.change_rows = await kafka.count([names.topic(f"{label}.identity-changes")])
     run.via = via_counts(tail.table)
     run.tail_cpu = tail_cpu
     run.seen_after = seen - last
@@ -205,20 +212,23 @@ def seconds_list(values: Sequence[float | None]) -> str:
 
 async def measure_persons(kafka: Kafka, names: Names, raw: str, ref: PersonsReference, pairs: int,
                           timeout: float, devices: int) -> tuple[list[str], list[str]]:
-    """The worker with the persons stage off, then on, `pairs` times over the same raw topic. Returns the
-    report's lines and the failures."""
+    """The worker with the persons stage off, then on, then on without the identity change log, `pairs` times
+    over the same raw topic. Returns the report's lines and the failures."""
     runs: list[PersonsRun] = []
     for i in range(1, pairs + 1):
-        for on in (False, True):
-            label = f"persons-{'on' if on else 'off'}-{i}"
+        for on, changes, name in ((False, False, "off"), (True, True, "on"), (True, False, "on-nolog")):
+            label = f"persons-{name}-{i}"
             step(f"  {label}")
             TROUBLE.step = label
-            runs.append(await measure_persons_run(kafka, names, label, raw, ref, on, timeout))
-    offs, ons = [r for r in runs if not r.persons], [r for r in runs if r.persons]
+            runs.append(await measure_persons_run(kafka, names, label, raw, ref, on, timeout, changes))
+    offs = [r for r in runs if not r.persons]
+    ons = [r for r in runs if r.persons and r.changes]
+    nologs = [r for r in runs if r.persons and not r.changes]
     failures = [f"{r.result.name}: {r.enriched_line}" for r in runs if not r.enriched_ok]
     failures += [f"{r.result.name}: {' '.join(r.mapping_lines)}" for r in ons if not r.mapping_ok]
     off_rate = sum(r.result.rate for r in offs) / len(offs)
     on_rate = sum(r.result.rate for r in ons) / len(ons)
+    nolog_rate = sum(r.result.rate for r in nologs) / len(nologs)
     off_cpu = sum(r.result.cpu_us or 0 for r in offs) / len(offs)
     on_cpu = sum(r.result.cpu_us or 0 for r in ons) / len(ons)
     per_pair = ", ".join(f"pair {i + 1} {ratio(on.result.rate, off.result.rate)} "
@@ -234,6 +244,9 @@ async def measure_persons(kafka: Kafka, names: Names, raw: str, ref: PersonsRefe
         f"- **persons on / off: {ratio(on_rate, off_rate)} of the events/s** (mean events/s of {pairs} run(s) "
         f"each; target >= 0.8); per pair, run one after the other: {per_pair}. CPU per event on / off: "
         f"{ratio(on_cpu, off_cpu)}x.",
+        f"- **the identity change log's cost: persons on with it / without it: {ratio(on_rate, nolog_rate)} of the "
+        f"events/s** (target >= 0.95; STREAMS_IDENTITY_CHANGES=on, the default, against off); it wrote "
+        f"{ons[-1].change_rows:,} rows in the last run.",
         f"- the persons topic settled (its last record appended) {seconds_list([r.settled_after for r in ons])} "
         f"after the last enriched record; the bench saw it equal replay's and the stage idle after "
         f"{seconds_list([r.seen_after for r in ons])} (polled every 0.5 s); the worker's CPU meanwhile "
