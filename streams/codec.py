@@ -284,70 +284,48 @@ def decode_summary(data: bytes) -> Summary:
     return Summary(owner, bool(shared))
 
 
-# A persons message may carry the cause of what it says (the change log's trigger: [record_id, event_time]) and a
-# user message the identifiers that link the user: only with the identity change log on. Messages without them
-# (the log off, or written by an earlier release) read as having none.
-Cause = Trigger | None
-
-
-def _cause(trigger: Cause) -> list[Any]:
-    return [trigger.record_id, trigger.event_time] if trigger is not None else []
-
-
-def _trigger(loaded: Any) -> Cause:
-    if not loaded:
-        return None
-    record_id, event_time = loaded
-    return Trigger(record_id, event_time)
-
-
-def encode_claim(device_id: str, entry: Entry | None, cause: Cause = None) -> bytes:
+def encode_claim(device_id: str, entry: Entry | None) -> bytes:
     """A device's claims on a pair, to the pair stage (keyed by the pair)."""
-    if cause is not None:
-        return orjson.dumps([device_id, list(entry.logins) if entry is not None else None,
-                             entry.device_user if entry is not None else None, _cause(cause)])
     return orjson.dumps([device_id, list(entry.logins), entry.device_user] if entry is not None else [device_id])
 
 
-def decode_claim(data: bytes) -> tuple[str, Entry | None, Cause]:
+def decode_claim(data: bytes) -> tuple[str, Entry | None]:
     loaded = orjson.loads(data)
     if len(loaded) == 1:
-        return str(loaded[0]), None, None
-    device_id, logins, device_user, *cause = loaded
-    entry = Entry(tuple(str(u) for u in logins), bool(device_user)) if logins is not None else None
-    return str(device_id), entry, _trigger(cause[0]) if cause else None
+        return str(loaded[0]), None
+    device_id, logins, device_user = loaded
+    return str(device_id), Entry(tuple(str(u) for u in logins), bool(device_user))
 
 
-def encode_owner(pair: str, owner: str | None, cause: Cause = None) -> bytes:
+def encode_owner(pair: str, owner: str | None) -> bytes:
     """The pair stage's answer to a device (keyed by the device ID)."""
-    return orjson.dumps([pair, owner, _cause(cause)] if cause is not None else [pair, owner])
+    return orjson.dumps([pair, owner])
 
 
-def decode_owner(data: bytes) -> tuple[str, str | None, Cause]:
-    pair, owner, *cause = orjson.loads(data)
-    return str(pair), owner, _trigger(cause[0]) if cause else None
+def decode_owner(data: bytes) -> tuple[str, str | None]:
+    pair, owner = orjson.loads(data)
+    return str(pair), owner
 
 
-def encode_user(mapping: PersonMapping | None, conflict: bool, cause: Cause = None,
-                links: Sequence[tuple[str, str]] = ()) -> bytes:
+def encode_user(mapping: PersonMapping | None, conflict: bool) -> bytes:
     """A device user's mapping now, to the stage that keeps the persons index (keyed by the user ID)."""
-    record = mapping.record() if mapping is not None else None
-    if cause is None:
-        return orjson.dumps([record, conflict])
-    return orjson.dumps([record, conflict, _cause(cause), [list(link) for link in links]])
+    return orjson.dumps([mapping.record() if mapping is not None else None, conflict])
 
 
 def decode_user(data: bytes) -> tuple[PersonMapping | None, bool]:
-    record, conflict, *_ = orjson.loads(data)
+    record, conflict = orjson.loads(data)
     return (PersonMapping.from_record(record) if record is not None else None), bool(conflict)
 
 
-def decode_user_cause(data: bytes) -> tuple[Cause, tuple[tuple[str, str], ...]]:
-    """A user message's cause and links (none: sent without them)."""
-    loaded = orjson.loads(data)
-    if len(loaded) < 4:
-        return None, ()
-    return _trigger(loaded[2]), tuple((str(k), str(h)) for k, h in loaded[3])
+def encode_cause(cause: Trigger, links: Sequence[tuple[str, str]] = ()) -> bytes:
+    """What caused a persons message (the change log's trigger), and for a user message the identifiers that
+    link the user: a header of the message, so that its value is what a release without the log reads."""
+    return orjson.dumps([cause.record_id, cause.event_time, [list(link) for link in links]])
+
+
+def decode_cause(data: bytes) -> tuple[Trigger, tuple[tuple[str, str], ...]]:
+    record_id, event_time, links = orjson.loads(data)
+    return Trigger(record_id, event_time), tuple((str(k), str(h)) for k, h in links)
 
 
 def encode_rows(rows: Sequence[Mapping[str, Any]]) -> list[bytes]:

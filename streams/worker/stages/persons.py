@@ -43,6 +43,9 @@ from streams.state.pairs import StoredPairs
 log = logging.getLogger(__name__)
 
 HEADER = "streams-persons"
+# what caused the message (`codec.encode_cause`), with the identity change log on: a header, so that the values
+# stay what a release without the log writes and reads (it can run again on this state: README, "Upgrading")
+CAUSE_HEADER = "streams-cause"
 CLAIM, OWNER, USER = b"claim", b"owner", b"user"
 # per persons-table partition: the counts /metrics shows, kept with the partition's pairs
 STATS_KEY = INTERNAL + b"persons-stats"
@@ -143,15 +146,16 @@ class PartitionPersons:
         self._count("claims", step.persons.claim_count() - (before.claim_count() if before else 0))
         route = self.route
         cause = Trigger.of_record(emitted[0]) if self.watchers else None
+        headers = _headers(CLAIM, cause)
         for pair, entry in step.changes.items():
             send(route.repartition, route.key_hash(pair) % route.partitions,
-                 (pair.encode(), codec.encode_claim(device_id, entry, cause), [(HEADER, CLAIM)]))
+                 (pair.encode(), codec.encode_claim(device_id, entry), headers))
             self.counters.claim_messages += 1
         if step.users:
             self.touched.setdefault(device_id, {}).update(dict.fromkeys(step.users, cause))
 
-    def on_owner(self, devices: Any, device_id: str, value: bytes) -> None:
-        pair, owner, cause = codec.decode_owner(value)
+    def on_owner(self, devices: Any, device_id: str, value: bytes, cause: Trigger | None = None) -> None:
+        pair, owner = codec.decode_owner(value)
         persons = devices.persons(device_id)
         if persons is None:
             return
@@ -171,15 +175,15 @@ class PartitionPersons:
                 cause = self._cause(users[user])
                 links = links_of(persons, user, mapping, self.ids, persons.owners.get) if cause is not None else ()
                 send(route.repartition, route.key_hash(user) % route.partitions,
-                     (user.encode(), codec.encode_user(mapping, conflict, cause, links), [(HEADER, USER)]))
+                     (user.encode(), codec.encode_user(mapping, conflict), _headers(USER, cause, links)))
                 self.counters.user_messages += 1
         self.touched.clear()
 
     # -- the pair side and the index ----------------------------------------------------------------------
 
-    def on_claim(self, pair: str, value: bytes, send: Send) -> None:
-        device_id, entry, cause = codec.decode_claim(value)
-        cause = self._cause(cause)
+    def on_claim(self, pair: str, value: bytes, send: Send, cause: Trigger | None = None) -> None:
+        device_id, entry = codec.decode_claim(value)
+        headers = _headers(OWNER, self._cause(cause))
         before = self.pairs.summary(pair)
         answers = claim(self.pairs, pair, device_id, entry, self.settings.person_max_devices)
         after = self.pairs.summary(pair)
@@ -189,10 +193,11 @@ class PartitionPersons:
         route = self.route
         for device, owner in answers:
             send(route.repartition, route.key_hash(device) % route.partitions,
-                 (device.encode(), codec.encode_owner(pair, owner, cause), [(HEADER, OWNER)]))
+                 (device.encode(), codec.encode_owner(pair, owner), headers))
             self.counters.owner_messages += 1
 
-    def on_user(self, user: str, value: bytes, send: Send, timestamp: int | None = None) -> None:
+    def on_user(self, user: str, value: bytes, send: Send, timestamp: int | None = None,
+                cause: Trigger | None = None, links: tuple[tuple[str, str], ...] = ()) -> None:
         mapping, conflict = codec.decode_user(value)
         stored = self.pairs.user(user)
         old, old_conflict = codec.decode_user(stored) if stored is not None else (None, False)
@@ -208,7 +213,6 @@ class PartitionPersons:
                 send(route.persons, target, (user.encode(), None, None))  # the tombstone: no mapping now
                 self.counters.tombstones_written += 1
         if self.watchers and mapping != old:
-            cause, links = codec.decode_user_cause(value)
             change = Change(user, old, mapping, conflict, links, cause or NO_TRIGGER)
             for watch in self.watchers:
                 watch(change, timestamp, send)
@@ -221,7 +225,7 @@ class PartitionPersons:
             self._count(name, now - was)
 
     def apply(self, devices: Any, kind: bytes, key: bytes, value: bytes, send: Send,
-              timestamp: int | None = None) -> None:
+              timestamp: int | None = None, cause: bytes | None = None) -> None:
         """A record of the persons repartition topic, by its kind, applied whole or not at all: its writes to the
         pairs are taken back, and what it would send or count is dropped, when it fails midway. A pair whose
         owner changed in the table with its devices never told would stay wrong for good. (The device side
@@ -231,7 +235,8 @@ class PartitionPersons:
         counters, self.counters = self.counters, PersonsCounters()
         self.pairs.savepoint()
         try:
-            self._apply(devices, kind, key.decode(), value, lambda *message: held.append(message), timestamp)
+            self._apply(devices, kind, key.decode(), value, lambda *message: held.append(message), timestamp,
+                        cause)
         except BaseException:
             self.pairs.rollback()
             self.stats.clear()
@@ -245,13 +250,15 @@ class PartitionPersons:
         for topic, partition, message in held:
             send(topic, partition, message)
 
-    def _apply(self, devices: Any, kind: bytes, key: str, value: bytes, send: Send, timestamp: int | None) -> None:
+    def _apply(self, devices: Any, kind: bytes, key: str, value: bytes, send: Send, timestamp: int | None,
+               cause_header: bytes | None) -> None:
+        cause, links = codec.decode_cause(cause_header) if cause_header is not None else (None, ())
         if kind == CLAIM:
-            self.on_claim(key, value, send)
+            self.on_claim(key, value, send, cause)
         elif kind == USER:
-            self.on_user(key, value, send, timestamp)
+            self.on_user(key, value, send, timestamp, cause, links)
         elif kind == OWNER:
-            self.on_owner(devices, key, value)
+            self.on_owner(devices, key, value, cause)
         else:
             raise ValueError(f"unknown persons message kind {kind[:32]!r}")
 
@@ -286,11 +293,18 @@ def stored_stats(data: Any) -> dict[str, int]:
         return {}
 
 
-def kind_of(headers: Any) -> bytes | None:
+def kind_of(headers: Any, header: str = HEADER) -> bytes | None:
     for name, value in headers or ():
-        if name == HEADER:
+        if name == header:
             return bytes(value)
     return None
+
+
+def _headers(kind: bytes, cause: Trigger | None, links: tuple[tuple[str, str], ...] | list[tuple[str, str]] = ()
+             ) -> list[tuple[str, bytes]]:
+    if cause is None:
+        return [(HEADER, kind)]
+    return [(HEADER, kind), (CAUSE_HEADER, codec.encode_cause(cause, links))]
 
 
 # -- the stage in the batch step ------------------------------------------------------------------------------
@@ -348,7 +362,8 @@ def _message(run: Run, p: int, stage: PartitionPersons, state: Any, rec: KafkaRe
         kind = kind_of(rec.headers)
         if kind is None or rec.key is None or rec.value is None:
             raise Rejected(Reason.INTERNAL_ERROR, "", "not a persons message: no kind header, key or value")
-        stage.apply(state, kind, rec.key, rec.value, send, getattr(rec, "timestamp", None))
+        stage.apply(state, kind, rec.key, rec.value, send, getattr(rec, "timestamp", None),
+                    kind_of(rec.headers, CAUSE_HEADER))
     except Exception as e:
         stage.counters.unreadable += 1
         log.error("partition %d: persons message at offset %d not applied (%s: %s); kept as a dead letter",
