@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import orjson
 import pytest
 
 from .conftest import ROOT
@@ -72,3 +73,24 @@ def test_the_readme_lists_every_setting() -> None:
     from streams import config
 
     assert config.table_markdown() in (ROOT / "README.md").read_text(), "README's settings table is stale"
+
+
+def test_tail_reads_a_change_log_row_for_people() -> None:
+    from types import SimpleNamespace
+
+    from streams.kafka.commands import format_record
+
+    def line(row: dict[str, object]) -> str:
+        return format_record(SimpleNamespace(partition=1, offset=7, key=b"u", value=orjson.dumps(row)))
+
+    mapping = {"kind": "mapping", "op": "remapped", "user_id": "u", "person_id": "p2", "previous_person_id": "p1",
+               "via": "identity", "identity_key": "$identity_mobile", "device_id": "d 1", "version": 3,
+               "record_id": "events.raw:0:12:0", "event_time": None, "processed_time": 5, "model": "m"}
+    assert line(mapping) == ('[p1@7] user=u v3 remapped: p1 -> p2 via identity key=$identity_mobile d="d 1" '
+                             'by events.raw:0:12:0')
+    link = {"kind": "link", "user_id": "u", "person_id": "p2", "version": 3, "key": "$identity_mobile",
+            "value_hash": "h", "model": "m"}
+    assert line(link) == "[p1@7] user=u v3 link $identity_mobile hash=h -> person=p2"
+    unmapped = mapping | {"op": "unmapped", "person_id": None, "via": None, "record_id": None, "line": 9}
+    del unmapped["identity_key"]
+    assert line(unmapped) == '[p1@7] user=u v3 unmapped: p1 -> - d="d 1" by line 9'

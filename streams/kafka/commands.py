@@ -53,6 +53,8 @@ def format_record(record: Any) -> str:
         return f"{where} " + _dead_letter_line(data)
     if isinstance(data, dict) and "distinct_id" in data and "device_id" in data:
         return f"{where} " + _enriched_line(data)
+    if isinstance(data, dict) and data.get("kind") in ("mapping", "link") and "version" in data:
+        return f"{where} " + _change_line(data)
     if isinstance(data, dict) and "person_id" in data and "user_id" in data:
         key = f" key={data['identity_key']}" if "identity_key" in data else ""
         return (f"{where} user={data['user_id']} -> person={data['person_id']} via {data.get('via')}{key} "
@@ -81,6 +83,19 @@ def _enriched_line(r: dict[str, Any]) -> str:
             cids.append(cid + (f"/{c['hashType']}" if "hashType" in c else ""))
         parts.append("customer_ids{" + ", ".join(cids) + "}")
     return " ".join(parts)
+
+
+def _change_line(r: dict[str, Any]) -> str:
+    """A row of the identity change log."""
+    head = f"user={r.get('user_id')} v{r.get('version')}"
+    if r["kind"] == "link":
+        return f"{head} link {_text(r.get('key'))} hash={r.get('value_hash')} -> person={r.get('person_id')}"
+    way = f" via {r['via']}" if r.get("via") else ""
+    if r.get("identity_key"):
+        way += f" key={r['identity_key']}"
+    cause = r.get("record_id") or (f"line {r['line']}" if "line" in r else "?")
+    return (f"{head} {r.get('op')}: {r.get('previous_person_id') or '-'} -> {r.get('person_id') or '-'}{way} "
+            f"d={_text(r.get('device_id'))} by {cause}")
 
 
 def _dead_letter_line(d: dict[str, Any]) -> str:
@@ -198,7 +213,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tail_parser.add_argument("which", metavar="TOPIC",
-                             help="'enriched', 'dead-letter', 'persons', or a topic name")
+                             help="'enriched', 'dead-letter', 'persons', 'identity-changes', or a topic name")
     tail_parser.add_argument("--from-end", action="store_true", help="only records that arrive from now on")
     tail_parser.add_argument("--max", type=int, metavar="N", default=None, help="stop after N records")
     tail_parser.add_argument("--idle-timeout", type=float, metavar="S", default=None,

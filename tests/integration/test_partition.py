@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 SESSION_TIMEOUT = 6  # seconds: a cut longer than this moves the cut worker's partitions
 CUT = 14.0
 CUTS = 3
+FEED = CUTS * (4 + CUT + 7)  # seconds the input flows: each cut's lead-in, the cut, and the rejoin
 
 
 @pytest.fixture
@@ -66,8 +67,8 @@ def test_a_cut_off_worker_corrupts_nothing(host_topics: Settings, hosts: list[te
     for w in workers:
         w.wait_ready(members=2, timeout=120)
     cut_host = hosts[0]
-    # a steady stream over about 120 s, from this machine (never cut)
-    feeding = kit.produce_slowly(settings, lines, chunks=len(lines) // 20, pause=120 / (len(lines) // 20))
+    # a steady stream from this machine (never cut) for about as long as the cuts and rejoins take
+    feeding = kit.produce_slowly(settings, lines, chunks=len(lines) // 20, pause=FEED / (len(lines) // 20))
     for _ in range(CUTS):
         time.sleep(4)
         cut_host.cut()
