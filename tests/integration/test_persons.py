@@ -4,7 +4,6 @@ SIGKILL and restart, and with two workers."""
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,56 +18,6 @@ from tests.integration import kit
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(420)]
 
 
-
-def persons_input(n_devices: int = 120, n_records: int = 2400, *, seed: int = 11, prefix: str = "p") -> list[bytes]:
-    """Devices that share login IDs, phones and emails, so that pairs are owned, shared, released and claimed
-    again: a third never log in (mapped via identity, or in conflict), the rest mostly log in as a user of
-    their own; placeholders, resets, logouts and sign-ups in between."""
-    rng = random.Random(seed)
-    platforms = ["mp-wechat", "mp-wechat", "web", "mp-alipay", "mp-jd"]
-    devices = [(f"{prefix}-{i:03d}", rng.choice(platforms), i % 3 == 0) for i in range(n_devices)]
-    phones = [f"138{i:04d}" for i in range(40)] + ["null", " 0 "]
-    emails = [f"e{i}@x.io" for i in range(30)]
-    out = []
-    for n in range(n_records):
-        i = rng.randrange(n_devices)
-        device_id, platform, anonymous = devices[i]
-        user = f"u{i}" if rng.random() < 0.9 else f"u{rng.randrange(n_devices)}"
-        r = rng.random()
-        record: dict[str, Any] = {"device_id": device_id, "platform": platform, "time": 1_712_000_000_000 + n}
-        if r < 0.45:
-            record.update(action="track", event="view", properties={"n": n})
-        elif r < 0.6:
-            record.update(action="bind", key="$identity_mobile", value=rng.choice(phones))
-        elif r < 0.66:
-            record.update(action="bind", key="$identity_email", value=rng.choice(emails))
-        elif r < 0.74:
-            record.update(action="login", id=user)
-        elif r < 0.76:
-            record.update(action="login", key="$identity_email", id=rng.choice(emails))
-        elif r < 0.82:
-            record.update(action="unbind", key="$identity_mobile", value=rng.choice(phones))
-        elif r < 0.87:
-            record.update(action="logout")
-        elif r < 0.9:
-            record.update(action="reset_anonymous_id")
-        else:
-            record.update(action="set_customer_ids", customer_ids={"userid": {"id": user, "authState": 1}})
-        if anonymous and (record["action"] in ("login", "set_customer_ids")):
-            record = {"device_id": device_id, "platform": platform, "time": record["time"], "event": "anon_view"}
-        if platform == "mp-jd" and (record.get("action") in ("bind", "unbind", "reset_anonymous_id")
-                                    or "key" in record):
-            record = {"device_id": device_id, "platform": platform, "time": record["time"], "event": "jd_view"}
-        out.append(orjson.dumps(record))
-    return out
-
-
-
-
-
-
-
-
 def check_enriched(settings: Settings, expected: list[dict[str, Any]], workers: list[kit.Worker],
                    repeats: bool, dead: int = 0) -> None:
     out = kit.wait_for_outputs(settings, len(expected) + dead, workers=workers, distinct=repeats)
@@ -79,7 +28,7 @@ def check_enriched(settings: Settings, expected: list[dict[str, Any]], workers: 
 @pytest.mark.parametrize("guarantee", kit.GUARANTEES)
 def test_worker_persons_equal_replay(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path,
                                      guarantee: str) -> None:
-    lines = persons_input()
+    lines = kit.persons_input()
     path = kit.write_jsonl(tmp_path / "input.jsonl", lines)
     expected = kit.replay_persons(topics, path)
     enriched, dead = kit.replay_outputs(topics, path)
@@ -115,7 +64,7 @@ def _metrics(settings: Settings) -> dict[str, float]:
 @pytest.mark.parametrize("guarantee", kit.GUARANTEES)
 def test_persons_survive_a_sigkill(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path,
                                    guarantee: str) -> None:
-    lines = persons_input(seed=12, prefix="k")
+    lines = kit.persons_input(seed=12, prefix="k")
     path = kit.write_jsonl(tmp_path / "input.jsonl", lines)
     expected = kit.replay_persons(topics, path)
     enriched, dead = kit.replay_outputs(topics, path)
@@ -127,7 +76,7 @@ def test_persons_survive_a_sigkill(topics: Settings, start_worker: kit.StartWork
 
 
 def test_two_workers_agree_with_replay(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path) -> None:
-    lines = persons_input(seed=13, prefix="two")
+    lines = kit.persons_input(seed=13, prefix="two")
     path = kit.write_jsonl(tmp_path / "input.jsonl", lines)
     expected = kit.replay_persons(topics, path)
     enriched, dead = kit.replay_outputs(topics, path)
@@ -147,7 +96,7 @@ def test_two_workers_agree_with_replay(topics: Settings, start_worker: kit.Start
 
 
 def test_persons_off_still_stamps_user_id(topics: Settings, start_worker: kit.StartWorker, tmp_path: Path) -> None:
-    lines = persons_input(n_devices=30, n_records=300, seed=14, prefix="off")
+    lines = kit.persons_input(n_devices=30, n_records=300, seed=14, prefix="off")
     path = kit.write_jsonl(tmp_path / "input.jsonl", lines)
     off = replace(topics, persons="off")
     enriched, dead = kit.replay_outputs(off, path)

@@ -71,6 +71,49 @@ def generate(n_records: int = 3000, n_devices: int = 200, *, prefix: str = "g", 
     return out
 
 
+def persons_input(n_devices: int = 120, n_records: int = 2400, *, seed: int = 11, prefix: str = "p") -> list[bytes]:
+    """Devices that share login IDs, phones and emails, so that pairs are owned, shared, released and claimed
+    again: a third never log in (mapped via identity, or in conflict), the rest mostly log in as a user of
+    their own; placeholders, resets, logouts and sign-ups in between."""
+    rng = random.Random(seed)
+    platforms = ["mp-wechat", "mp-wechat", "web", "mp-alipay", "mp-jd"]
+    devices = [(f"{prefix}-{i:03d}", rng.choice(platforms), i % 3 == 0) for i in range(n_devices)]
+    phones = [f"138{i:04d}" for i in range(40)] + ["null", " 0 "]
+    emails = [f"e{i}@x.io" for i in range(30)]
+    out = []
+    for n in range(n_records):
+        i = rng.randrange(n_devices)
+        device_id, platform, anonymous = devices[i]
+        user = f"u{i}" if rng.random() < 0.9 else f"u{rng.randrange(n_devices)}"
+        r = rng.random()
+        record: dict[str, Any] = {"device_id": device_id, "platform": platform, "time": 1_712_000_000_000 + n}
+        if r < 0.45:
+            record.update(action="track", event="view", properties={"n": n})
+        elif r < 0.6:
+            record.update(action="bind", key="$identity_mobile", value=rng.choice(phones))
+        elif r < 0.66:
+            record.update(action="bind", key="$identity_email", value=rng.choice(emails))
+        elif r < 0.74:
+            record.update(action="login", id=user)
+        elif r < 0.76:
+            record.update(action="login", key="$identity_email", id=rng.choice(emails))
+        elif r < 0.82:
+            record.update(action="unbind", key="$identity_mobile", value=rng.choice(phones))
+        elif r < 0.87:
+            record.update(action="logout")
+        elif r < 0.9:
+            record.update(action="reset_anonymous_id")
+        else:
+            record.update(action="set_customer_ids", customer_ids={"userid": {"id": user, "authState": 1}})
+        if anonymous and (record["action"] in ("login", "set_customer_ids")):
+            record = {"device_id": device_id, "platform": platform, "time": record["time"], "event": "anon_view"}
+        if platform == "mp-jd" and (record.get("action") in ("bind", "unbind", "reset_anonymous_id")
+                                    or "key" in record):
+            record = {"device_id": device_id, "platform": platform, "time": record["time"], "event": "jd_view"}
+        out.append(orjson.dumps(record))
+    return out
+
+
 def produce(settings: Settings, messages: list[tuple[bytes | None, bytes]]) -> list[Any]:
     return asyncio.run(kafka_clients.produce(settings, messages))
 
