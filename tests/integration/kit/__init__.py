@@ -4,3 +4,4 @@ Fixtures stay in conftest.py; everything else a test calls lives here, one modul
 from tests.integration.kit.compare import *  # noqa: F403
 from tests.integration.kit.process import *  # noqa: F403
 from tests.integration.kit.records import *  # noqa: F403
+from tests.integration.kit.releases import *  # noqa: F403
