@@ -1,5 +1,5 @@
-"""The `load` command: the enriched, dead-letter and persons topics into a DuckDB file, settings from
-`config.Settings` (brokers, topic names, SASL/TLS) as `tail` and `produce` take them."""
+"""The `load` command: the enriched, dead-letter, persons and identity change log topics into a DuckDB file,
+settings from `config.Settings` (brokers, topic names, SASL/TLS) as `tail` and `produce` take them."""
 
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ LOAD_EXAMPLES = """examples:
 
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     texts: dict[str, Any] = {
-        "help": "load the enriched, dead-letter and persons topics into a DuckDB file",
+        "help": "load the enriched, dead-letter, persons and identity change log topics into a DuckDB file",
         "description": (
-            "Read the enriched, dead-letter and persons topics (committed records only) into the tables enriched,\n"
-            "enriched_identities, dead_letters and persons of a DuckDB file, and create the views of schemas/sql/\n"
-            "(persons_latest, events_with_person, identity_graph). Each chunk of records is written with the\n"
+            "Read the enriched, dead-letter, persons and identity change log topics (committed records only) into\n"
+            "the tables enriched, enriched_identities, dead_letters, persons and identity_changes of a DuckDB\n"
+            "file, and create the views of schemas/sql/ (persons_latest, events_with_person, identity_graph,\n"
+            "person_history). A topic that does not exist is skipped. Each chunk of records is written with the\n"
             "offsets it reaches in one transaction: a run killed at any point and run again neither loses nor\n"
             "repeats a row. Reads up to the end offsets seen at the start, or with --follow until interrupted."
         ),

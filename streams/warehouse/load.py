@@ -3,7 +3,8 @@
 No consumer group: the loader holds every partition of its topics (`assign`), seeks each to the offset the file
 stores for it (the topic's beginning when none), reads committed records only, and writes each chunk's rows
 with the offsets after them in one DuckDB transaction. Without `follow` it stops at the end offsets it saw at
-the start (the last stable offsets: records of transactions still open then are left to the next run).
+the start (the last stable offsets: records of transactions still open then are left to the next run). A chunk
+is written in a thread while the next one is fetched (`Writer`), one chunk at a time, in order.
 """
 
 from __future__ import annotations
@@ -154,46 +155,85 @@ async def load(
     return report
 
 
+class Writer:
+    """Writes the chunks to the file one at a time, each in a thread while the loop fetches the next: DuckDB
+    releases the GIL, so reading Kafka and writing the file share the machine's cores instead of taking turns."""
+
+    def __init__(self, warehouse: Warehouse, topics: dict[str, str], tables: Sequence[Table],
+                 report: LoadReport) -> None:
+        self.warehouse = warehouse
+        self.topics = topics
+        self.tables = {t.name: t for t in tables}
+        self.report = report
+        self.writing: asyncio.Future[tuple[list[Record], Offsets, dict[str, int]]] | None = None
+
+    def _write(self, records: list[Record], offsets: Offsets) -> tuple[list[Record], Offsets, dict[str, int]]:
+        groups = by_table(self.tables.values(), self.topics, records)
+        self.warehouse.write({name: rows_of(self.tables[name], rs) for name, rs in groups.items()}, offsets)
+        return records, offsets, {name: len(rs) for name, rs in groups.items()}
+
+    async def write(self, records: list[Record], offsets: Offsets) -> None:
+        """Start writing the chunk once the one before is written."""
+        await self.written()
+        self.writing = asyncio.ensure_future(asyncio.to_thread(self._write, records, offsets))
+
+    async def written(self, wait: bool = True) -> None:
+        """Wait for the chunk in hand to be committed (its failure raised here), and count it; without `wait`,
+        only when it is committed already."""
+        if self.writing is None or not (wait or self.writing.done()):
+            return
+        writing, self.writing = self.writing, None
+        try:
+            records, offsets, counts = await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            # the thread goes on with the connection: the file is closed only after it
+            await asyncio.wait([writing])
+            raise
+        report = self.report
+        for name, n in counts.items():
+            report.per_table[name] += n
+        report.records += len(records)
+        report.chunks += 1
+        log.info("committed %d records to %s (%s), next offsets %s", len(records), self.warehouse.path,
+                 ", ".join(f"{n} {c}" for n, c in counts.items()),
+                 ", ".join(f"{t}:{p}={o}" for (t, p), o in sorted(offsets.items())))
+
+
 async def _run(kafka: Any, warehouse: Warehouse, topics: dict[str, str], tables: Sequence[Table],
                ends: dict[TopicPartition, int], report: LoadReport, *, stop: asyncio.Event, follow: bool,
                chunk_records: int, progress: Progress | None) -> None:
     pending: list[Record] = []
     offsets: Offsets = {}
     first_pending = 0.0
+    writer = Writer(warehouse, topics, tables, report)
 
-    def write() -> None:
+    async def write() -> None:
         nonlocal pending, offsets
-        groups = by_table(tables, topics, pending)
-        chunk = {name: rows_of(next(t for t in tables if t.name == name), records)
-                 for name, records in groups.items()}
-        warehouse.write(chunk, offsets)
-        for name, records in groups.items():
-            report.per_table[name] += len(records)
-        report.records += len(pending)
-        report.chunks += 1
-        log.info("committed %d records to %s (%s), next offsets %s", len(pending), warehouse.path,
-                 ", ".join(f"{n} {len(r)}" for n, r in groups.items()),
-                 ", ".join(f"{t}:{p}={o}" for (t, p), o in sorted(offsets.items())))
+        await writer.write(pending, offsets)
         pending, offsets = [], {}
 
     async def at_end() -> bool:
         return all([await kafka.position(tp) >= end for tp, end in ends.items()])
 
-    while not stop.is_set():
-        if not follow and not pending and await at_end():
-            break
-        batch = await kafka.getmany(timeout_ms=200, max_records=max(1, chunk_records - len(pending)))
-        for tp, records in batch.items():
-            if records:
-                if not pending:
-                    first_pending = time.monotonic()
-                pending.extend(records)
-                offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
-        full = len(pending) >= chunk_records
-        if pending and (full or (not follow and await at_end())
-                        or (follow and time.monotonic() - first_pending >= FOLLOW_FLUSH_SECONDS)):
-            write()
-        if progress is not None:
-            progress.update(report, following=follow and await at_end())
-    if pending:
-        write()
+    try:
+        while not stop.is_set():
+            if not follow and not pending and await at_end():
+                break
+            batch = await kafka.getmany(timeout_ms=200, max_records=max(1, chunk_records - len(pending)))
+            for tp, records in batch.items():
+                if records:
+                    if not pending:
+                        first_pending = time.monotonic()
+                    pending.extend(records)
+                    offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
+            full = len(pending) >= chunk_records
+            if pending and (full or (not follow and await at_end())
+                            or (follow and time.monotonic() - first_pending >= FOLLOW_FLUSH_SECONDS)):
+                await write()
+            await writer.written(wait=False)
+            if progress is not None:
+                progress.update(report, following=follow and await at_end())
+        if pending:
+            await write()
+    finally:
+        await writer.written()

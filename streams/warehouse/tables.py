@@ -1,4 +1,4 @@
-"""The loaded tables: one definition per topic, and the rows a chunk of Kafka records makes of them (pure: no I/O).
+"""The loaded tables: one definition per topic, and what a chunk of Kafka records does to them (pure: no I/O).
 
 Every topic's table starts with the record's place and key (`kafka_topic`, `kafka_partition`, `kafka_offset`,
 `kafka_timestamp`, `kafka_key`: prefixed, as PARTITION and OFFSET are reserved words in several warehouses), then
@@ -6,22 +6,21 @@ the fields read from its JSON value, then the value itself (`value_json`), so th
 in a column, a value that is no JSON object, a value of a field that is not of its column's type (NULL in the
 column). A topic table keeps every record; a compacted topic's (`latest_per_key`) keeps the latest record per
 key, a tombstone deleting it. A detail table holds rows made from each record (the enriched records'
-`identities`, one row a pair), with the record's place to join on.
+`identities`, one row a string member), with the record's place to join on.
 
-A new topic (the identity change log) is one `Table` more in `TABLES`, naming the setting of its topic.
+The fields are read by DuckDB (`database.py`), a chunk at a time: parsing each value in Python, under the GIL
+the Kafka consumer needs, cost the load most of its speed. A new topic is one `Table` more in `TABLES`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import orjson
-
-Row = tuple[Any, ...]
+from typing import Protocol
 
 SQL_TYPES = ("VARCHAR", "BIGINT", "INTEGER", "BOOLEAN")
+_FIELD = re.compile(r"^[A-Za-z0-9_$]+$")  # quoted in JSON paths as they are: no quote to escape
 
 
 class Record(Protocol):
@@ -50,25 +49,16 @@ class Column:
     def __post_init__(self) -> None:
         if self.type not in SQL_TYPES:
             raise ValueError(f"column {self.name}: {self.type} is not one of {SQL_TYPES}")
+        if not all(_FIELD.match(step) for step in self.steps):
+            raise ValueError(f"column {self.name}: {self.steps} holds a field name that needs escaping")
 
-    def read(self, value: dict[str, Any]) -> Any:
-        found: Any = value
-        for step in self.path or (self.name,):
-            if not isinstance(found, dict):
-                return None
-            found = found.get(step)
-        return typed(found, self.type)
+    @property
+    def steps(self) -> tuple[str, ...]:
+        return self.path or (self.name,)
 
-
-def typed(value: Any, sql_type: str) -> Any:
-    """`value` when it is of the SQL type, else None (the value's JSON keeps it)."""
-    if sql_type == "VARCHAR":
-        return value if isinstance(value, str) else None
-    if sql_type == "BOOLEAN":
-        return value if isinstance(value, bool) else None
-    bits = 64 if sql_type == "BIGINT" else 32
-    ok = isinstance(value, int) and not isinstance(value, bool) and -(1 << (bits - 1)) <= value < 1 << (bits - 1)
-    return value if ok else None
+    @property
+    def json_path(self) -> str:
+        return "$" + "".join(f'."{step}"' for step in self.steps)
 
 
 # every topic table's first columns, then its own, then the value as it came
@@ -81,15 +71,19 @@ PLACE_COLUMNS = KAFKA_COLUMNS[:3]
 
 @dataclass(frozen=True)
 class Detail:
-    """A table of rows made from each record of a topic (several, or none, per record)."""
+    """A table of rows made from each record of a topic: one per string member of the JSON object in the value's
+    field `members` (none when it is no object), with some of the record's columns (`copied`)."""
 
     name: str
-    columns: tuple[Column, ...]  # after PLACE_COLUMNS
-    rows: Callable[[dict[str, Any]], list[Row]]
+    copied: tuple[str, ...]  # names of the table's own columns
+    members: str  # the field that holds the object
+    key_column: Column
+    value_column: Column
     description: str = ""
 
-    def all_columns(self) -> tuple[Column, ...]:
-        return (*PLACE_COLUMNS, *self.columns)
+    def __post_init__(self) -> None:
+        if not _FIELD.match(self.members):
+            raise ValueError(f"detail {self.name}: {self.members} needs escaping")
 
 
 @dataclass(frozen=True)
@@ -106,13 +100,9 @@ class Table:
     def all_columns(self) -> tuple[Column, ...]:
         return (*KAFKA_COLUMNS, *self.columns, VALUE_COLUMN)
 
-
-def _identities(value: dict[str, Any]) -> list[Row]:
-    identities = value.get("identities")
-    if not isinstance(identities, dict):
-        return []
-    head = tuple(typed(value.get(name), "VARCHAR") for name in ("record_id", "device_id", "user_id"))
-    return [(*head, key, pair) for key, pair in identities.items() if isinstance(pair, str)]
+    def detail_columns(self, detail: Detail) -> tuple[Column, ...]:
+        own = {c.name: c for c in self.columns}
+        return (*PLACE_COLUMNS, *(own[name] for name in detail.copied), detail.key_column, detail.value_column)
 
 
 ENRICHED = Table(
@@ -120,8 +110,8 @@ ENRICHED = Table(
     (Column("record_id"), Column("device_id"), Column("user_id"), Column("distinct_id"), Column("anonymous_id"),
      Column("login_id"), Column("original_id"), Column("platform"), Column("type"), Column("event"),
      Column("time", "BIGINT")),
-    details=(Detail("enriched_identities", (Column("record_id"), Column("device_id"), Column("user_id"),
-                                           Column("identity_key"), Column("identity_value")), _identities,
+    details=(Detail("enriched_identities", ("record_id", "device_id", "user_id"), "identities",
+                    Column("identity_key"), Column("identity_value"),
                     "one row per pair of an enriched record's identities"),),
     description="one row per record of the enriched topic (at-least-once repeats included)",
 )
@@ -140,63 +130,45 @@ PERSONS = Table(
     description="the persons topic as the compacted topic holds it: the latest mapping per user_id (its key), "
     "a tombstone deleting it",
 )
-TABLES: tuple[Table, ...] = (ENRICHED, DEAD_LETTERS, PERSONS)
-
-
-def decoded(data: bytes | None) -> str | None:
-    return None if data is None else data.decode("utf-8", "replace")
-
-
-def json_object(value: bytes | None) -> dict[str, Any]:
-    """The record's value as a JSON object; {} for a tombstone, no JSON, or JSON that is no object."""
-    if value is None:
-        return {}
-    try:
-        loaded = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
+# both kinds of row of schemas/identity-change.schema.json in one table: a field the kind has not is NULL
+IDENTITY_CHANGES = Table(
+    "identity_changes", "identity_changes_topic",
+    (Column("kind"), Column("op"), Column("user_id"), Column("person_id"), Column("previous_person_id"),
+     Column("via"), Column("identity_key"), Column("device_id"), Column("conflict", "BOOLEAN"),
+     Column("version", "BIGINT"), Column("record_id"), Column("line", "BIGINT"), Column("event_time", "BIGINT"),
+     Column("processed_time", "BIGINT"), Column("model"), Column("key"), Column("value_hash")),
+    description="one row per record of the identity change log (at-least-once repeats included)",
+)
+TABLES: tuple[Table, ...] = (ENRICHED, DEAD_LETTERS, PERSONS, IDENTITY_CHANGES)
 
 
 @dataclass
 class TableRows:
-    """What one chunk does to a table and its details: rows to insert, and (a latest-per-key table) the keys
-    whose rows are deleted first."""
+    """What one chunk does to a table and its details: the records whose rows are inserted, and (a
+    latest-per-key table) the keys whose rows are deleted first."""
 
-    rows: list[Row] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     replaced_keys: list[str] = field(default_factory=list)
-    details: dict[str, list[Row]] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
-        return len(self.rows) + len(self.replaced_keys)
+        return len(self.records) + len(self.replaced_keys)
 
 
 def rows_of(table: Table, records: Sequence[Record]) -> TableRows:
-    """The rows `records` (of the table's topic, in each partition's offset order) make."""
-    if table.latest_per_key:
-        latest: dict[str, Record] = {}
-        unkeyed = []  # (a compacted topic refuses records without key)
-        for record in records:
-            key = decoded(record.key)
-            if key is None:
-                unkeyed.append(record)
-            else:
-                latest.pop(key, None)  # in the order of each key's latest record
-                latest[key] = record
-        out = TableRows(replaced_keys=list(latest))
-        records = [r for r in [*unkeyed, *latest.values()] if r.value is not None]
-    else:
-        out = TableRows()
-    out.details = {d.name: [] for d in table.details}
+    """What `records` (of the table's topic, in each partition's offset order) do to the table."""
+    if not table.latest_per_key:
+        return TableRows(list(records))
+    latest: dict[str, Record] = {}
+    unkeyed = []  # (a compacted topic refuses records without key)
     for record in records:
-        value = json_object(record.value)
-        out.rows.append((record.topic, record.partition, record.offset, record.timestamp, decoded(record.key),
-                         *(c.read(value) for c in table.columns), decoded(record.value)))
-        place = (record.topic, record.partition, record.offset)
-        for detail in table.details:
-            out.details[detail.name].extend((*place, *row) for row in detail.rows(value))
-    return out
+        if record.key is None:
+            unkeyed.append(record)
+        else:
+            key = record.key.decode("utf-8", "replace")
+            latest.pop(key, None)  # in the order of each key's latest record
+            latest[key] = record
+    return TableRows([r for r in [*unkeyed, *latest.values()] if r.value is not None], list(latest))
 
 
 def by_table(tables: Iterable[Table], topics: dict[str, str], records: Iterable[Record]) -> dict[str, list[Record]]:

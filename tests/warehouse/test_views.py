@@ -19,10 +19,10 @@ from streams.config import Settings
 from streams.offline.replay import replay
 from streams.warehouse import database
 from streams.warehouse.database import Warehouse, WarehouseError
-from streams.warehouse.tables import TABLES, by_table, rows_of
+from streams.warehouse.tables import TABLES, Table, by_table, rows_of
 from tests.integration import kit
 
-TOPICS = {"enriched": "e", "dead_letters": "d", "persons": "p"}
+TOPICS = {"enriched": "e", "dead_letters": "d", "persons": "p", "identity_changes": "c"}
 PARTITIONS = 4
 
 
@@ -92,8 +92,9 @@ def test_the_file_holds_the_tables_the_offsets_and_the_views(tmp_path: Path) -> 
     names = {(name, kind) for name, kind in query(tmp_path / "w.duckdb",
              "SELECT table_name, table_type FROM information_schema.tables")}
     assert names == {("enriched", "BASE TABLE"), ("enriched_identities", "BASE TABLE"),
-                     ("dead_letters", "BASE TABLE"), ("persons", "BASE TABLE"), ("load_offsets", "BASE TABLE"),
-                     ("persons_latest", "VIEW"), ("events_with_person", "VIEW"), ("identity_graph", "VIEW")}
+                     ("dead_letters", "BASE TABLE"), ("persons", "BASE TABLE"), ("identity_changes", "BASE TABLE"),
+                     ("load_offsets", "BASE TABLE"), ("persons_latest", "VIEW"), ("events_with_person", "VIEW"),
+                     ("identity_graph", "VIEW"), ("person_history", "VIEW")}
     # opened again (a re-run): nothing changes, nothing fails
     load(tmp_path / "w.duckdb", [])
 
@@ -185,10 +186,10 @@ def test_a_chunk_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pyt
     load(path, t.records[:4])
     insert = database._insert
 
-    def failing(con: Any, name: str, *args: Any) -> None:
-        if name == "enriched_identities":  # after the enriched rows and the persons deletions of the chunk
+    def failing(con: Any, table: Table, *args: Any) -> None:
+        insert(con, table, *args)
+        if table.name == "persons":  # after the enriched rows, their identities and the persons deletions
             raise duckdb.IOException("disk full")
-        insert(con, name, *args)
 
     monkeypatch.setattr(database, "_insert", failing)
     with pytest.raises(WarehouseError, match="disk full"):
