@@ -33,6 +33,11 @@ topics are created with message.timestamp.type=LogAppendTime, so the broker's cl
 
     .venv/bin/python scripts/bench.py --persons-only [--records N] [--persons-pairs N] [--persons-timeout S]
 
+`--loader-only` runs only the loader's part: `python -m streams load` beside a bare consume of the same topics,
+here replay's outputs of the main input (report in .cache/bench/last-loader.md):
+
+    .venv/bin/python scripts/bench.py --loader-only [--records N] [--devices D]
+
 `--scale` (make bench-scale) runs the scale runs instead, each beside its own ceiling and checked against
 replay: (a) --records (default 1,000,000) over as many device IDs; (b) --state-devices (default 10,000,000)
 logged in through the worker, which is restarted on its state, then --records over them; (c) two workers in
@@ -49,6 +54,7 @@ import signal
 import sys
 from collections.abc import Awaitable
 
+from harness.bench_loader import bare_consume_main, loader_only
 from harness.bench_main import bench, persons_only
 from harness.bench_run import TROUBLE, Plan, run_mode
 from harness.bench_scale import SCALE_STATE_DEVICES, SCALE_WIDE_DEVICES, bench_scale
@@ -84,6 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"{PERSONS_TIMEOUT:.0f})")
     parser.add_argument("--state-devices", type=int, default=SCALE_STATE_DEVICES,
                         help=f"devices in state for --scale (default {SCALE_STATE_DEVICES:,})")
+    parser.add_argument("--loader-only", action="store_true",
+                        help="only the loader's part of make bench: python -m streams load beside a bare consume "
+                        "of the same topics, replay's outputs of the main input (.cache/bench/last-loader.md)")
+    parser.add_argument("--bare-consume", nargs=2, metavar=("BROKERS", "TOPICS"),
+                        help=argparse.SUPPRESS)  # the loader part's bare consume, a child process
     parser.add_argument("--passthrough", nargs=4, metavar=("BROKERS", "GROUP", "SOURCE", "TARGET"),
                         help=argparse.SUPPRESS)  # a ceiling's child process
     parser.add_argument("--passthrough-contract", choices=CEILINGS, default=WORKER_CONTRACT,
@@ -97,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         brokers, group, source, target = args.passthrough
         asyncio.run(passthrough(brokers, group, source, target, args.passthrough_contract))
         return 0
+    if args.bare_consume:
+        return bare_consume_main(*args.bare_consume)
     TROUBLE.install()
     if args.scale:  # on the broker given: none is started for it
         records = args.records or SCALE_WIDE_DEVICES
@@ -107,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(with_signals(run_mode(args.brokers, args.keep, lambda run: persons_only(
             run, records, args.seed, args.persons_pairs, args.persons_timeout))))
     devices = args.devices or (20_000 if args.quick else 100_000)
+    if args.loader_only:
+        return asyncio.run(with_signals(run_mode(args.brokers, args.keep, lambda run: loader_only(
+            run, records, devices, args.seed))))
     plan = Plan(records=records, devices=devices,
                 baseline_records=min(records, args.baseline_records or (20_000 if args.quick else 50_000)),
                 wide_devices=devices * 10, latency_rate=args.latency_rate, latency_seconds=args.latency_seconds,

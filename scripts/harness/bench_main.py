@@ -9,6 +9,7 @@ import hashlib
 import time
 from pathlib import Path
 
+from harness.bench_loader import measure_loader, worker_sources
 from harness.bench_run import BENCH_DIR, Plan, Run
 from harness.broker import HarnessError, load_topic
 from harness.ceilings import CEILINGS, check_peers, measure_ceilings, measure_peers, versus_lines
@@ -88,6 +89,9 @@ async def bench(run: Run, plan: Plan) -> int:
         baseline_verdict = compare(prefix_reference, baseline_digest, "baseline")
     with run.timed("latency", f"latency at {plan.latency_rate:,} records/s for {plan.latency_seconds:g}s"):
         latency = await measure_latency(kafka, names, plan, latency_in, warmup=500)
+    with run.timed("loader", "the loader against a bare consume of the worker's outputs"):
+        loader_lines, loader_failures = await measure_loader(names, kafka.brokers, worker_sources(names),
+                                                             "the worker's outputs")
     with run.timed("persons", f"the persons stage off and on, {plan.records:,} records over as many device IDs "
                    f"({plan.persons_pairs} pairs, alternating)"):
         persons_lines, persons_failures = await measure_persons(kafka, names, persons_raw, persons_ref,
@@ -148,11 +152,13 @@ async def bench(run: Run, plan: Plan) -> int:
         "topics, group and state directory, one after the other, on the same broker.",
         "",
         *persons_lines,
+        "",
+        *loader_lines,
     ]
     failures = [] if state_same and jobs_same else ["replay's output changed with --state-dir or --jobs"]
     if not verdict.ok:
         failures += ["the worker's output differs from replay's for the same input", *verdict.lines]
-    return run.finish(report, "last.md", failures + persons_failures)
+    return run.finish(report, "last.md", failures + persons_failures + loader_failures)
 
 
 async def persons_only(run: Run, records: int, seed: int, pairs: int, timeout: float) -> int:
