@@ -22,8 +22,9 @@ from streams.warehouse.tables import TABLES, VALUE_COLUMN, Column, Table, TableR
 SQL_DIR = Path(__file__).resolve().parents[2] / "schemas" / "sql"
 OFFSETS = "load_offsets"
 SEPARATOR = "\x1e"  # between a chunk's keys or values: JSON text holds it only escaped
-# DuckDB rewrites a table's last row group at each checkpoint, by default every 16 MiB of log: a few hundred
-# thousand records were compressed several times over. A crash replays at most this much log on the next open.
+# DuckDB rewrites a table's last row group at each checkpoint, by default every 16 MiB of log: each row would be
+# compressed several times over. The cost: the rows logged since the last checkpoint stay in memory (most of the
+# loader's RSS), and the next open after a crash replays up to this much log.
 CHECKPOINT_THRESHOLD = "256MB"
 
 Offsets = dict[tuple[str, int], int]  # (topic, partition) -> the next offset to load

@@ -18,7 +18,8 @@ def test_load_is_listed_and_its_help_has_examples() -> None:
     out = run("load", "--help")
     assert out.returncode == 0, out.stderr
     assert "examples:" in out.stdout and "python -m streams load --into" in out.stdout
-    for flag in ("--into", "--follow", "--chunk-records", "--brokers", "--enriched-topic", "--security-protocol"):
+    for flag in ("--into", "--follow", "--chunk-records", "--brokers", "--enriched-topic", "--identity-changes-topic",
+                 "--security-protocol"):
         assert flag in out.stdout, flag
 
 
