@@ -49,8 +49,9 @@ conformance: install
 
 ## the benchmark: two ceilings (fire-and-forget and at-least-once passthroughs), stock-Faust baseline, worker,
 ## the Kafka Streams and Quix Streams peers (bench/peers/; the Kafka Streams jar is built by Maven on first use,
-## into .cache/bench-peers/), latency, replay, correctness, and the worker with the persons stage off and on at
-## 1M device IDs, side by side, its mapping checked against replay's
+## into .cache/bench-peers/), latency, replay, correctness, the warehouse loader beside a bare consume of the
+## worker's outputs (alone: scripts/bench.py --loader-only), and the worker with the persons stage off, on, and
+## on without the identity change log at 1M device IDs, side by side, its mapping checked against replay's
 ## (.cache/bench/last.md; that part alone: .venv/bin/python scripts/bench.py --persons-only)
 bench: install
 	$(BIN)/python scripts/bench.py

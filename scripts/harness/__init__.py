@@ -4,7 +4,8 @@ Shared by all three: inputs (the one raw-input generator), broker (scripts/kafka
 reading them, the children's environment), children (the processes a run starts), report (figures, tables,
 the machine and the code a report names).
 make bench: bench_run (a run's names, steps and teardown), measure (what a consumer does with a topic),
-replay, ceilings (the passthroughs and the peers), latency, digest (outputs compared with replay's), persons,
+replay, ceilings (the passthroughs and the peers), latency, digest (outputs compared with replay's), persons
+(the stage and the identity change log on and off), bench_loader (the warehouse loader beside a bare consume),
 bench_main, bench_scale.
 make chaos: chaos_run (a run's log, findings, worker lives, offsets and cleanup), feeder (the input while the
 workers run), reference (replay's outputs and states), checks, chaos_single, chaos_group, chaos_faults,
