@@ -25,7 +25,7 @@ from streams.kafka.admin import partition_count
 from streams.progress import ProgressLine
 from streams.warehouse import CHUNK_RECORDS
 from streams.warehouse.database import Offsets, Warehouse
-from streams.warehouse.tables import TABLES, Record, Table, by_table, rows_of
+from streams.warehouse.tables import TABLES, Columns, Table, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -155,27 +155,45 @@ async def load(
     return report
 
 
+@dataclass
+class Chunk:
+    """The records read since the last write, by table (`table_of`: topic -> table name), and the offsets after
+    them."""
+
+    table_of: dict[str, str]
+    tables: dict[str, Columns] = field(default_factory=dict)
+    offsets: Offsets = field(default_factory=dict)
+    records: int = 0
+
+    def add(self, tp: TopicPartition, records: list[Any]) -> None:
+        name = self.table_of[tp.topic]
+        columns = self.tables.get(name)
+        if columns is None:
+            columns = self.tables[name] = Columns(tp.topic)
+        columns.add(records)
+        self.offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
+        self.records += len(records)
+
+
 class Writer:
     """Writes the chunks to the file one at a time, each in a thread while the loop fetches the next: DuckDB
     releases the GIL, so reading Kafka and writing the file share the machine's cores instead of taking turns."""
 
-    def __init__(self, warehouse: Warehouse, topics: dict[str, str], tables: Sequence[Table],
-                 report: LoadReport) -> None:
+    def __init__(self, warehouse: Warehouse, tables: Sequence[Table], report: LoadReport) -> None:
         self.warehouse = warehouse
-        self.topics = topics
         self.tables = {t.name: t for t in tables}
         self.report = report
-        self.writing: asyncio.Future[tuple[list[Record], Offsets, dict[str, int]]] | None = None
+        self.writing: asyncio.Future[Chunk] | None = None
 
-    def _write(self, records: list[Record], offsets: Offsets) -> tuple[list[Record], Offsets, dict[str, int]]:
-        groups = by_table(self.tables.values(), self.topics, records)
-        self.warehouse.write({name: rows_of(self.tables[name], rs) for name, rs in groups.items()}, offsets)
-        return records, offsets, {name: len(rs) for name, rs in groups.items()}
+    def _write(self, chunk: Chunk) -> Chunk:
+        self.warehouse.write({name: rows_of(self.tables[name], columns) for name, columns in chunk.tables.items()},
+                             chunk.offsets)
+        return chunk
 
-    async def write(self, records: list[Record], offsets: Offsets) -> None:
+    async def write(self, chunk: Chunk) -> None:
         """Start writing the chunk once the one before is written."""
         await self.written()
-        self.writing = asyncio.ensure_future(asyncio.to_thread(self._write, records, offsets))
+        self.writing = asyncio.ensure_future(asyncio.to_thread(self._write, chunk))
 
     async def written(self, wait: bool = True) -> None:
         """Wait for the chunk in hand to be committed (its failure raised here), and count it; without `wait`,
@@ -184,56 +202,55 @@ class Writer:
             return
         writing, self.writing = self.writing, None
         try:
-            records, offsets, counts = await asyncio.shield(writing)
+            chunk = await asyncio.shield(writing)
         except asyncio.CancelledError:
             # the thread goes on with the connection: the file is closed only after it
             await asyncio.wait([writing])
             raise
         report = self.report
-        for name, n in counts.items():
-            report.per_table[name] += n
-        report.records += len(records)
+        for name, columns in chunk.tables.items():
+            report.per_table[name] += len(columns)
+        report.records += chunk.records
         report.chunks += 1
-        log.info("committed %d records to %s (%s), next offsets %s", len(records), self.warehouse.path,
-                 ", ".join(f"{n} {c}" for n, c in counts.items()),
-                 ", ".join(f"{t}:{p}={o}" for (t, p), o in sorted(offsets.items())))
+        log.info("committed %d records to %s (%s), next offsets %s", chunk.records, self.warehouse.path,
+                 ", ".join(f"{len(c)} {n}" for n, c in chunk.tables.items()),
+                 ", ".join(f"{t}:{p}={o}" for (t, p), o in sorted(chunk.offsets.items())))
 
 
 async def _run(kafka: Any, warehouse: Warehouse, topics: dict[str, str], tables: Sequence[Table],
                ends: dict[TopicPartition, int], report: LoadReport, *, stop: asyncio.Event, follow: bool,
                chunk_records: int, progress: Progress | None) -> None:
-    pending: list[Record] = []
-    offsets: Offsets = {}
+    table_of = {topic: name for name, topic in topics.items()}
+    pending = Chunk(table_of)
     first_pending = 0.0
-    writer = Writer(warehouse, topics, tables, report)
+    writer = Writer(warehouse, tables, report)
 
     async def write() -> None:
-        nonlocal pending, offsets
-        await writer.write(pending, offsets)
-        pending, offsets = [], {}
+        nonlocal pending
+        await writer.write(pending)
+        pending = Chunk(table_of)
 
     async def at_end() -> bool:
         return all([await kafka.position(tp) >= end for tp, end in ends.items()])
 
     try:
         while not stop.is_set():
-            if not follow and not pending and await at_end():
+            if not follow and not pending.records and await at_end():
                 break
-            batch = await kafka.getmany(timeout_ms=200, max_records=max(1, chunk_records - len(pending)))
+            batch = await kafka.getmany(timeout_ms=200, max_records=max(1, chunk_records - pending.records))
             for tp, records in batch.items():
                 if records:
-                    if not pending:
+                    if not pending.records:
                         first_pending = time.monotonic()
-                    pending.extend(records)
-                    offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
-            full = len(pending) >= chunk_records
-            if pending and (full or (not follow and await at_end())
-                            or (follow and time.monotonic() - first_pending >= FOLLOW_FLUSH_SECONDS)):
+                    pending.add(tp, records)
+            full = pending.records >= chunk_records
+            if pending.records and (full or (not follow and await at_end())
+                                    or (follow and time.monotonic() - first_pending >= FOLLOW_FLUSH_SECONDS)):
                 await write()
             await writer.written(wait=False)
             if progress is not None:
                 progress.update(report, following=follow and await at_end())
-        if pending:
+        if pending.records:
             await write()
     finally:
         await writer.written()

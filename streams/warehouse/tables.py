@@ -8,7 +8,7 @@ column). A topic table keeps every record; a compacted topic's (`latest_per_key`
 key, a tombstone deleting it. A detail table holds rows made from each record (the enriched records'
 `identities`, one row a string member), with the record's place to join on.
 
-The fields are read by DuckDB (`database.py`), a chunk at a time: parsing each value in Python, under the GIL
+The fields are read by DuckDB (`staging.py`), a chunk at a time: parsing each value in Python, under the GIL
 the Kafka consumer needs, cost the load most of its speed. A new topic is one `Table` more in `TABLES`.
 """
 
@@ -143,11 +143,46 @@ TABLES: tuple[Table, ...] = (ENRICHED, DEAD_LETTERS, PERSONS, IDENTITY_CHANGES)
 
 
 @dataclass
+class Columns:
+    """Records of one topic, column by column. The loader keeps a chunk's records so, and drops aiokafka's
+    record objects as it reads them: those are tracked by Python's garbage collector, which would scan a
+    chunk's worth at each full collection, and weigh several times their bytes."""
+
+    topic: str
+    partitions: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    timestamps: list[int | None] = field(default_factory=list)
+    keys: list[bytes | None] = field(default_factory=list)
+    values: list[bytes | None] = field(default_factory=list)
+
+    def add(self, records: Sequence[Record]) -> None:
+        self.partitions += [r.partition for r in records]
+        self.offsets += [r.offset for r in records]
+        self.timestamps += [r.timestamp for r in records]
+        self.keys += [r.key for r in records]
+        self.values += [r.value for r in records]
+
+    def take(self, positions: Iterable[int]) -> Columns:
+        """The records at `positions`, in their order."""
+        taken = Columns(self.topic)
+        for i in positions:
+            taken.partitions.append(self.partitions[i])
+            taken.offsets.append(self.offsets[i])
+            taken.timestamps.append(self.timestamps[i])
+            taken.keys.append(self.keys[i])
+            taken.values.append(self.values[i])
+        return taken
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+@dataclass
 class TableRows:
     """What one chunk does to a table and its details: the records whose rows are inserted, and (a
     latest-per-key table) the keys whose rows are deleted first."""
 
-    records: list[Record] = field(default_factory=list)
+    records: Columns
     replaced_keys: list[str] = field(default_factory=list)
 
     @property
@@ -155,26 +190,27 @@ class TableRows:
         return len(self.records) + len(self.replaced_keys)
 
 
-def rows_of(table: Table, records: Sequence[Record]) -> TableRows:
+def rows_of(table: Table, records: Columns) -> TableRows:
     """What `records` (of the table's topic, in each partition's offset order) do to the table."""
     if not table.latest_per_key:
-        return TableRows(list(records))
-    latest: dict[str, Record] = {}
+        return TableRows(records)
+    latest: dict[str, int] = {}
     unkeyed = []  # (a compacted topic refuses records without key)
-    for record in records:
-        if record.key is None:
-            unkeyed.append(record)
+    for i, key in enumerate(records.keys):
+        if key is None:
+            unkeyed.append(i)
         else:
-            key = record.key.decode("utf-8", "replace")
-            latest.pop(key, None)  # in the order of each key's latest record
-            latest[key] = record
-    return TableRows([r for r in [*unkeyed, *latest.values()] if r.value is not None], list(latest))
+            text = key.decode("utf-8", "replace")
+            latest.pop(text, None)  # in the order of each key's latest record
+            latest[text] = i
+    kept = [i for i in [*unkeyed, *latest.values()] if records.values[i] is not None]
+    return TableRows(records.take(kept), list(latest))
 
 
-def by_table(tables: Iterable[Table], topics: dict[str, str], records: Iterable[Record]) -> dict[str, list[Record]]:
+def by_table(tables: Iterable[Table], topics: dict[str, str], records: Iterable[Record]) -> dict[str, Columns]:
     """Records by the name of the table of their topic (`topics`: table name -> topic name)."""
     table_of = {topics[t.name]: t.name for t in tables if t.name in topics}
-    out: dict[str, list[Record]] = {}
+    out: dict[str, Columns] = {}
     for record in records:
-        out.setdefault(table_of[record.topic], []).append(record)
+        out.setdefault(table_of[record.topic], Columns(record.topic)).add([record])
     return out

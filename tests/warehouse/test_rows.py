@@ -12,20 +12,28 @@ from typing import Any
 
 import pytest
 
-from streams.warehouse.database import SEPARATOR, joined, numbers
+from streams.warehouse.staging import SEPARATOR, joined, numbers
 from streams.warehouse.tables import DEAD_LETTERS, ENRICHED, Column, Table
 from tests.warehouse.test_views import FakeRecord, Topics, load, query
 
 
 def python_value(value: bytes | None) -> dict[str, Any]:
-    """The value's JSON object; {} for a tombstone, no JSON, or no object (Python's json: any integer)."""
+    """The value's JSON object; {} for a tombstone, no JSON, or no object (Python's json: any integer). A name
+    given twice has its first value, as DuckDB reads it."""
     if value is None:
         return {}
     try:
-        loaded = json.loads(value.decode("utf-8", "replace"))
+        loaded = json.loads(value.decode("utf-8", "replace"), object_pairs_hook=first_of_each)
     except ValueError:
         return {}
     return loaded if isinstance(loaded, dict) else {}
+
+
+def first_of_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for name, value in pairs:
+        found.setdefault(name, value)
+    return found
 
 
 def python_column(value: dict[str, Any], column: Column) -> Any:

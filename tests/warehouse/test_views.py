@@ -17,7 +17,7 @@ import pytest
 
 from streams.config import Settings
 from streams.offline.replay import replay
-from streams.warehouse import database
+from streams.warehouse import staging
 from streams.warehouse.database import Warehouse, WarehouseError
 from streams.warehouse.tables import TABLES, Table, by_table, rows_of
 from tests.integration import kit
@@ -184,14 +184,14 @@ def test_a_chunk_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pyt
         t.send("persons", f"u{n}", mapping(f"u{n}", "p", f"d{n}"))
     path = tmp_path / "w.duckdb"
     load(path, t.records[:4])
-    insert = database._insert
+    insert = staging.insert
 
     def failing(con: Any, table: Table, *args: Any) -> None:
         insert(con, table, *args)
         if table.name == "persons":  # after the enriched rows, their identities and the persons deletions
             raise duckdb.IOException("disk full")
 
-    monkeypatch.setattr(database, "_insert", failing)
+    monkeypatch.setattr(staging, "insert", failing)
     with pytest.raises(WarehouseError, match="disk full"):
         load(path, t.records[4:])
     monkeypatch.undo()
