@@ -26,7 +26,7 @@ from harness.report import Result, fmt, ratio, table
 from streams.config import Settings
 from streams.kafka.admin import partition_count
 from streams.warehouse import CHUNK_RECORDS
-from streams.warehouse.load import consumer
+from streams.warehouse.load import FETCH_RECORDS, consumer
 
 LOADER_PAIRS = 2  # a bare consume then a load, this many times: one pair's ratio moves with the machine's noise
 LOADER_TARGET = 0.5
@@ -72,7 +72,7 @@ async def bare_consume(brokers: str, topics: list[str]) -> tuple[int, float]:
         ends = await kafka.end_offsets(partitions)
         left, records, moved = set(partitions), 0, time.monotonic()
         while left:
-            batch = await kafka.getmany(timeout_ms=200, max_records=CHUNK_RECORDS)
+            batch = await kafka.getmany(timeout_ms=200, max_records=FETCH_RECORDS)
             if batch:
                 records += sum(len(r) for r in batch.values())
                 moved = time.monotonic()
@@ -168,10 +168,10 @@ async def measure_loader(names: Names, brokers: str, sources: Sources, what: str
         + ", ".join(f"{t} {n:,}" for t, n in last.rows.items()) + " rows.",
         "",
         "How: the bare consume is an aiokafka consumer with the loader's settings (no group, read_committed, "
-        "assigned every partition, fetches of up to 10,000 records) reading the topics from their beginning to "
-        "the end offsets it saw at its start; records/s from its start. The load is `python -m streams load "
-        "--into` a fresh file in its own process; records/s from its summary line (from its consumer's start to "
-        "the file closed, the last checkpoint included). CPU: each process's whole life (wait4), interpreter "
+        f"assigned every partition, fetches of up to {FETCH_RECORDS:,} records) reading the topics from their "
+        "beginning to the end offsets it saw at its start; records/s from its start. The load is `python -m streams "
+        "load --into` a fresh file in its own process; records/s from its summary line (from its consumer's start "
+        "to the file closed, the last checkpoint included). CPU: each process's whole life (wait4), interpreter "
         "start included.",
     ]
     return lines, failures

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 FOLLOW_FLUSH_SECONDS = 1.0  # with --follow: how long records wait for a chunk to fill
 FETCH_BYTES = 4 * 1024 * 1024  # per partition: larger than the largest record the worker writes (1,000,000 bytes)
+# records per getmany: aiokafka builds them all before it returns, and Python's garbage collector walks the
+# ones alive at each of its collections; a chunk is read in several
+FETCH_RECORDS = 10_000
 
 
 class NothingToLoad(Exception):
@@ -237,7 +240,8 @@ async def _run(kafka: Any, warehouse: Warehouse, topics: dict[str, str], tables:
         while not stop.is_set():
             if not follow and not pending.records and await at_end():
                 break
-            batch = await kafka.getmany(timeout_ms=200, max_records=max(1, chunk_records - pending.records))
+            batch = await kafka.getmany(timeout_ms=200,
+                                        max_records=max(1, min(FETCH_RECORDS, chunk_records - pending.records)))
             for tp, records in batch.items():
                 if records:
                     if not pending.records:
