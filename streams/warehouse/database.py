@@ -116,7 +116,7 @@ class Warehouse:
         try:
             self._write(chunk, offsets, self.files)
         except Unfit as e:
-            log.info("a chunk written from parameters, its files refused: %s", str(e).splitlines()[0])
+            log.info("a chunk written again from parameters, DuckDB refused its file: %s", str(e).splitlines()[0])
             self._write(chunk, offsets, None)
 
     def _write(self, chunk: Mapping[str, TableRows], offsets: Offsets, files: ChunkFiles | None) -> None:

@@ -10,7 +10,7 @@ import os
 import random
 import stat
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +78,18 @@ class Routes:
         monkeypatch.setattr(staging, "insert", counted_insert)
 
 
+Routing = Callable[[bool], Routes]
+
+
 @pytest.fixture
-def routes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def routes(monkeypatch: pytest.MonkeyPatch) -> Routing:
+    """Counts the routes from here on; `files=False`: none through a file."""
+
     def make(files: bool) -> Routes:
         monkeypatch.undo()
         return Routes(monkeypatch, files)
 
-    yield make
+    return make
 
 
 def dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
@@ -103,20 +108,20 @@ def records_of(table: Table, values: list[bytes | None]) -> list[FakeRecord]:
     return t.records
 
 
-def both_ways(tmp_path: Path, routes: Any, records: list[FakeRecord], chunk: int,
+def both_ways(tmp_path: Path, routes: Routing, records: list[FakeRecord], chunk: int,
               name: str) -> tuple[dict[str, Any], Counter[str]]:
-    """The records loaded through the files where they carry them, then through parameters only: the tables
+    """The records loaded through a file where it carries them, then through parameters only: the tables
     (equal) and the routes the first load took."""
-    taken = routes(files=True)
+    taken = routes(True)
     load(tmp_path / f"{name}-file.duckdb", records, chunk)
-    routes(files=False)
+    routes(False)
     load(tmp_path / f"{name}-parameters.duckdb", records, chunk)
     by_file, by_parameters = dump(tmp_path / f"{name}-file.duckdb"), dump(tmp_path / f"{name}-parameters.duckdb")
     assert by_file == by_parameters
     return by_file, taken.taken
 
 
-def test_a_chunk_of_ordinary_records_goes_through_the_file(tmp_path: Path, routes: Any) -> None:
+def test_a_chunk_of_ordinary_records_goes_through_the_file(tmp_path: Path, routes: Routing) -> None:
     records = records_of(ENRICHED, [*ordinary(300, 1)])  # type: ignore[list-item]
     tables, taken = both_ways(tmp_path, routes, records, 100, "ordinary")
     assert taken == {"file": 3}
@@ -124,7 +129,7 @@ def test_a_chunk_of_ordinary_records_goes_through_the_file(tmp_path: Path, route
 
 
 @pytest.mark.parametrize("odd", range(len(CARRIED)), ids=lambda i: CARRIED[i][:30].decode("utf-8", "replace"))
-def test_an_odd_value_a_line_carries_gives_the_same_rows(tmp_path: Path, routes: Any, odd: int) -> None:
+def test_an_odd_value_a_line_carries_gives_the_same_rows(tmp_path: Path, routes: Routing, odd: int) -> None:
     values: list[bytes | None] = [*ordinary(20, odd), CARRIED[odd], *ordinary(20, odd + 100)]
     records = records_of(ENRICHED, values)
     tables, taken = both_ways(tmp_path, routes, records, 1000, "odd")
@@ -134,7 +139,7 @@ def test_an_odd_value_a_line_carries_gives_the_same_rows(tmp_path: Path, routes:
 
 
 @pytest.mark.parametrize("odd", range(len(NOT_CARRIED)), ids=lambda i: repr(NOT_CARRIED[i])[:30])
-def test_a_value_no_line_carries_sends_its_chunk_through_parameters(tmp_path: Path, routes: Any, odd: int) -> None:
+def test_a_value_no_line_carries_sends_its_chunk_through_parameters(tmp_path: Path, routes: Routing, odd: int) -> None:
     values = [*ordinary(20, odd), NOT_CARRIED[odd], *ordinary(20, odd + 100)]
     records = records_of(ENRICHED, values)
     tables, taken = both_ways(tmp_path, routes, records, 1000, "unsafe")
@@ -143,7 +148,7 @@ def test_a_value_no_line_carries_sends_its_chunk_through_parameters(tmp_path: Pa
 
 
 @pytest.mark.parametrize("change", ["key", "empty key", "no key", "no timestamp"])
-def test_a_key_or_timestamp_no_line_carries(tmp_path: Path, routes: Any, change: str) -> None:
+def test_a_key_or_timestamp_no_line_carries(tmp_path: Path, routes: Routing, change: str) -> None:
     records = records_of(DEAD_LETTERS, [DEAD_VALUES[i] for i in (0, 1, 2, 4)])
     first = records[0]
     records[0] = FakeRecord(first.topic, first.partition, first.offset,
@@ -154,14 +159,14 @@ def test_a_key_or_timestamp_no_line_carries(tmp_path: Path, routes: Any, change:
     assert sorted(tables["dead_letters"]) == expected_rows(DEAD_LETTERS, records)
 
 
-def test_a_refused_file_is_written_again_through_parameters(tmp_path: Path, routes: Any) -> None:
+def test_a_refused_file_is_written_again_through_parameters(tmp_path: Path, routes: Routing) -> None:
     records = records_of(ENRICHED, [*ordinary(50, 7), b'{"device_id": "\xff"}', *ordinary(50, 8)])  # type: ignore[list-item]
     tables, taken = both_ways(tmp_path, routes, records, 1000, "refused")
     assert taken == {"file": 1, "refused": 1}
     assert len(tables["enriched"]) == 101
 
 
-def test_a_stream_loads_the_same_both_ways(tmp_path: Path, routes: Any) -> None:
+def test_a_stream_loads_the_same_both_ways(tmp_path: Path, routes: Routing) -> None:
     t, _, _ = stream(tmp_path)
     _, taken = both_ways(tmp_path, routes, t.records, 500, "stream")
     assert set(taken) == {"file"}
