@@ -4,13 +4,13 @@ A chunk's rows and the offsets they reach are written in one DuckDB transaction 
 crash at any point the file holds every chunk committed before it, whole, and the offsets to go on from, so a
 re-run neither loses nor repeats a row. Kafka's consumer-group offsets play no part.
 
-A chunk reaches DuckDB as a file (`files.py`), or as long string parameters when a file cannot carry it, and
-DuckDB reads its values' JSON into the tables' columns (`staging.py`).
+A chunk reaches DuckDB as a file (`files.py`), its rows staged in an in-memory database before its transaction
+(`Warehouse.stage`, while the loader writes the chunk before), or as long string parameters when a file cannot
+carry it; DuckDB reads its values' JSON into the tables' columns (`staging.py`).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import duckdb
 
 from streams.warehouse import staging
 from streams.warehouse.files import ChunkFiles, quoted
-from streams.warehouse.staging import Unfit, joined
+from streams.warehouse.staging import joined
 from streams.warehouse.tables import TABLES, VALUE_COLUMN, Column, Table, TableRows
 
 # the views' portable SQL, one file a view, created in the order of their names
@@ -30,12 +30,17 @@ OFFSETS = "load_offsets"
 # this size; DuckDB's default, 122,880 rows, would take chunks of twice that, and their records in memory.
 ROW_GROUP_ROWS = 32_768
 CHECKPOINT_THRESHOLD = "64MB"
-# DuckDB keeps the blocks it wrote in memory until it needs the room: without a limit, the whole file would. A
-# chunk's work takes about half of this; a larger one (--chunk-records) spills to FILE.duckdb.tmp.
+# DuckDB keeps the blocks it wrote in memory until it needs the room: without a limit, the whole file would. The
+# two chunks in hand (one staged, one being written) take about 250 MB of it; larger ones (--chunk-records) spill
+# to FILE.duckdb.tmp.
 MEMORY_LIMIT = "384MB"
+# the loader runs its own threads, a chunk staged while the one before is written: DuckDB's, on these statements,
+# added CPU and took none of the time off
+THREADS = 1
 
 Offsets = dict[tuple[str, int], int]  # (topic, partition) -> the next offset to load
-log = logging.getLogger(__name__)
+Staged = dict[str, str]  # table name -> the table its chunk's rows are staged in
+STAGE = "stage"  # the in-memory database of the staged rows
 
 
 class WarehouseError(Exception):
@@ -72,13 +77,15 @@ class Warehouse:
         views = view_files(sql_dir)
         # the file attached rather than opened: the row group size is an option of ATTACH
         self.con = duckdb.connect(config={"checkpoint_threshold": CHECKPOINT_THRESHOLD, "memory_limit": MEMORY_LIMIT,
-                                          "temp_directory": f"{path}.tmp"})
+                                          "temp_directory": f"{path}.tmp", "threads": THREADS})
         try:
             try:
                 self.con.execute(f"ATTACH {quoted(path)} AS warehouse (ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
             except duckdb.Error as e:  # another process has it open, or it is no DuckDB file
                 raise WarehouseError(f"cannot open {path}: {e}") from e
             self.con.execute("USE warehouse")
+            self.con.execute(f"ATTACH ':memory:' AS {STAGE}")
+            self.stage_con = self.con.cursor()
             self.con.begin()
             for table in tables:
                 _create(self.con, table.name, table.all_columns())
@@ -97,6 +104,7 @@ class Warehouse:
             raise
 
     def close(self) -> None:
+        self.stage_con.close()
         self.con.close()
         self.files.remove()
 
@@ -110,16 +118,23 @@ class Warehouse:
         rows = self.con.execute(f"SELECT kafka_topic, kafka_partition, next_offset FROM {OFFSETS}").fetchall()
         return {(topic, partition): offset for topic, partition, offset in rows}
 
-    def write(self, chunk: Mapping[str, TableRows], offsets: Offsets) -> None:
-        """One chunk in one transaction: each table's rows (a latest-per-key table's replaced keys deleted
-        first), its details' rows, and the offsets the chunk reaches. All or nothing."""
-        try:
-            self._write(chunk, offsets, self.files)
-        except Unfit as e:
-            log.info("a chunk written again from parameters, DuckDB refused its file: %s", str(e).splitlines()[0])
-            self._write(chunk, offsets, None)
+    def stage(self, chunk: Mapping[str, TableRows], slot: int = 0) -> Staged:
+        """Each table's rows of the chunk read from its file into the in-memory database `stage`, as tables
+        `stage.<table>_<slot>`, on a connection of their own: the loader stages a chunk while the one before is
+        written (`write`), in the other slot. The tables the file could not carry are left to `write`."""
+        staged = {}
+        for name, rows in chunk.items():
+            target = f"{STAGE}.{name}_{slot}"
+            if len(rows.records) and staging.stage(self.stage_con, self.tables[name], rows.records, self.files, target):
+                staged[name] = target
+        return staged
 
-    def _write(self, chunk: Mapping[str, TableRows], offsets: Offsets, files: ChunkFiles | None) -> None:
+    def write(self, chunk: Mapping[str, TableRows], offsets: Offsets, staged: Staged | None = None) -> None:
+        """One chunk in one transaction: each table's rows (a latest-per-key table's replaced keys deleted
+        first), its details' rows, and the offsets the chunk reaches. All or nothing. The rows come from
+        `staged` (`stage`; the chunk is staged here when not), or from parameters."""
+        if staged is None:
+            staged = self.stage(chunk)
         con = self.con
         con.begin()
         try:
@@ -128,7 +143,7 @@ class Warehouse:
                     keys, separator, _ = joined([k.encode() for k in rows.replaced_keys])
                     con.execute(f"DELETE FROM {name} WHERE kafka_key IN (SELECT UNNEST(string_split($1, $2)))",
                                 [keys, separator])
-                staging.insert(con, self.tables[name], rows.records, files)
+                staging.insert(con, self.tables[name], rows.records, staged.get(name))
             if offsets:
                 places = sorted(offsets)
                 con.execute(
@@ -142,6 +157,10 @@ class Warehouse:
             if isinstance(e, duckdb.Error):  # a full disk, the file damaged
                 raise WarehouseError(f"cannot write to {self.path}: {e}") from e
             raise
+        finally:
+            for name, target in staged.items():  # their memory
+                for table in staging.staged_tables(self.tables[name], target):
+                    con.execute(f"DROP TABLE IF EXISTS {table}")
 
     def count(self, name: str) -> int:
         row = self.con.execute(f"SELECT COUNT(*) FROM {name}").fetchone()

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -25,7 +26,7 @@ from streams.kafka.admin import partition_count
 from streams.progress import ProgressLine
 from streams.warehouse import CHUNK_RECORDS
 from streams.warehouse.database import Offsets, Warehouse
-from streams.warehouse.tables import TABLES, Columns, Table, rows_of
+from streams.warehouse.tables import TABLES, Columns, Table, TableRows, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class Chunk:
     tables: dict[str, Columns] = field(default_factory=dict)
     offsets: Offsets = field(default_factory=dict)
     records: int = 0
+    per_table: dict[str, int] = field(default_factory=dict)
 
     def add(self, tp: TopicPartition, records: list[Any]) -> None:
         name = self.table_of[tp.topic]
@@ -176,48 +178,75 @@ class Chunk:
         columns.add(records)
         self.offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
         self.records += len(records)
+        self.per_table[name] = self.per_table.get(name, 0) + len(records)
 
 
 class Writer:
-    """Writes the chunks to the file one at a time, each in a thread while the loop fetches the next: DuckDB
-    releases the GIL, so reading Kafka and writing the file share the machine's cores instead of taking turns."""
+    """Writes the chunks to the file in order, each in two steps in threads: its rows are staged (read from its
+    file into memory, `Warehouse.stage`) while the chunk before is written (`Warehouse.write`), and the loop
+    fetches the next. DuckDB releases the GIL, and runs each step on one core whatever its threads: in steps,
+    reading Kafka and the two halves of DuckDB's work share the machine's cores instead of taking turns. A chunk
+    is written only once the one before it is: a failure stops the chunks after it."""
 
     def __init__(self, warehouse: Warehouse, tables: Sequence[Table], report: LoadReport) -> None:
         self.warehouse = warehouse
         self.tables = {t.name: t for t in tables}
         self.report = report
-        self.writing: asyncio.Future[Chunk] | None = None
+        self.in_hand: deque[asyncio.Task[Chunk]] = deque()  # oldest first: one being written, one being staged
+        self.staging = asyncio.Lock()  # one chunk staged at a time (one connection, one file)
+        self.chunks = 0
 
-    def _write(self, chunk: Chunk) -> Chunk:
-        self.warehouse.write({name: rows_of(self.tables[name], columns) for name, columns in chunk.tables.items()},
-                             chunk.offsets)
+    async def _steps(self, chunk: Chunk, slot: int, before: asyncio.Task[Chunk] | None) -> Chunk:
+        rows = {name: rows_of(self.tables[name], columns) for name, columns in chunk.tables.items()}
+        async with self.staging:
+            staged = await asyncio.to_thread(self.warehouse.stage, rows, slot)
+        for name in staged:  # the records are in DuckDB's memory now, a third chunk in hand is in Python's
+            rows[name] = TableRows(Columns(rows[name].records.topic), rows[name].replaced_keys)
+            del chunk.tables[name]
+        if before is not None:
+            await asyncio.wait([before])
+            if before.cancelled() or before.exception() is not None:
+                raise ChunkNotWritten("a chunk before this one was not written")
+        await asyncio.to_thread(self.warehouse.write, rows, chunk.offsets, staged)
         return chunk
 
     async def write(self, chunk: Chunk) -> None:
-        """Start writing the chunk once the one before is written."""
-        await self.written()
-        self.writing = asyncio.ensure_future(asyncio.to_thread(self._write, chunk))
+        """Hand the chunk over, once the chunk before the one in hand is written (its failure raised here)."""
+        while len(self.in_hand) >= 2:
+            await self._count()
+        before = self.in_hand[-1] if self.in_hand else None
+        # two slots: the staged rows of the chunk being written are not replaced meanwhile
+        self.in_hand.append(asyncio.ensure_future(self._steps(chunk, self.chunks % 2, before)))
+        self.chunks += 1
 
     async def written(self, wait: bool = True) -> None:
-        """Wait for the chunk in hand to be committed (its failure raised here), and count it; without `wait`,
-        only when it is committed already."""
-        if self.writing is None or not (wait or self.writing.done()):
-            return
-        writing, self.writing = self.writing, None
+        """Count the chunks written (a failure raised here); with `wait`, once all in hand are."""
+        while self.in_hand and (wait or self.in_hand[0].done()):
+            await self._count()
+
+    async def _count(self) -> None:
+        """Wait for the oldest chunk in hand to be written, and count it."""
         try:
-            chunk = await asyncio.shield(writing)
-        except asyncio.CancelledError:
-            # the thread goes on with the connection: the file is closed only after it
-            await asyncio.wait([writing])
+            chunk = await asyncio.shield(self.in_hand[0])
+        except BaseException:
+            # the threads go on with the connections: the file is closed only after them (a chunk after a
+            # failed one is not written)
+            await asyncio.wait(list(self.in_hand))
+            self.in_hand.clear()
             raise
+        self.in_hand.popleft()
         report = self.report
-        for name, columns in chunk.tables.items():
-            report.per_table[name] += len(columns)
+        for name, count in chunk.per_table.items():
+            report.per_table[name] += count
         report.records += chunk.records
         report.chunks += 1
         log.info("committed %d records to %s (%s), next offsets %s", chunk.records, self.warehouse.path,
-                 ", ".join(f"{len(c)} {n}" for n, c in chunk.tables.items()),
+                 ", ".join(f"{count} {name}" for name, count in chunk.per_table.items()),
                  ", ".join(f"{t}:{p}={o}" for (t, p), o in sorted(chunk.offsets.items())))
+
+
+class ChunkNotWritten(Exception):
+    pass
 
 
 async def _run(kafka: Any, warehouse: Warehouse, topics: dict[str, str], tables: Sequence[Table],

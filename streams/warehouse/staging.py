@@ -1,22 +1,26 @@
-"""A chunk's records of one table into its rows, inside the chunk's transaction: the SQL that reads each value's
-JSON into the table's columns (`_typed`), fed by the chunk's file (`files.ChunkFiles`) or, for a chunk the file
-cannot carry, by a few long string parameters that the SQL splits (`joined`, `numbers`). Both routes run the
-same SQL on the records (tests/warehouse/test_rows.py compares them); the file is several times cheaper.
+"""A chunk's records of one table into its rows: the SQL that reads each value's JSON into the table's columns
+(`_typed`), fed by the chunk's file (`files.ChunkFiles`), its rows staged in memory before the chunk's
+transaction (`stage`), or, for a chunk the file cannot carry, by a few long string parameters that the SQL
+splits inside the transaction (`joined`, `numbers`). Both routes run the same SQL on the records
+(tests/warehouse/test_routes.py compares them); the file is several times cheaper.
 
 Each value's JSON is parsed by DuckDB, twice (its fields' types, then their texts): parsing it in Python would
 hold the GIL that the Kafka consumer needs meanwhile. DuckDB's `read_json` parses once, but its records would
-reach the value as it came only by a side by side join with a second reader, which DuckDB runs in one thread;
-the file's one reader runs in all of them.
+reach the value as it came only by a side by side join with a second reader, which has to detect a line one of
+them skips.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import duckdb
 
 from streams.warehouse.files import ChunkFiles, quoted
 from streams.warehouse.tables import VALUE_COLUMN, Column, Columns, Table
+
+log = logging.getLogger(__name__)
 
 SEPARATOR = "\x1e"  # between a chunk's keys or values: JSON text holds it only escaped
 PLACE = ("kafka_topic", "kafka_partition", "kafka_offset", "kafka_timestamp", "kafka_key")
@@ -38,11 +42,6 @@ FROM_PARAMETERS = """split AS (
                    CASE WHEN NOT list_contains($10::BIGINT[], _row) THEN _value END AS value_json
             FROM split
         )"""
-
-
-class Unfit(Exception):
-    """DuckDB refused what the chunk's file holds (invalid UTF-8, a field delimiter, a value that is no JSON):
-    the chunk is written again from parameters."""
 
 
 def joined(items: Sequence[bytes | None]) -> tuple[str, str, list[int]]:
@@ -97,50 +96,60 @@ def rows_sql(table: Table, kept: str, *, checked: bool, members: bool) -> str:
         FROM parsed"""
 
 
-def detail_sql(table: Table, index: int) -> str:
-    """The rows of the table's `index`-th detail from `_rows`: one per string member of its object (a duplicate
-    name makes it no map: no rows; the value's JSON keeps it)."""
+def detail_sql(table: Table, index: int, rows: str) -> str:
+    """The rows of the table's `index`-th detail from the table `rows` (the place, the detail's copied columns,
+    `_members_{index}`): one per string member of its object (a duplicate name makes it no map: no rows; the
+    value's JSON keeps it)."""
     detail = table.details[index]
     return f"""
-        INSERT INTO {detail.name} ({', '.join(c.name for c in table.detail_columns(detail))})
         SELECT kafka_topic, kafka_partition, kafka_offset, {', '.join(detail.copied)},
-               _member.key, json_extract_string(_member.value, '$')
+               _member.key AS {detail.key_column.name},
+               json_extract_string(_member.value, '$') AS {detail.value_column.name}
         FROM (
             SELECT *, UNNEST(map_entries(json_transform(_members_{index}, '"MAP(VARCHAR, JSON)"'))) AS _member
-            FROM _rows
+            FROM {rows}
         ) members
         WHERE json_type(_member.value) = 'VARCHAR'"""
 
 
-def _write(con: duckdb.DuckDBPyConnection, table: Table, kept: str, checked: bool,
-           parameters: list[object] | None = None) -> None:
-    """The rows into the table, and its details' through `_rows`."""
+def staged_tables(table: Table, target: str) -> list[str]:
+    """The tables `stage` makes: the table's rows, then each detail's."""
+    return [target, *(f"{target}_{detail.name}" for detail in table.details)]
+
+
+def stage(con: duckdb.DuckDBPyConnection, table: Table, records: Columns, files: ChunkFiles, target: str) -> bool:
+    """The records' rows, read from their file, into the tables `staged_tables(table, target)`, outside the
+    chunk's transaction (what a file's records become does not depend on the file's tables): True; False when
+    the file cannot carry them or DuckDB refuses it (the records then go from parameters, `insert`)."""
+    if not files.write(records):
+        return False
+    kept = f"kept AS (SELECT {quoted(records.topic)} AS kafka_topic, * FROM {files.sql()})"
+    try:
+        con.execute(f"CREATE OR REPLACE TABLE {target} AS " + rows_sql(table, kept, checked=False, members=True))
+    except (duckdb.InvalidInputException, duckdb.ConversionException) as e:
+        log.info("%s: a chunk goes from parameters, DuckDB refused its file: %s", table.name,
+                 str(e).splitlines()[0])
+        return False
+    return True
+
+
+def insert(con: duckdb.DuckDBPyConnection, table: Table, records: Columns, staged: str | None) -> None:
+    """The records' rows into the table and its details: from the tables `staged` (`stage`), else from
+    parameters, through the temp table `_rows`."""
     columns = ", ".join(c.name for c in table.all_columns())
-    if not table.details:
-        con.execute(f"INSERT INTO {table.name} ({columns}) " + rows_sql(table, kept, checked=checked, members=False),
-                    parameters)
+    if staged is not None:
+        con.execute(f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {staged}")
+        for i, detail in enumerate(table.details):
+            con.execute(f"INSERT INTO {detail.name} BY NAME " + detail_sql(table, i, staged))
         return
-    con.execute("CREATE OR REPLACE TEMP TABLE _rows AS " + rows_sql(table, kept, checked=checked, members=True),
-                parameters)
-    con.execute(f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM _rows")
-    for i in range(len(table.details)):
-        con.execute(detail_sql(table, i))
-
-
-def insert(con: duckdb.DuckDBPyConnection, table: Table, records: Columns, files: ChunkFiles | None) -> None:
-    """The records' rows into the table and its details: through the file when it can carry the records, else
-    from parameters."""
     if not len(records):
-        return
-    if files is not None and files.write(records):
-        try:
-            _write(con, table, f"kept AS (SELECT {quoted(records.topic)} AS kafka_topic, * FROM {files.sql()})",
-                   checked=False)
-        except (duckdb.InvalidInputException, duckdb.ConversionException) as e:
-            raise Unfit(str(e)) from e
         return
     keys, key_separator, no_keys = joined(records.keys)
     values, value_separator, no_values = joined(records.values)
-    _write(con, table, FROM_PARAMETERS, True, [
-        records.topic, numbers(records.partitions), numbers(records.offsets), numbers(records.timestamps), keys,
-        key_separator, values, value_separator, no_keys, no_values, len(records)])
+    con.execute("CREATE OR REPLACE TEMP TABLE _rows AS " + rows_sql(table, FROM_PARAMETERS, checked=True,
+                                                                   members=True),
+                [records.topic, numbers(records.partitions), numbers(records.offsets), numbers(records.timestamps),
+                 keys, key_separator, values, value_separator, no_keys, no_values, len(records)])
+    con.execute(f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM _rows")
+    for i, detail in enumerate(table.details):
+        con.execute(f"INSERT INTO {detail.name} BY NAME " + detail_sql(table, i, "_rows"))

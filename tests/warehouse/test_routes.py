@@ -60,22 +60,22 @@ class Routes:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, files: bool) -> None:
         self.taken: Counter[str] = Counter()
-        write, insert = ChunkFiles.write, staging.insert
+        self.carried = False
+        write, stage = ChunkFiles.write, staging.stage
 
         def counted_write(files_: ChunkFiles, records: Columns) -> bool:
-            carried = files and write(files_, records)
-            self.taken["file" if carried else "parameters"] += 1
-            return carried
+            self.carried = files and write(files_, records)
+            self.taken["file" if self.carried else "parameters"] += 1
+            return self.carried
 
-        def counted_insert(*args: Any) -> None:
-            try:
-                insert(*args)
-            except staging.Unfit:
+        def counted_stage(*args: Any) -> bool:
+            staged = stage(*args)
+            if self.carried and not staged:
                 self.taken["refused"] += 1
-                raise
+            return staged
 
         monkeypatch.setattr(ChunkFiles, "write", counted_write)
-        monkeypatch.setattr(staging, "insert", counted_insert)
+        monkeypatch.setattr(staging, "stage", counted_stage)
 
 
 Routing = Callable[[bool], Routes]
