@@ -158,9 +158,8 @@ class Warehouse:
                 raise WarehouseError(f"cannot write to {self.path}: {e}") from e
             raise
         finally:
-            for name, target in staged.items():  # their memory
-                for table in staging.staged_tables(self.tables[name], target):
-                    con.execute(f"DROP TABLE IF EXISTS {table}")
+            for table in staged.values():  # their memory
+                con.execute(f"DROP TABLE IF EXISTS {table}")
 
     def count(self, name: str) -> int:
         row = self.con.execute(f"SELECT COUNT(*) FROM {name}").fetchone()

@@ -112,15 +112,11 @@ def detail_sql(table: Table, index: int, rows: str) -> str:
         WHERE json_type(_member.value) = 'VARCHAR'"""
 
 
-def staged_tables(table: Table, target: str) -> list[str]:
-    """The tables `stage` makes: the table's rows, then each detail's."""
-    return [target, *(f"{target}_{detail.name}" for detail in table.details)]
-
-
 def stage(con: duckdb.DuckDBPyConnection, table: Table, records: Columns, files: ChunkFiles, target: str) -> bool:
-    """The records' rows, read from their file, into the tables `staged_tables(table, target)`, outside the
-    chunk's transaction (what a file's records become does not depend on the file's tables): True; False when
-    the file cannot carry them or DuckDB refuses it (the records then go from parameters, `insert`)."""
+    """The records' rows, read from their file, into the table `target` (their columns, the value, each
+    detail's object), outside the chunk's transaction: what a file's records become does not depend on the
+    file's tables. True; False when the file cannot carry them or DuckDB refuses it (the records then go from
+    parameters, `insert`)."""
     if not files.write(records):
         return False
     kept = f"kept AS (SELECT {quoted(records.topic)} AS kafka_topic, * FROM {files.sql()})"
@@ -134,7 +130,7 @@ def stage(con: duckdb.DuckDBPyConnection, table: Table, records: Columns, files:
 
 
 def insert(con: duckdb.DuckDBPyConnection, table: Table, records: Columns, staged: str | None) -> None:
-    """The records' rows into the table and its details: from the tables `staged` (`stage`), else from
+    """The records' rows into the table and its details: from the table `staged` (`stage`), else from
     parameters, through the temp table `_rows`."""
     columns = ", ".join(c.name for c in table.all_columns())
     if staged is not None:
