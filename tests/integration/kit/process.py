@@ -65,23 +65,25 @@ class Worker:
     """`python -m streams worker` with `settings` in its environment; output in `log_path`."""
 
     def __init__(self, settings: Settings, log_path: Path, name: str = "worker", prefix: Sequence[str] = (),
-                 faults: Mapping[str, str] | None = None) -> None:
+                 faults: Mapping[str, str] | None = None, *, cwd: Path = ROOT, env: Mapping[str, str] | None = None,
+                 label: str = "") -> None:
         """`faults`: FAULT_* variables for `tests/integration/faults.py`, which then runs the worker with those
-        faults patched into its process."""
+        faults patched into its process. `cwd`, `env`: where it runs and its whole environment (an earlier
+        release's source, `kit.releases`); `label`: what the log's first line says it is."""
         self.settings = settings
         self.name = name
         self.log_path = log_path
         self.expected_exit = False
         self.forced = False
         with open(log_path, "ab") as log:
-            log.write(f"---- {name}: python -m streams worker, state_dir={settings.state_dir}, "
+            log.write(f"---- {name}: {label}python -m streams worker, state_dir={settings.state_dir}, "
                       f"web_port={settings.web_port}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
                 # `prefix`: where it runs, e.g. `ip netns exec HOST` (a test host, scripts/testhosts.py)
                 [*prefix, sys.executable, "-m", "tests.integration.faults" if faults else "streams", "worker"],
-                cwd=ROOT, env={**worker_env(settings), **(faults or {})}, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT,
+                cwd=cwd, env={**(env if env is not None else worker_env(settings)), **(faults or {})},
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         self.started = time.monotonic()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,17 +63,5 @@ class ReleaseWorker(Worker):
     a `-m` run's path: this checkout's would win); otherwise a `Worker`."""
 
     def __init__(self, release: Release, settings: Settings, log_path: Path, name: str) -> None:
-        self.settings = settings
-        self.name = name
-        self.log_path = log_path
-        self.expected_exit = False
-        self.forced = False
-        with open(log_path, "ab") as log:
-            log.write(f"---- {name}: {release.tag} ({release.commit[:7]}) python -m streams worker, "
-                      f"state_dir={settings.state_dir}, web_port={settings.web_port}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams", "worker"], cwd=release.source, env=release.env(settings),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        self.started = time.monotonic()
+        super().__init__(settings, log_path, name, cwd=release.source, env=release.env(settings),
+                         label=f"{release.tag} ({release.commit[:7]}) ")
